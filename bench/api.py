@@ -1,0 +1,204 @@
+"""The seams of otbench: what a task hands a method, and what a method must offer.
+
+A *task* produces a :class:`TaskData` (tensors only, already on the CPU, images scaled to
+[-1, 1]).  A *method* is a subclass of :class:`Method`: the runner calls ``setup`` (build
+networks for this data), optionally ``load_state_dict`` (resume), ``fit`` (train, using the
+:class:`~bench.run.Run` for device, budget, progress and checkpoints) and then ``transport``
+on batches of test sources.  Nothing in here knows about any particular method or task.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+UNPAIRED = "unpaired"
+SEMI_PAIRED = "semi-paired"
+SETTINGS = (UNPAIRED, SEMI_PAIRED)
+
+
+class BenchError(Exception):
+    """A user-facing error: the CLI prints its message on one line and exits non-zero."""
+
+
+@dataclass
+class TaskData:
+    """Everything a method may see about a task (tensors on the CPU).
+
+    Images are float32 in [-1, 1] with shape (N, C, H, W); vector tasks use (N, D).
+    ``pairs`` holds the guiding (keypoint) pairs as two aligned tensors (K, ...) for a
+    semi-paired task, else ``None``.  Labels are given for evaluation and for oracles;
+    a method that is not an oracle must not read them (the contract test checks that the
+    registered methods declare it).
+    """
+
+    name: str
+    setting: str
+    source_train: torch.Tensor
+    target_train: torch.Tensor
+    source_test: torch.Tensor
+    target_test: torch.Tensor
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+    source_train_labels: torch.Tensor | None = None
+    target_train_labels: torch.Tensor | None = None
+    source_test_labels: torch.Tensor | None = None
+    target_test_labels: torch.Tensor | None = None
+    aligned: bool = False  # source and target share geometry pixel for pixel (super-resolution)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.target_train.shape[1:])
+
+    @property
+    def source_shape(self) -> tuple[int, ...]:
+        return tuple(self.source_train.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return self.target_train.dim() == 4
+
+    def describe(self) -> str:
+        k = 0 if self.pairs is None else len(self.pairs[0])
+        return (f"{self.name}: {self.setting}, source {tuple(self.source_train.shape)}, "
+                f"target {tuple(self.target_train.shape)}, test {len(self.source_test)}, pairs {k}")
+
+
+class Method:
+    """Base class of every method plugin.
+
+    Subclasses set the class attributes and implement ``setup``, ``fit`` and ``transport``.
+    Options arrive as keyword arguments (``bench run --opt name=value``) and must be
+    JSON-serialisable; they are recorded in every result row.
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = "Other"  # "OT", "Diffusion", "Flow", "GAN", "Reference", ...
+    settings: ClassVar[tuple[str, ...]] = (UNPAIRED,)
+    stochastic: ClassVar[bool] = False
+    oracle: ClassVar[bool] = False  # uses labels: marked in every table
+    uses_pairs: ClassVar[bool] = False  # reads TaskData.pairs
+    paper: ClassVar[str] = ""
+    notes: ClassVar[str] = ""  # shown by `bench list`: adaptations, what is ignored
+    default_options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        unknown = set(options) - set(self.default_options)
+        if unknown:
+            raise BenchError(
+                f"method {self.name!r} has no option(s) {sorted(unknown)}; "
+                f"known: {sorted(self.default_options) or 'none'}")
+        self.options = {**self.default_options, **options}
+        self.device = torch.device("cpu")
+
+    # -- declared properties -------------------------------------------------------------
+    @property
+    def nfe(self) -> int:
+        """Network function evaluations per transported sample (0 for non-neural rows)."""
+        return 1
+
+    def check_setting(self, data: TaskData) -> None:
+        if data.setting not in self.settings:
+            raise BenchError(
+                f"method {self.name!r} does not support the {data.setting} setting of task "
+                f"{data.name!r} (it supports: {', '.join(self.settings)}); pick another task or method")
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def setup(self, data: TaskData, run) -> None:
+        """Build networks and buffers for ``data``; called before ``load_state_dict``/``fit``."""
+
+    def fit(self, data: TaskData, run) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def transport(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Map a batch of source samples (on ``self.device``) to target-domain samples."""
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> "Method":
+        """Move every nn.Module / tensor attribute to ``device``."""
+        device = torch.device(device)
+        for key, value in vars(self).items():
+            if isinstance(value, (torch.nn.Module, torch.Tensor)):
+                setattr(self, key, value.to(device))
+        self.device = device
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """Default: the state of every nn.Module / tensor attribute, plus ``self.extra_state``."""
+        state: dict[str, Any] = {}
+        for key, value in vars(self).items():
+            if isinstance(value, torch.nn.Module):
+                state[key] = value.state_dict()
+            elif isinstance(value, torch.Tensor):
+                state[key] = value
+        state["__extra__"] = getattr(self, "extra_state", {})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if key == "__extra__":
+                self.extra_state = dict(value)
+                continue
+            current = getattr(self, key, None)
+            if isinstance(current, torch.nn.Module):
+                current.load_state_dict(value)
+            else:
+                setattr(self, key, value.to(self.device) if isinstance(value, torch.Tensor) else value)
+
+    def bound_terms(self) -> dict[str, float] | None:
+        """Optional diagnostics reported as columns (e.g. OTCS's Theorem 2 terms)."""
+        return None
+
+    def diagnostics(self, data: TaskData, run) -> dict[str, float]:
+        """Optional task-level measurements made after fitting (e.g. against an exact plan)."""
+        return {}
+
+
+@dataclass
+class EvalContext:
+    """What a task's ``evaluate`` may use besides the samples.
+
+    ``transport(x)`` maps extra source batches with the fitted method (seeded, batched, on the
+    run's device), e.g. to draw many samples per source on a toy task; ``method`` is the fitted
+    method itself (read-only use, e.g. its coupling on toy tasks); ``cache_dir`` is where a task
+    keeps reference statistics and classifiers.
+    """
+
+    cache_dir: Any
+    device: torch.device
+    budget: Any
+    seed: int
+    method: Any = None
+    transport: Any = None
+    data_root: Any = None
+
+
+class Task:
+    """Base class of every task plugin."""
+
+    name: ClassVar[str] = ""
+    setting: ClassVar[str] = UNPAIRED
+    metrics: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    # Paper's Table 1 values: {method: {metric: value}}; printed beside measured cells.
+    paper_values: ClassVar[dict[str, dict[str, float]]] = {}
+    # evaluation sizes per budget: number of test sources transported and scored
+    eval_sizes: ClassVar[dict[str, int | None]] = {"smoke": 256, "fast": None, "paper": None}
+
+    def load(self, data_root, seed: int) -> TaskData:
+        raise NotImplementedError
+
+    def evaluate(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,
+                 labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, Any]:
+        """Score ``outputs`` (the transported ``sources``, test split order, CPU tensors).
+
+        Returns a flat dict of JSON-serialisable values: metric columns (e.g. ``fid``,
+        ``fid_n``, ``acc``) and their protocol facts (reference split, network sha256).
+        """
+        raise NotImplementedError
+
+    def info(self, data_root, cache_dir) -> dict[str, Any]:
+        """Extra facts for `bench list --tasks` (e.g. the classifier's own accuracy)."""
+        return {}

@@ -1,0 +1,169 @@
+"""The Run: device, precision, seed, budget, progress, checkpoints and logs for one fit.
+
+A method never touches files or devices itself. It writes its training loops as::
+
+    for step in run.loop("stage1", total=run.budget.pick(smoke=200, fast=20_000)):
+        ...
+        if run.should_log(step):
+            run.log("stage1", step, loss=loss)     # .item() only here
+
+``run.loop`` resumes at the step the last checkpoint recorded, shows a progress bar, and
+checkpoints the method every ``checkpoint_every`` seconds and at the end of the loop.  Work
+done between loops must be either cheap and deterministic or kept in the method's state.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import store
+from .budgets import Budget
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from .api import BenchError
+        raise BenchError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return dev
+
+
+class Run:
+    def __init__(self, directory: Path | None, *, device: torch.device | str = "cpu", seed: int = 0,
+                 budget: Budget | str = "smoke", bf16: bool = False, checkpoint_every: float = 120.0,
+                 progress: bool = True, compile: bool = False):
+        self.dir = Path(directory) if directory is not None else None
+        self.device = torch.device(device)
+        self.seed = int(seed)
+        self.budget = budget if isinstance(budget, Budget) else Budget(budget)
+        self.bf16 = bool(bf16) and self.device.type == "cuda"
+        self.compile = bool(compile) and self.device.type == "cuda"
+        self.checkpoint_every = checkpoint_every
+        self.progress_bars = progress
+        self.progress: dict[str, int] = {}  # loop name -> steps completed
+        self.timings: dict[str, float] = {}  # loop/stage name -> seconds
+        self.method = None  # set by the runner so loops can checkpoint it
+        self.fit_elapsed_before = 0.0  # fit seconds spent in earlier (interrupted) sessions
+        self._fit_t0: float | None = None
+        self._last_ckpt = time.monotonic()
+        self._log_fh = None
+
+    # -- randomness and precision ----------------------------------------------------------
+    def generator(self, offset: int = 0, device: torch.device | str | None = None) -> torch.Generator:
+        g = torch.Generator(device=device or self.device)
+        g.manual_seed(self.seed * 1_000_003 + offset)
+        return g
+
+    def autocast(self):
+        """bf16 autocast on CUDA when asked for, else a no-op."""
+        if self.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def maybe_compile(self, module: torch.nn.Module):
+        return torch.compile(module) if self.compile else module
+
+    # -- loops, checkpoints, logs ----------------------------------------------------------
+    def loop(self, name: str, total: int, desc: str | None = None) -> Iterator[int]:
+        start = self.progress.get(name, 0)
+        if start >= total:
+            return
+        bar = tqdm(range(start, total), initial=start, total=total, desc=desc or name,
+                   disable=not self.progress_bars, leave=False, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        try:
+            for step in bar:
+                yield step
+                self.progress[name] = step + 1
+                if self.dir is not None and time.monotonic() - self._last_ckpt > self.checkpoint_every:
+                    self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    self.checkpoint()
+        finally:
+            bar.close()
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+        self.checkpoint()
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time a block that is not a loop (e.g. computing a coupling)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def done(self, name: str) -> bool:
+        """True when a one-shot stage finished before an interruption (see ``mark_done``)."""
+        return self.progress.get(name, 0) > 0
+
+    def mark_done(self, name: str) -> None:
+        self.progress[name] = 1
+        self.checkpoint()
+
+    def start_fit_clock(self) -> None:
+        self._fit_t0 = time.perf_counter()
+
+    def fit_seconds(self) -> float:
+        """Wall time spent fitting, summed over every session of this run (resumes included)."""
+        now = 0.0 if self._fit_t0 is None else time.perf_counter() - self._fit_t0
+        return self.fit_elapsed_before + now
+
+    def checkpoint(self) -> None:
+        if self.dir is None or self.method is None:
+            return
+        state = {"method": self.method.state_dict(), "progress": dict(self.progress),
+                 "timings": dict(self.timings), "fit_seconds": self.fit_seconds()}
+        store.torch_save(self.dir / "checkpoint.pt", state)
+        self._last_ckpt = time.monotonic()
+
+    def restore(self) -> bool:
+        """Load the last checkpoint into ``self.method``; True when there was one."""
+        if self.dir is None or not (self.dir / "checkpoint.pt").exists():
+            return False
+        state = store.torch_load(self.dir / "checkpoint.pt")
+        self.method.load_state_dict(state["method"])
+        self.method.to(self.device)
+        self.progress = dict(state["progress"])
+        self.timings = dict(state.get("timings", {}))
+        self.fit_elapsed_before = float(state.get("fit_seconds", 0.0))
+        return True
+
+    def should_log(self, step: int, every: int = 100) -> bool:
+        return step % every == 0
+
+    def log(self, stage: str, step: int, **scalars: Any) -> None:
+        values = {k: (float(v.detach().float().item()) if isinstance(v, torch.Tensor) else v)
+                  for k, v in scalars.items()}
+        if self.dir is None:
+            return
+        if self._log_fh is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._log_fh = open(self.dir / "log.jsonl", "a")
+        self._log_fh.write(json.dumps({"stage": stage, "step": step, "time": time.time(), **values}) + "\n")
+        self._log_fh.flush()
+
+    def close(self) -> None:
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None

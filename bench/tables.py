@@ -1,0 +1,173 @@
+"""Result rows -> Table 1 layout (markdown, LaTeX, CSV).
+
+Rows are the ``row.json`` files under ``OUT/<task>/**``. Cells are mean +- std over seeds for
+each (method, budget); the best value per metric column is bold and the second underlined
+(reference rows and oracles are shown but never ranked); the paper's published value stands
+beside each measured cell.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tabulate import tabulate
+
+from .api import BenchError
+
+# metric column -> (header, higher is better)
+METRICS: dict[str, tuple[str, bool]] = {
+    "fid": ("FID", False),
+    "acc": ("Acc (%)", True),
+    "cfd": ("Cls-FD", False),
+    "ssim": ("SSIM", True),
+    "w2": ("W2", False),
+    "mean_at_minus4": ("mean T(-4)", True),
+    "upper_mode_hit": ("upper hit (%)", True),
+}
+BOUND_PREFIX = "bound_"
+
+
+def load_rows(out: Path, task: str | None = None) -> pd.DataFrame:
+    out = Path(out)
+    pattern = f"{task}/*/*/row.json" if task else "*/*/*/row.json"
+    rows = []
+    for path in sorted(out.glob(pattern)):
+        try:
+            row = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BenchError(f"cannot read result row {path} ({exc}); delete it and re-run that run") from None
+        row["run_dir"] = str(path.parent)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt(mean: float, std: float, n: int, digits: int) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    s = f"{mean:.{digits}f}"
+    if n > 1 and std is not None and not math.isnan(std):
+        s += f" ± {std:.{digits}f}"
+    return s
+
+
+def _mark(text: str, rank: int | None, fmt: str) -> str:
+    if rank == 0:
+        return {"markdown": f"**{text}**", "latex": f"\\textbf{{{text}}}"}.get(fmt, text)
+    if rank == 1:
+        return {"markdown": f"<ins>{text}</ins>", "latex": f"\\underline{{{text}}}"}.get(fmt, text)
+    return text
+
+
+def summarise(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """One line per (method, budget): mean/std/count of each metric and the run facts."""
+    if df.empty:
+        return df
+    df = df.copy()
+    df["variant"] = df["variant"].fillna("") if "variant" in df else ""
+    keys = ["method", "variant", "budget"]
+    agg: dict[str, Any] = {}
+    for m in metrics:
+        if m in df:
+            df[m] = pd.to_numeric(df[m], errors="coerce")
+            agg[f"{m}_mean"] = (m, "mean")
+            agg[f"{m}_std"] = (m, "std")
+    for col, how in (("seed", "nunique"), ("nfe", "first"), ("family", "first"), ("oracle", "first"),
+                     ("gpu_minutes", "mean"), ("fit_s", "mean"), ("transport_s", "mean"),
+                     ("device_name", "first"), ("fid_n", "first"), ("n_eval", "first")):
+        if col in df:
+            agg[col] = (col, how)
+    return df.groupby(keys, sort=False).agg(**agg).reset_index()
+
+
+def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None,
+           paper_rows: bool = True) -> str:
+    if fmt not in ("markdown", "latex", "csv"):
+        raise BenchError(f"unknown table format {fmt!r}; use markdown, latex or csv")
+    df = load_rows(out, task_cls.name)
+    if df.empty:
+        raise BenchError(f"no finished runs for task {task_cls.name!r} under {out}; "
+                         f"run `bench run --task {task_cls.name} --methods ...` first (or pass --out)")
+    if budget:
+        df = df[df["budget"] == budget]
+        if df.empty:
+            raise BenchError(f"no runs with budget {budget!r} for task {task_cls.name!r} under {out}")
+    metrics = [m for m in task_cls.metrics if m in df.columns]
+    summary = summarise(df, metrics)
+    paper = getattr(task_cls, "paper_values", {}) or {}
+
+    if fmt == "csv":
+        table = summary.copy()
+        for m in metrics:
+            table[f"{m}_paper"] = [paper.get(meth, {}).get(m) for meth in table["method"]]
+        return table.to_csv(index=False)
+
+    ranked = summary[(summary["family"] != "Reference") & (~summary["oracle"].astype(bool))]
+    ranks: dict[tuple[str, str, str], dict[str, int]] = {}
+    for m in metrics:
+        col = f"{m}_mean"
+        higher = METRICS.get(m, (m, False))[1]
+        order = ranked.sort_values(col, ascending=not higher)[["method", "variant", "budget", col]].dropna()
+        for r, (_, line) in enumerate(order.iterrows()):
+            ranks.setdefault((line["method"], line["variant"], line["budget"]), {})[m] = r
+
+    headers = ["Method", "Family", "Budget", "Seeds"]
+    for m in metrics:
+        headers += [METRICS.get(m, (m, False))[0], "paper"]
+    headers += ["NFE", "GPU min", "fit+transport s"]
+    lines = []
+    for _, s in summary.iterrows():
+        name = s["method"] + (f" [{s['variant']}]" if s["variant"] else "")
+        name += " (oracle)" if bool(s.get("oracle")) else ""
+        cells = [name, s.get("family", ""), s["budget"], int(s.get("seed", 1))]
+        n_seeds = int(s.get("seed", 1))
+        for m in metrics:
+            digits = 4 if m == "ssim" else 2
+            text = _fmt(s.get(f"{m}_mean"), s.get(f"{m}_std"), n_seeds, digits)
+            if m == "fid" and text != "-" and not pd.isna(s.get("fid_n")):
+                text += f" (n={int(s['fid_n'])})"
+            cells.append(_mark(text, ranks.get((s["method"], s["variant"], s["budget"]), {}).get(m), fmt))
+            pv = paper.get(s["method"], {}).get(m)
+            cells.append("-" if pv is None else f"{pv:.{digits}f}")
+        gpu = s.get("gpu_minutes")
+        cells += [int(s["nfe"]) if not pd.isna(s.get("nfe")) else "-",
+                  "-" if gpu is None or pd.isna(gpu) else f"{gpu:.1f}",
+                  f"{(s.get('fit_s') or 0) + (s.get('transport_s') or 0):.0f}"]
+        lines.append(cells)
+    if paper_rows:
+        measured = set(summary["method"])
+        for meth, vals in paper.items():
+            if meth in measured:
+                continue
+            cells = [meth, "(paper only)", "-", 0]
+            for m in metrics:
+                pv = vals.get(m)
+                cells += ["-", "-" if pv is None else f"{pv:.{4 if m == 'ssim' else 2}f}"]
+            cells += ["-", "-", "-"]
+            lines.append(cells)
+    tablefmt = {"markdown": "github", "latex": "latex_raw"}[fmt]
+    text = tabulate(lines, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+    bound_cols = sorted(c for c in df.columns if c.startswith(BOUND_PREFIX) or c.startswith("lhs_"))
+    if bound_cols:
+        bdf = df.dropna(subset=bound_cols, how="all")
+        if not bdf.empty:
+            g = bdf.groupby(["method", "budget"], sort=False)[bound_cols].mean(numeric_only=True).reset_index()
+            bl = [[r["method"], r["budget"], *[_num(r.get(c)) for c in bound_cols]] for _, r in g.iterrows()]
+            text += "\n\nTheorem 2 terms (mean over seeds; C1..C3 unknown, so terms not a bound):\n\n"
+            text += tabulate(bl, headers=["Method", "Budget", *bound_cols], tablefmt=tablefmt,
+                             disable_numparse=True)
+    if fmt == "markdown":
+        text += ("\n\nBold: best, <ins>underlined</ins>: second best among non-reference, non-oracle rows. "
+                 "`paper`: the value published in OTCS Table 1 (protocols differ; see PROTOCOL.md).")
+    return text
+
+
+def _num(v) -> str:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if math.isnan(v) else f"{v:.4g}"

@@ -1,0 +1,32 @@
+"""Shared fixtures: the offline data root, one cache for the whole session, small tasks."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import bench.testing  # noqa: F401  (registers the tiny-images / tiny-vectors tasks)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ.get("BENCH_DATA", DEFAULT_DATA))
+    if not (root / "mnist").exists():
+        pytest.skip(f"offline data not found at {root}; set BENCH_DATA")
+    return root
+
+
+@pytest.fixture(scope="session")
+def bench_cache(tmp_path_factory) -> Path:
+    """One cache (classifier weights, FID reference statistics) for the whole test session."""
+    path = os.environ.get("BENCH_CACHE")
+    if path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return Path(path)
+    path = tmp_path_factory.mktemp("bench-cache")
+    os.environ["BENCH_CACHE"] = str(path)
+    return path

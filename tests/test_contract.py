@@ -1,0 +1,117 @@
+"""The shared plugin contract: every registered method passes these, on images and vectors.
+
+- output shape, dtype and (for images) range [-1, 1];
+- seed determinism on CPU: same torch seed + same generator -> identical transport;
+- state_dict -> fresh instance -> setup -> load_state_dict -> identical transport;
+- a setting the method does not declare is refused with a BenchError;
+- a method that is not an oracle never needs labels; one that does not use pairs never needs them.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from bench.api import SEMI_PAIRED, SETTINGS, UNPAIRED, BenchError
+from bench.registry import methods
+from bench.run import Run
+from bench.testing import tiny_images, tiny_vectors
+
+METHODS = methods()
+KINDS = {"images": tiny_images, "vectors": tiny_vectors}
+
+
+def _data(kind: str, setting: str, cls):
+    data = KINDS[kind](setting)
+    if not cls.oracle:  # only oracles may read labels: hide them from everybody else
+        data = dataclasses.replace(data, source_train_labels=None, target_train_labels=None,
+                                   source_test_labels=None, target_test_labels=None)
+    return data
+
+
+def _fit(cls, data, seed=0):
+    torch.manual_seed(seed)
+    m = cls(**getattr(cls, "test_options", {}))
+    m.check_setting(data)
+    run = Run(None, device="cpu", seed=seed, budget="smoke", progress=False)
+    run.method = m
+    m.setup(data, run)
+    m.to("cpu")
+    m.fit(data, run)
+    return m, run
+
+
+def _transport(m, x, seed=123):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return m.transport(x.clone(), generator=g)
+
+
+def _cases():
+    for name, cls in METHODS.items():
+        for kind in KINDS:
+            setting = SEMI_PAIRED if SEMI_PAIRED in cls.settings else cls.settings[0]
+            yield pytest.param(name, kind, setting, id=f"{name}-{kind}")
+
+
+@pytest.mark.parametrize("name,kind,setting", list(_cases()))
+def test_method_contract(name, kind, setting):
+    cls = METHODS[name]
+    assert cls.name == name and cls.family and set(cls.settings) <= set(SETTINGS)
+    data = _data(kind, setting, cls)
+    m, _ = _fit(cls, data)
+    x = data.source_test[:8]
+    y = _transport(m, x)
+
+    # shape, dtype, range
+    assert y.shape == (len(x), *data.shape), f"{name}: output shape {tuple(y.shape)}"
+    assert y.dtype == torch.float32
+    assert torch.isfinite(y).all()
+    if data.is_image:
+        assert y.min() >= -1 - 1e-5 and y.max() <= 1 + 1e-5
+    assert isinstance(m.nfe, int) and m.nfe >= 0
+
+    # same seed, same generator -> same output (fit again from scratch)
+    m2, _ = _fit(cls, data)
+    torch.testing.assert_close(_transport(m2, x), y, rtol=0, atol=1e-5)
+
+    # save -> load into a fresh instance -> same transport
+    state = copy.deepcopy(m.state_dict())
+    torch.manual_seed(999)  # a different initialisation, overwritten by the load
+    fresh = cls(**getattr(cls, "test_options", {}))
+    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    fresh.setup(data, run)
+    fresh.load_state_dict(state)
+    fresh.to("cpu")
+    torch.testing.assert_close(_transport(fresh, x), y, rtol=0, atol=1e-5)
+
+    # stochastic methods must actually depend on the generator
+    if cls.stochastic:
+        other = _transport(m, x, seed=321)
+        assert not torch.equal(other, y), f"{name} is declared stochastic but ignores the generator"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_refuses_unsupported_setting(name):
+    cls = METHODS[name]
+    for setting in SETTINGS:
+        data = tiny_vectors(setting)
+        if setting in cls.settings:
+            cls(**getattr(cls, "test_options", {})).check_setting(data)
+        else:
+            with pytest.raises(BenchError, match="does not support"):
+                cls(**getattr(cls, "test_options", {})).check_setting(data)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_unknown_option_is_refused(name):
+    with pytest.raises(BenchError, match="no option"):
+        METHODS[name](definitely_not_an_option=1)
+
+
+def test_unpaired_methods_do_not_need_pairs():
+    for name, cls in METHODS.items():
+        if UNPAIRED in cls.settings:
+            assert not (cls.uses_pairs and SEMI_PAIRED not in cls.settings), name

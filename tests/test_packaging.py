@@ -1,0 +1,117 @@
+"""Packaging: bench.methods / bench.datasets import from editable and wheel installs (never a
+top-level `datasets`), and a third-party plugin package is found through its entry point and
+runs through `bench run` without any edit of the engine."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _py(code: str, env=None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
+
+
+def test_editable_install_imports(tmp_path):
+    res = _py("import bench.methods, bench.datasets, bench.methods.reference as r; "
+              "print(bench.methods.__file__); print(r.Identity.name)", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "identity" in res.stdout
+
+
+def test_no_top_level_datasets_package():
+    from importlib.metadata import files
+    top = {str(f).split("/")[0] for f in (files("otbench") or [])}
+    assert "datasets" not in top and "methods" not in top
+
+
+@pytest.mark.slow
+def test_wheel_install_imports(tmp_path):
+    wheel_dir = tmp_path / "wheel"
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(wheel_dir), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    wheel = next(wheel_dir.glob("otbench-*.whl"))
+    import zipfile
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "bench/methods/reference.py" in names and "bench/datasets/__init__.py" in names
+    assert not any(n.startswith(("datasets/", "methods/")) for n in names)
+    target = tmp_path / "site"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                          str(wheel)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    res = _py("import bench, bench.methods.reference, bench.datasets; print(bench.__file__); "
+              "from bench.registry import methods; print(sorted(methods()))",
+              env={"PYTHONPATH": str(target)}, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert str(target) in res.stdout.splitlines()[0], "the wheel's copy must be the one imported"
+    assert "identity" in res.stdout
+
+
+PLUGIN = '''
+"""A throwaway third-party baseline: shift every source by the mean difference of the domains."""
+import torch
+from bench.api import Method, UNPAIRED, SEMI_PAIRED
+
+
+class MeanShift(Method):
+    name = "mean-shift"
+    family = "Toy"
+    settings = (UNPAIRED, SEMI_PAIRED)
+    notes = "third-party test plugin"
+    test_options = {}
+
+    def setup(self, data, run):
+        self.shift = torch.zeros(data.shape)
+
+    def fit(self, data, run):
+        for _ in run.loop("mean", 1):
+            self.shift = data.target_train.mean(0) - data.source_train.mean(0)
+
+    @torch.no_grad()
+    def transport(self, x, generator=None):
+        return x + self.shift.to(x.device)
+'''
+
+
+@pytest.mark.slow
+def test_third_party_plugin_package_runs_through_bench_run(tmp_path):
+    pkg = tmp_path / "plugin"
+    (pkg / "otbench_meanshift").mkdir(parents=True)
+    (pkg / "otbench_meanshift" / "__init__.py").write_text(PLUGIN)
+    (pkg / "pyproject.toml").write_text(textwrap.dedent('''
+        [build-system]
+        requires = ["setuptools>=68"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "otbench-meanshift"
+        version = "0.0.1"
+        [project.entry-points."otbench.methods"]
+        mean-shift = "otbench_meanshift:MeanShift"
+        [tool.setuptools]
+        packages = ["otbench_meanshift"]
+    '''))
+    target = tmp_path / "site"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+                          "--target", str(target), str(pkg)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    env = {**os.environ, "PYTHONPATH": str(target), "BENCH_PLUGINS": "bench.testing"}
+    out = tmp_path / "runs"
+    listed = subprocess.run([sys.executable, "-m", "bench.cli", "list", "--methods"], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert "mean-shift" in listed.stdout and "third-party test plugin" in listed.stdout
+    res = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--methods", "mean-shift,identity",
+                          "--task", "tiny-vectors", "--out", str(out), "--no-progress"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert (out / "tiny-vectors/mean-shift/smoke-seed0/row.json").exists()
+    table = subprocess.run([sys.executable, "-m", "bench.cli", "table", "--task", "tiny-vectors", "--out", str(out)],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert "mean-shift" in table.stdout
