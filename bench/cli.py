@@ -173,8 +173,9 @@ def data(task, data_root, download):
     cls = get_task(task)
     root = _data_root(data_root)
     if download:
-        from .data import download_task
-        download_task(cls.name, root)
+        from .data import TASK_FILES, ensure_task
+        if cls.name in TASK_FILES:
+            ensure_task(cls.name, root, download=True)
     info = cls().info(root, _cache_dir())
     click.echo(f"data root: {root}")
     for key, value in info.items():

@@ -51,7 +51,7 @@ def pick_device(name: str = "auto") -> torch.device:
 class Run:
     def __init__(self, directory: Path | None, *, device: torch.device | str = "cpu", seed: int = 0,
                  budget: Budget | str = "smoke", bf16: bool = False, checkpoint_every: float = 120.0,
-                 progress: bool = True, compile: bool = False):
+                 progress: bool = True, compile: bool = False, step_cap: int | None = None):
         self.dir = Path(directory) if directory is not None else None
         self.device = torch.device(device)
         self.seed = int(seed)
@@ -60,6 +60,7 @@ class Run:
         self.compile = bool(compile) and self.device.type == "cuda"
         self.checkpoint_every = checkpoint_every
         self.progress_bars = progress
+        self.step_cap = step_cap  # benchmarks only: cap every loop at this many steps
         self.progress: dict[str, int] = {}  # loop name -> steps completed
         self.timings: dict[str, float] = {}  # loop/stage name -> seconds
         self.method = None  # set by the runner so loops can checkpoint it
@@ -85,6 +86,8 @@ class Run:
 
     # -- loops, checkpoints, logs ----------------------------------------------------------
     def loop(self, name: str, total: int, desc: str | None = None) -> Iterator[int]:
+        if self.step_cap is not None:
+            total = min(total, self.step_cap)
         start = self.progress.get(name, 0)
         if start >= total:
             return
