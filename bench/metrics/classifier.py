@@ -1,0 +1,207 @@
+"""A small CNN judge for class-preserving translation (``acc``) and its feature Frechet distance (``cfd``).
+
+The network is trained once per (task key, training data) on the CPU with a fixed seed, so the
+same weights (and the same sha256) come out on every machine with the same torch build; it is
+saved under ``<cache_dir>/classifiers/`` next to a json record holding the weights' sha256,
+which is checked every time the weights are loaded.  The 128-d penultimate activations
+(``features``) give the classifier Frechet distance, a cheap domain-specific complement to FID
+(never to be reported as FID).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..api import BenchError
+from .frechet import FeatureStats, frechet_distance
+
+ARCH_VERSION = "cnn16-v1"
+
+
+class SmallCNN(nn.Module):
+    """conv16-conv16-pool-conv32-conv32-pool-fc128-fc(classes) (width 16) for 1x28x28 inputs in [-1, 1]."""
+
+    def __init__(self, classes: int = 10, channels: int = 1, width: int = 16, feat_dim: int = 128) -> None:
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(2 * w * 16, feat_dim), nn.ReLU(),
+        )
+        self.dropout = nn.Dropout(0.3)
+        self.head = nn.Linear(feat_dim, classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations (N, feat_dim)."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.body(x)))
+
+
+def _augment(x: torch.Tensor, g: torch.Generator, max_shift: float = 0.1, max_rot: float = 0.15,
+             scale: float = 0.1) -> torch.Tensor:
+    """Random small affine jitter (shift, rotation, scale) so the judge is robust to placement."""
+    n = len(x)
+    ang = (torch.rand(n, generator=g) * 2 - 1) * max_rot
+    s = 1 + (torch.rand(n, generator=g) * 2 - 1) * scale
+    t = (torch.rand(n, 2, generator=g) * 2 - 1) * max_shift * 2
+    cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
+    theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1
+
+
+def train_classifier(x: torch.Tensor, y: torch.Tensor, classes: int = 10, epochs: int = 8,
+                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0) -> SmallCNN:
+    """Train :class:`SmallCNN` on the CPU with a fixed seed and ONE intra-op thread.
+
+    One thread makes the weights bit-identical on every machine with the same torch build
+    (reductions do not depend on the core count), and on small shared CPUs it is also faster
+    than oversubscribed threads (~1 min for the digits classifier).
+    """
+    g = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(x, y, classes, epochs, batch_size, lr, seed, g)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(x, y, classes, epochs, batch_size, lr, seed, g) -> SmallCNN:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = SmallCNN(classes, channels=x.shape[1])
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+        steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+        net.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), batch_size):
+                idx = perm[i:i + batch_size]
+                xb = _augment(x[idx], g)
+                loss = F.cross_entropy(net(xb), y[idx], label_smoothing=0.05)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def predict(net: nn.Module, x: torch.Tensor, batch_size: int = 512, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted labels, penultimate features) on the CPU for images x, computed on ``device``."""
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    preds, feats = [], []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device, torch.float32)
+        f = net.features(xb)
+        preds.append(net.head(f).argmax(1).cpu())
+        feats.append(f.double().cpu())
+    if not preds:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.float64)
+    return torch.cat(preds), torch.cat(feats)
+
+
+def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Percentage of x classified as y."""
+    pred, _ = predict(net, x)
+    return 100.0 * float((pred == y.cpu()).double().mean())
+
+
+def _sha256_bytes_of(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_or_train(cache_dir, key: str, train: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                  test: Callable[[], tuple[torch.Tensor, torch.Tensor]], classes: int = 10,
+                  epochs: int = 8, seed: int = 0) -> tuple[SmallCNN, dict]:
+    """The cached classifier for ``key`` (trained on ``train()`` if absent), and its record:
+    {"sha256", "test_acc", "key", "arch", "epochs", "seed"}.  The weights' sha256 is verified on load."""
+    folder = Path(cache_dir) / "classifiers"
+    weights = folder / f"{key}_{ARCH_VERSION}_e{epochs}_s{seed}.pt"
+    record_path = weights.with_suffix(".json")
+    if weights.is_file() and record_path.is_file():
+        record = json.loads(record_path.read_text())
+        got = _sha256_bytes_of(weights)
+        if got != record.get("sha256"):
+            raise BenchError(f"classifier weights {weights} do not match their recorded sha256 "
+                             f"({got[:12]}... vs {str(record.get('sha256'))[:12]}...); delete both files to retrain")
+        net = SmallCNN(classes)
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return net.eval(), record
+    x, y = train()
+    net = train_classifier(x, y, classes=classes, epochs=epochs, seed=seed)
+    xt, yt = test()
+    test_acc = accuracy(net, xt, yt)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, weights)
+    record = {"sha256": _sha256_bytes_of(weights), "test_acc": test_acc, "key": key, "arch": ARCH_VERSION,
+              "epochs": epochs, "seed": seed, "train_n": len(x), "test_n": len(xt)}
+    tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(tmp, record_path)
+    return net, record
+
+
+class ClassifierAccuracy:
+    """Share (%) of images the classifier assigns to the given labels: ``update(images, labels)``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+        self.reset()
+
+    def reset(self) -> None:
+        self.correct = 0
+        self.total = 0
+
+    def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        pred, _ = predict(self.net, images)
+        self.correct += int((pred == labels.cpu()).sum())
+        self.total += len(labels)
+
+    def compute(self) -> float:
+        if self.total == 0:
+            raise ValueError("no images were scored")
+        return 100.0 * self.correct / self.total
+
+
+class ClassifierFD:
+    """Frechet distance on the classifier's penultimate features against reference statistics."""
+
+    def __init__(self, net: nn.Module, ref: tuple[np.ndarray, np.ndarray]) -> None:
+        self.net = net
+        self.ref = ref
+        self.stats = FeatureStats()
+
+    def reset(self) -> None:
+        self.stats.reset()
+
+    def update(self, images: torch.Tensor) -> None:
+        self.stats.update(predict(self.net, images)[1])
+
+    def compute(self) -> float:
+        mu, sigma = self.stats.compute()
+        return frechet_distance(mu, sigma, *self.ref)
+
+
+def feature_stats_of(net: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    s = FeatureStats()
+    s.update(predict(net, images)[1])
+    return s.compute()

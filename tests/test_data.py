@@ -1,0 +1,138 @@
+"""Data root resolution, the manifest, and verification errors (missing / corrupt files)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import data as bdata
+from bench.api import BenchError
+
+
+def test_resolve_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("BENCH_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert bdata.resolve_root(str(tmp_path / "cli")) == tmp_path / "cli"
+    assert bdata.resolve_root(None) == tmp_path / "env"
+    monkeypatch.delenv("BENCH_DATA")
+    assert bdata.resolve_root(None) == tmp_path / "xdg" / "otbench" / "data"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert bdata.resolve_root(None) == Path.home() / ".cache" / "otbench" / "data"
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "c"))
+    assert bdata.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("BENCH_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert bdata.cache_dir() == tmp_path / "xdg" / "otbench"
+
+
+def test_manifest_matches_the_offline_mirror(data_root):
+    """Every manifest entry has the size recorded in SOURCES.md and verifies against the mirror."""
+    sources = (data_root / "SOURCES.md").read_text()
+    for group, files in bdata.MANIFEST.items():
+        for f in files:
+            assert len(f.sha256) == 64 and f.size > 0
+            assert f.urls or f.manual, f.path
+            if group != "inception":
+                assert f.sha256 in sources, f.path
+            p = data_root / f.path
+            if p.exists():
+                assert p.stat().st_size == f.size, f.path
+    for f in bdata.MANIFEST["mnist"]:
+        assert all(u.startswith(("https://", "http://")) and u.endswith(Path(f.path).name) for u in f.urls)
+    assert "kaggle.com/datasets/gpreda/chinese-mnist" in bdata.MANIFEST["chinese_mnist"][0].manual
+    found = bdata.ensure(data_root, bdata.files_for("mnist", "chinese_mnist"))
+    assert set(found) == {f.path for f in bdata.files_for("mnist", "chinese_mnist")}
+
+
+def _small_root(tmp_path: Path, data_root: Path) -> tuple[Path, list]:
+    """A temp data root holding copies of the two MNIST label files (small)."""
+    files = [f for f in bdata.MANIFEST["mnist"] if "labels" in f.path]
+    root = tmp_path / "root"
+    for f in files:
+        (root / f.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data_root / f.path, root / f.path)
+    return root, files
+
+
+def test_missing_root_is_one_line_with_the_fix(tmp_path):
+    root = tmp_path / "nowhere"
+    with pytest.raises(BenchError) as err:
+        bdata.ensure(root, bdata.files_for("mnist"), download=False)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "mnist/train-images-idx3-ubyte.gz not found under" in msg and str(root) in msg
+    assert "--data-root" in msg and "BENCH_DATA" in msg and "bench data --download" in msg
+
+
+def test_missing_kaggle_file_names_the_page(tmp_path):
+    with pytest.raises(BenchError) as err:
+        bdata.ensure(tmp_path, bdata.files_for("chinese_mnist"), download=True)  # no URL: cannot download
+    msg = str(err.value)
+    assert "\n" not in msg and "kaggle.com/datasets/gpreda/chinese-mnist" in msg
+    assert str(tmp_path / "chinese_mnist" / "chinese_mnist.npz") in msg
+
+
+def test_optional_file_may_be_absent(tmp_path):
+    assert bdata.ensure(tmp_path, bdata.files_for("inception")) == {}
+
+
+def test_corrupt_file_flipped_byte(tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    root, files = _small_root(tmp_path, data_root)
+    assert set(bdata.ensure(root, files)) == {f.path for f in files}  # intact copies verify
+    target = root / files[0].path
+    raw = bytearray(target.read_bytes())
+    raw[100] ^= 0xFF
+    st = target.stat()
+    target.write_bytes(bytes(raw))
+    # same size; make sure the mtime differs from the cached verification even on coarse clocks
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(BenchError) as err:
+        bdata.ensure(root, files)
+    msg = str(err.value)
+    got = hashlib.sha256(bytes(raw)).hexdigest()
+    assert "\n" not in msg and str(target) in msg and "corrupt" in msg
+    assert got[:12] in msg and files[0].sha256[:12] in msg
+    assert "bench data --download" in msg
+
+
+def test_verification_is_cached_by_size_and_mtime(tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    root, files = _small_root(tmp_path, data_root)
+    calls = []
+    real = bdata.sha256_file
+    monkeypatch.setattr(bdata, "sha256_file", lambda p, *a: calls.append(Path(p)) or real(p, *a))
+    bdata.ensure(root, files)
+    assert len(calls) == len(files)
+    bdata.ensure(root, files)
+    assert len(calls) == len(files)  # served from verified.json
+    assert (tmp_path / "cache" / "verified.json").is_file()
+    os.utime(root / files[1].path, ns=(0, 10**18))  # touched: hashed again
+    bdata.ensure(root, files)
+    assert calls[-1] == (root / files[1].path).resolve() and len(calls) == len(files) + 1
+
+
+def test_download_is_atomic_and_verified(tmp_path, data_root, monkeypatch):
+    """`download=True` fetches from the URL list (here a file:// mirror), verifies, renames into place."""
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    spec = [f for f in bdata.MANIFEST["mnist"] if "t10k-labels" in f.path][0]
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    shutil.copyfile(data_root / spec.path, mirror / "good.gz")
+    (mirror / "bad.gz").write_bytes(b"not mnist")
+    local = bdata.DataFile(spec.path, spec.sha256, spec.size,
+                           urls=((mirror / "bad.gz").as_uri(), (mirror / "good.gz").as_uri()))
+    root = tmp_path / "root"
+    found = bdata.ensure(root, [local], download=True)
+    assert found[spec.path].read_bytes() == (data_root / spec.path).read_bytes()
+    assert not [p for p in (root / "mnist").iterdir() if p.name.startswith(".")]  # no partial files left
+    only_bad = bdata.DataFile("mnist/x.gz", spec.sha256, spec.size, urls=((mirror / "bad.gz").as_uri(),))
+    with pytest.raises(BenchError, match="checksum mismatch"):
+        bdata.ensure(root, [only_bad], download=True)
+    assert not (root / "mnist" / "x.gz").exists()

@@ -1,0 +1,222 @@
+"""Metrics against independent references (scipy, POT, clean-fid, skimage) on fixed inputs."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from bench.metrics.frechet import FeatureStats, FrechetDistance, feature_stats, frechet_distance
+
+
+def _spd(rng, d, cond=1.0):
+    a = rng.standard_normal((d, d))
+    return a @ a.T / d + cond * 1e-2 * np.eye(d)
+
+
+# -- Frechet distance ------------------------------------------------------------------------
+def _fd_scipy(mu1, s1, mu2, s2):
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    covmean = np.real(covmean)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@pytest.mark.parametrize("d", [1, 3, 16, 64])
+def test_frechet_matches_scipy_sqrtm(d):
+    rng = np.random.default_rng(d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    s1, s2 = _spd(rng, d), _spd(rng, d)
+    ours = frechet_distance(mu1, s1, mu2, s2)
+    assert ours == pytest.approx(_fd_scipy(mu1, s1, mu2, s2), rel=1e-7, abs=1e-9)
+
+
+@pytest.mark.parametrize("d", [2, 10, 50])
+def test_frechet_matches_pot_bures_wasserstein(d):
+    ot = pytest.importorskip("ot")
+    rng = np.random.default_rng(100 + d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    s1, s2 = _spd(rng, d), _spd(rng, d)
+    w2 = float(ot.gaussian.bures_wasserstein_distance(mu1, mu2, s1, s2))  # W2, not squared
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(w2 ** 2, rel=1e-6)
+
+
+def test_frechet_closed_forms():
+    # identical Gaussians: 0; isotropic: ||dmu||^2 + d (a - b)^2 for variances a^2, b^2
+    rng = np.random.default_rng(0)
+    s = _spd(rng, 32)
+    mu = rng.standard_normal(32)
+    assert frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-8)
+    d = 7
+    val = frechet_distance(np.zeros(d), 4.0 * np.eye(d), np.ones(d), 9.0 * np.eye(d))
+    assert val == pytest.approx(d + d * (2.0 - 3.0) ** 2, rel=1e-12)
+
+
+def test_frechet_singular_covariances():
+    # rank-deficient (N < D) covariances, as FID meets with few images: finite, symmetric, >= 0
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((20, 64)), rng.standard_normal((20, 64)) + 0.5
+    a, b = feature_stats(x), feature_stats(y)
+    v1, v2 = frechet_distance(*a, *b), frechet_distance(*b, *a)
+    assert np.isfinite(v1) and v1 > 0 and v1 == pytest.approx(v2, rel=1e-6)
+    assert frechet_distance(*a, *a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_feature_stats_streaming_equals_numpy():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((301, 9)) * 3 + 5
+    s = FeatureStats()
+    for chunk in np.array_split(x, 7):
+        s.update(torch.from_numpy(chunk).float())
+    mu, sigma = s.compute()
+    ref_mu, ref_sigma = x.astype(np.float32).astype(np.float64).mean(0), np.cov(x.astype(np.float32), rowvar=False)
+    np.testing.assert_allclose(mu, ref_mu, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-8, atol=1e-8)
+    fd = FrechetDistance(ref_mu=ref_mu, ref_sigma=ref_sigma)
+    fd.update(x)
+    assert fd.compute() == pytest.approx(0.0, abs=1e-8)
+
+
+# -- FID (clean-fid "clean" mode) ----------------------------------------------------------
+def _inception_file(data_root: Path) -> Path:
+    p = data_root / "inception" / "inception-2015-12-05-torchscript.pt"
+    if not p.is_file():
+        pytest.skip(f"offline Inception network not found at {p}")
+    return p
+
+
+def _mnist_test(data_root: Path, n: int) -> torch.Tensor:
+    with gzip.open(data_root / "mnist" / "t10k-images-idx3-ubyte.gz") as fh:
+        x = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:n]
+    return torch.from_numpy(x.astype(np.float32) / 127.5 - 1).unsqueeze(1)
+
+
+@pytest.mark.slow
+def test_fid_features_equal_clean_fid_folder_pipeline(data_root, tmp_path):
+    """Our in-memory features == clean-fid's own pipeline (PNG folder -> ResizeDataset -> InceptionV3W)."""
+    from PIL import Image
+    from cleanfid.fid import get_folder_features
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    from bench.metrics.fid import fid_features, to_uint8
+
+    net_file = _inception_file(data_root)
+    imgs = _mnist_test(data_root, 6)
+    imgs[3] = torch.linspace(-1, 1, 28 * 28).reshape(1, 28, 28)  # a non-binary gradient image
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, a in enumerate(to_uint8(imgs)):
+        Image.fromarray(a[..., 0]).save(folder / f"{i:03d}.png")  # grayscale PNG, as a user would save
+    netdir = tmp_path / "net"
+    netdir.mkdir()
+    # clean-fid's wrapper reads NVIDIA's layout (top-level `layers`); expose the offline graph that way
+    base = torch.jit.load(str(net_file)).eval()
+    torch.jit.save(base.net, str(netdir / "inception-2015-12-05.pt"))
+    model = InceptionV3W(str(netdir), download=False, resize_inside=False).eval()
+    theirs = get_folder_features(str(folder), model, num_workers=0, batch_size=6,
+                                 device=torch.device("cpu"), mode="clean", verbose=False)
+    ours = fid_features(imgs, "cpu", batch_size=4, data_root=data_root)
+    assert ours.shape == (6, 2048)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_clean_resize_is_clean_fids_resizer():
+    from cleanfid.resize import build_resizer
+
+    from bench.metrics.fid import clean_resize, to_uint8
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 28, 28, generator=g) * 2 - 1
+    u8 = to_uint8(x)
+    assert u8.dtype == np.uint8 and u8.shape == (3, 28, 28, 3)
+    assert (u8[..., 0] == u8[..., 2]).all()
+    np.testing.assert_array_equal(u8[0, ..., 0], ((x[0, 0] + 1) * 127.5).round().numpy().astype(np.uint8))
+    ours = clean_resize(u8)
+    fn = build_resizer("clean")
+    theirs = np.stack([fn(a) for a in u8]).transpose(0, 3, 1, 2)
+    assert ours.shape == (3, 3, 299, 299)
+    np.testing.assert_array_equal(ours.numpy(), theirs)
+
+
+@pytest.mark.slow
+def test_fid_same_set_zero_halves_small_domains_large(data_root):
+    """FID(x, x) = 0; two disjoint MNIST halves are far closer than MNIST vs Chinese-MNIST.
+
+    With 24 images per set both numbers carry a large small-sample bias (FID grows as 1/n), but
+    the bias is shared, and the domain gap still dominates."""
+    from bench.metrics.fid import FID, fid_features
+
+    _inception_file(data_root)
+    n = 24  # Inception runs at ~11 images/s on 2 CPU cores: 72 images in all
+    mnist = _mnist_test(data_root, 2 * n)
+    with np.load(data_root / "chinese_mnist" / "chinese_mnist.npz") as z:
+        keep = np.nonzero(z["label"] < 10)[0][::400][:n]  # spread over classes and writers
+        raw = z["images"][keep]
+    from bench.datasets.digits import mnistify
+    chinese = torch.from_numpy(np.stack([mnistify(r) for r in raw]) * 2 - 1).unsqueeze(1).float()
+
+    feats_m = fid_features(mnist, "cpu", data_root=data_root)
+    feats_c = fid_features(chinese, "cpu", data_root=data_root)
+    a, b = feature_stats(feats_m[:n]), feature_stats(feats_m[n:])
+    c = feature_stats(feats_c)
+    assert frechet_distance(*a, *a) == pytest.approx(0.0, abs=1e-4)
+    within, across = frechet_distance(*a, *b), frechet_distance(*a, *c)
+    print(f"FID n={n}: MNIST half vs half {within:.1f}, MNIST vs Chinese-MNIST {across:.1f}")
+    assert across > 1.4 * within, (within, across)  # measured ratio 1.7-2.3 at n=24 (5 draws)
+
+    # the metric class gives the same number as the functions it wraps
+    metric = FID("cpu", data_root=data_root, ref=b)
+    metric.fake.update(feats_m[:n])
+    assert metric.compute() == pytest.approx(within, rel=1e-9)
+
+
+# -- SSIM ------------------------------------------------------------------------------------
+def test_ssim_matches_skimage():
+    skm = pytest.importorskip("skimage.metrics")
+    from bench.metrics.ssim import SSIM, ssim
+
+    g = torch.Generator().manual_seed(3)
+    target = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
+    target = torch.nn.functional.avg_pool2d(target, 3, 1, 1)  # some structure
+    preds = (target + 0.3 * torch.randn(4, 1, 32, 32, generator=g)).clamp(-1, 1)
+    ref = [skm.structural_similarity(p[0].double().numpy(), t[0].double().numpy(), data_range=2.0,
+                                     gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+           for p, t in zip(preds, target)]
+    # both average the SSIM map over the valid region (5-pixel border cropped); skimage in float64,
+    # torchmetrics in float32: agreement to 1e-5
+    assert ssim(preds, target) == pytest.approx(float(np.mean(ref)), abs=1e-5)
+    assert ssim(target, target) == pytest.approx(1.0, abs=1e-5)
+    m = SSIM()
+    m.update(preds[:2], target[:2])
+    m.update(preds[2:], target[2:])
+    assert m.compute() == pytest.approx(float(np.mean(ref)), abs=1e-5)
+    rgb = [skm.structural_similarity(p.double().numpy(), t.double().numpy(), data_range=2.0, channel_axis=0,
+                                     gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+           for p, t in zip(preds.repeat(1, 3, 1, 1), target.repeat(1, 3, 1, 1))]
+    assert ssim(preds.repeat(1, 3, 1, 1), target.repeat(1, 3, 1, 1)) == pytest.approx(float(np.mean(rgb)), abs=1e-5)
+
+
+# -- classifier metric pieces ------------------------------------------------------------------
+def test_classifier_accuracy_and_fd_on_a_known_net():
+    from bench.metrics.classifier import ClassifierAccuracy, ClassifierFD, SmallCNN, feature_stats_of
+
+    torch.manual_seed(0)
+    net = SmallCNN(10).eval()
+    x = torch.rand(50, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        pred = net(x).argmax(1)
+    acc = ClassifierAccuracy(net)
+    acc.update(x[:20], pred[:20])
+    acc.update(x[20:], (pred[20:] + 1) % 10)  # all wrong
+    assert acc.compute() == pytest.approx(100.0 * 20 / 50)
+    fd = ClassifierFD(net, feature_stats_of(net, x))
+    fd.update(x[:25])
+    fd.update(x[25:])
+    assert fd.compute() == pytest.approx(0.0, abs=1e-6)
