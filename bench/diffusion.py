@@ -1,0 +1,269 @@
+"""Variance-preserving SDE (Song et al. 2021), denoising score matching, EMA and samplers.
+
+Forward SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw on [0, T], beta(t) = b0 + t (b1 - b0).
+With B(t) = int_0^t beta = b0 t + (b1 - b0) t^2 / 2 the perturbation kernel is
+    x_t = alpha(t) x_0 + sigma(t) z,   alpha = exp(-B/2),   sigma = sqrt(1 - exp(-B)),
+so alpha^2 + sigma^2 = 1.  Networks predict the noise: ``net(x_t, t, cond) ~ z`` and the score
+is ``-net(x_t, t, cond) / sigma(t)``.
+
+Denoising score matching with weight lambda(t) on t ~ U[t_eps, T]:
+    lambda(t) E || s(x_t, t) - grad log p(x_t | x_0) ||^2 = lambda(t) / sigma(t)^2 E || eps_hat - z ||^2.
+
+* ``weighting="sigma2"``: lambda = sigma^2, i.e. the plain eps-MSE with t ~ U[t_eps, T].
+* ``weighting="g2"``: lambda = g(t)^2 = beta(t) (the likelihood weighting used by OTCS).  The
+  per-t weight w(t) = beta(t) / sigma(t)^2 blows up like 1/t near 0, so sampling t uniformly
+  gives an estimator with a huge variance.  We importance-sample t from q(t) = w(t) / Z on
+  [t_eps, T].  Because dB/dt = beta,
+      int w dt = int dB / (1 - e^{-B}) = log(e^B - 1) + const,
+  so the CDF and its inverse are closed-form:
+      F(t) = [log(e^{B(t)} - 1) - L0] / Z,   L0 = log(e^{B(t_eps)} - 1),   Z = log(e^{B(T)} - 1) - L0,
+      F^{-1}(u): B = softplus(L0 + u Z), then t solves b0 t + (b1 - b0) t^2 / 2 = B.
+  The unbiased estimator of E_{t~U}[w(t) L(t)] is then Z / (T - t_eps) * L(t) with t ~ q, whose
+  weight is constant.  (``tests/test_diffusion.py`` checks the CDF against quadrature and the
+  estimator's mean against the uniform-t estimator.)
+
+Reductions: ``dsm_loss`` averages over data dimensions (a scale that does not grow with image
+size; it is what training minimises); ``dsm_eval`` reports the score-matching objective
+J_CSM = int_{t_eps}^T g(t)^2 E || s - grad log p ||^2 dt summed over dimensions, the quantity
+in OTCS's Theorem 2.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+class VPSDE:
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0, t_eps: float = 1e-3):
+        if not (0 < t_eps < T) or beta_min <= 0 or beta_max < beta_min:
+            from .api import BenchError
+            raise BenchError("VPSDE needs 0 < t_eps < T and 0 < beta_min <= beta_max")
+        self.beta_min, self.beta_max, self.T, self.t_eps = float(beta_min), float(beta_max), float(T), float(t_eps)
+        # constants of the g^2 importance-sampling density (float64 host math, once)
+        self._L0 = self._log_expm1(self._B(self.t_eps))
+        self._Z = self._log_expm1(self._B(self.T)) - self._L0
+
+    # -- schedule ----------------------------------------------------------------------------
+    def _B(self, t):
+        """Integrated beta: int_0^t beta(s) ds."""
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
+
+    @staticmethod
+    def _log_expm1(b: float) -> float:
+        return b + math.log(-math.expm1(-b))
+
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-0.5 * self._B(t))
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(-torch.expm1(-self._B(t)))
+
+    def perturb(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        return self.alpha(t).reshape(shape) * x0 + self.sigma(t).reshape(shape) * noise
+
+    def prior(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        if device is None and generator is not None:
+            device = generator.device
+        return torch.randn(shape, generator=generator, device=device)
+
+    # -- the g^2 / sigma^2 importance-sampling density on [t_eps, T] -------------------------
+    @property
+    def g2_normaliser(self) -> float:
+        """Z = int_{t_eps}^T beta(t) / sigma(t)^2 dt."""
+        return self._Z
+
+    def g2_density(self, t: torch.Tensor) -> torch.Tensor:
+        """q(t) = beta(t) / (sigma(t)^2 Z) on [t_eps, T]."""
+        return self.beta(t) / (self.sigma(t) ** 2 * self._Z)
+
+    def g2_cdf(self, t: torch.Tensor) -> torch.Tensor:
+        b = self._B(t.double())
+        return ((b + torch.log(-torch.expm1(-b))) - self._L0) / self._Z
+
+    def g2_icdf(self, u: torch.Tensor) -> torch.Tensor:
+        """Inverse CDF of q (float64 inside for accuracy near t_eps)."""
+        b = torch.nn.functional.softplus(self._L0 + u.double() * self._Z)
+        d = self.beta_max - self.beta_min
+        if d == 0:
+            t = b / self.beta_min
+        else:
+            t = (torch.sqrt(self.beta_min ** 2 + 2.0 * d * b) - self.beta_min) / d
+        return t.clamp(self.t_eps, self.T).to(u.dtype)
+
+    def sample_t(self, n: int, weighting: str, generator=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Times and the per-sample weight multiplying mean(||eps_hat - z||^2) for an unbiased
+        estimate of E_{t~U[t_eps,T]} [lambda(t)/sigma(t)^2 mean||eps_hat - z||^2]."""
+        u = torch.rand(n, generator=generator, device=device)
+        if weighting == "g2":
+            t = self.g2_icdf(u)
+            w = torch.full_like(t, self._Z / (self.T - self.t_eps))
+        elif weighting == "sigma2":
+            t = self.t_eps + (self.T - self.t_eps) * u
+            w = torch.ones_like(t)
+        else:
+            from .api import BenchError
+            raise BenchError(f"dsm weighting must be 'g2' or 'sigma2', got {weighting!r}")
+        return t, w
+
+
+def _call(net, x, t, cond):
+    return net(x, t) if cond is None else net(x, t, cond)
+
+
+def dsm_loss(net, x0: torch.Tensor, sde: VPSDE, cond=None, weighting: str = "g2", generator=None,
+             reduce: bool = True) -> torch.Tensor:
+    """Denoising score-matching loss (eps parametrisation); see the module docstring."""
+    n = x0.shape[0]
+    t, w = sde.sample_t(n, weighting, generator=generator, device=x0.device)
+    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    xt = sde.perturb(x0, t, z)
+    eps = _call(net, xt, t, cond)
+    per = (eps.float() - z.float()).pow(2).flatten(1).mean(1) * w
+    return per.mean() if reduce else per
+
+
+@torch.no_grad()
+def dsm_eval(net, x0: torch.Tensor, sde: VPSDE, cond=None, n_t: int = 16, generator=None) -> float:
+    """Held-out J_CSM = int_{t_eps}^T g^2 E||s_theta - grad log p(x_t|x_0)||^2 dt (sum over dims).
+
+    ``n_t`` stratified draws of u per sample through the g^2 inverse CDF (lower variance than
+    independent draws, same expectation)."""
+    total, count = 0.0, 0
+    for k in range(n_t):
+        u = (k + torch.rand(x0.shape[0], generator=generator, device=x0.device)) / n_t
+        t = sde.g2_icdf(u)
+        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        eps = _call(net, sde.perturb(x0, t, z), t, cond)
+        total += float((eps.float() - z.float()).pow(2).flatten(1).sum(1).sum().item())
+        count += x0.shape[0]
+    return sde.g2_normaliser * total / count
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a model's parameters: ema <- d * ema + (1 - d) * p.
+
+    With ``warmup`` (default) the rate after n previous updates is d = min(decay, (1 + n) / (10 + n)),
+    so a short run is not dominated by the initial weights (with decay 0.999 and no warm-up the
+    initialisation still weighs exp(-1) after 1000 updates).  Buffers (e.g. BatchNorm statistics)
+    are copied.  Pass the uncompiled module."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
+        super().__init__()
+        model = getattr(model, "_orig_mod", model)
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.module = copy.deepcopy(model)
+        self.module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._n: int | None = 0
+
+    def current_decay(self) -> float:
+        """The rate the next update will use."""
+        if self._n is None:  # host mirror of the counter: one read after construction / loading
+            self._n = int(self.num_updates)
+        n = self._n
+        return min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._n = None
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        model = getattr(model, "_orig_mod", model)
+        ema_p = list(self.module.parameters())
+        new_p = [p.detach() for p in model.parameters()]
+        if ema_p:
+            torch._foreach_lerp_(ema_p, new_p, 1.0 - self.current_decay())
+        self.num_updates += 1
+        self._n += 1
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def train(self, mode: bool = True):
+        # the averaged copy is always used in eval mode
+        super().train(mode)
+        self.module.eval()
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+# -- samplers -----------------------------------------------------------------------------------
+def _device_of(net, x_T, cond, generator):
+    if x_T is not None:
+        return x_T.device
+    if cond is not None:
+        return cond.device
+    if isinstance(net, nn.Module):
+        for p in net.parameters():
+            return p.device
+    if generator is not None:
+        return generator.device
+    return torch.device("cpu")
+
+
+def _grid(sde: VPSDE, steps: int, t_start, t_end, device) -> torch.Tensor:
+    if steps < 1:
+        from .api import BenchError
+        raise BenchError("samplers need steps >= 1")
+    t_start = sde.T if t_start is None else float(t_start)
+    t_end = sde.t_eps if t_end is None else float(t_end)
+    return torch.linspace(t_start, t_end, steps + 1, device=device, dtype=torch.float64).float()
+
+
+@torch.no_grad()
+def sample_sde(net, shape, sde: VPSDE, steps: int, cond=None, generator=None, x_T=None,
+               t_start=None, t_end=None) -> torch.Tensor:
+    """Euler-Maruyama on the reverse SDE dx = [-1/2 beta x - beta score] dt + sqrt(beta) dw-bar,
+    from ``t_start`` (default T, x_T ~ N(0, I) unless given) down to ``t_end`` (default t_eps) on a
+    uniform grid.  One network call per step (NFE = steps); the last step adds no noise."""
+    device = _device_of(net, x_T, cond, generator)
+    ts = _grid(sde, steps, t_start, t_end, device)
+    x = sde.prior(shape, generator=generator, device=device) if x_T is None else x_T.float().clone()
+    n = x.shape[0]
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        dt = t - t_next
+        tt = t.expand(n)
+        eps = _call(net, x, tt, cond).float()
+        score = -eps / sde.sigma(t)
+        b = sde.beta(t)
+        x = x + (0.5 * b * x + b * score) * dt
+        if i < steps - 1:
+            x = x + torch.sqrt(b * dt) * torch.randn(x.shape, generator=generator, device=device)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(net, shape, sde: VPSDE, steps: int, cond=None, generator=None, x_T=None,
+                t_start=None, t_end=None, eta: float = 0.0) -> torch.Tensor:
+    """DDIM (Song, Meng & Ermon 2021) on the VP schedule: x0_hat = (x - sigma eps) / alpha, then
+    x' = alpha' x0_hat + sqrt(sigma'^2 - c^2) eps + c z with c = eta sigma'/sigma sqrt(1 - alpha^2/alpha'^2).
+    eta = 0 is deterministic (probability-flow-like), eta = 1 is the DDPM ancestral sampler.
+    NFE = steps; the last step adds no noise."""
+    device = _device_of(net, x_T, cond, generator)
+    ts = _grid(sde, steps, t_start, t_end, device)
+    x = sde.prior(shape, generator=generator, device=device) if x_T is None else x_T.float().clone()
+    n = x.shape[0]
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        a, s = sde.alpha(t), sde.sigma(t)
+        a2, s2 = sde.alpha(t_next), sde.sigma(t_next)
+        eps = _call(net, x, t.expand(n), cond).float()
+        x0 = (x - s * eps) / a
+        c = eta * s2 / s * torch.sqrt(torch.clamp(1.0 - (a / a2) ** 2, min=0.0)) if i < steps - 1 else 0.0 * s
+        x = a2 * x0 + torch.sqrt(torch.clamp(s2 ** 2 - c ** 2, min=0.0)) * eps
+        if eta > 0 and i < steps - 1:
+            x = x + c * torch.randn(x.shape, generator=generator, device=device)
+    return x

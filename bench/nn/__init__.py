@@ -1,0 +1,27 @@
+"""Shared networks: the DDPM-style UNet, MLPs, and padding helpers for 28x28 digits."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .mlp import MLP, ScoreMLP
+from .unet import UNet, timestep_embedding
+
+__all__ = ["UNet", "timestep_embedding", "MLP", "ScoreMLP", "pad_to", "crop_to"]
+
+
+def pad_to(x: torch.Tensor, size: int = 32, value: float = -1.0) -> torch.Tensor:
+    """Centre ``x`` (N, C, H, W) in a ``size`` x ``size`` canvas filled with ``value`` (-1 = background)."""
+    h, w = x.shape[-2:]
+    if h > size or w > size:
+        from ..api import BenchError
+        raise BenchError(f"pad_to: image {h}x{w} is larger than {size}; use a larger size")
+    top, left = (size - h) // 2, (size - w) // 2
+    return F.pad(x, (left, size - w - left, top, size - h - top), value=value)
+
+
+def crop_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pad_to`: the centred ``h`` x ``w`` window."""
+    H, W = x.shape[-2:]
+    top, left = (H - h) // 2, (W - w) // 2
+    return x[..., top:top + h, left:left + w]

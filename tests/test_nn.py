@@ -1,0 +1,96 @@
+"""Shared networks: shapes for every conditioning mode, dependence on t and cond, padding."""
+import pytest
+import torch
+
+from bench.api import BenchError
+from bench.nn import MLP, ScoreMLP, UNet, crop_to, pad_to, timestep_embedding
+
+
+def _randomise(net):
+    # the output convolutions are zero-initialised (DDPM); give every weight a value so
+    # dependence tests see the whole network
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return net
+
+
+def test_timestep_embedding():
+    e = timestep_embedding(torch.tensor([0.0, 0.5]), 8)
+    assert e.shape == (2, 8)
+    assert torch.allclose(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(4) / 4)
+    assert torch.allclose(e[1, :4], torch.cos(500.0 * freqs), atol=1e-5)
+    assert timestep_embedding(torch.rand(3), 7).shape == (3, 7)
+
+
+@pytest.mark.parametrize("mode", ["none", "concat", "embed"])
+@pytest.mark.parametrize("time_conditional", [True, False])
+def test_unet_shapes_and_dependence(mode, time_conditional):
+    torch.manual_seed(0)
+    cc = 0 if mode == "none" else 3
+    net = _randomise(UNet(1, 2, base=16, mults=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                          cond_mode=mode, cond_channels=cc, time_conditional=time_conditional,
+                          image_size=16)).eval()
+    x = torch.randn(3, 1, 16, 16)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    c = torch.randn(3, cc, 16, 16) if cc else None
+    y = net(x, t if time_conditional else None, c)
+    assert y.shape == (3, 2, 16, 16) and y.dtype == torch.float32
+    if time_conditional:
+        assert not torch.allclose(y, net(x, t.flip(0), c), atol=1e-3)
+        # a scalar t broadcasts
+        assert torch.allclose(net(x, torch.tensor(0.3), c), net(x, torch.full((3,), 0.3), c), atol=1e-5)
+    else:
+        assert torch.equal(y, net(x, t, c))  # t is ignored
+    if cc:
+        assert not torch.allclose(y, net(x, t if time_conditional else None, torch.randn(3, cc, 16, 16)), atol=1e-3)
+        with pytest.raises(BenchError):
+            net(x, t, None)
+    # channels_last input gives the same result
+    y_cl = net(x.to(memory_format=torch.channels_last), t if time_conditional else None,
+               None if c is None else c.to(memory_format=torch.channels_last))
+    assert torch.allclose(y, y_cl, atol=1e-4)
+
+
+def test_unet_default_size_and_errors():
+    net = UNet(1, 1, base=16)  # mults (1, 2, 2), attention at 16 for 32x32
+    assert any(type(m).__name__ == "AttnBlock" for m in net.modules())
+    out = net(torch.randn(2, 1, 32, 32), torch.rand(2))
+    assert out.shape == (2, 1, 32, 32)
+    assert torch.count_nonzero(out) == 0  # zero-initialised output layer (DDPM)
+    with pytest.raises(BenchError):
+        net(torch.randn(2, 1, 30, 30), torch.rand(2))
+    with pytest.raises(BenchError):
+        net(torch.randn(2, 1, 32, 32))  # time-conditional without t
+    with pytest.raises(BenchError):
+        UNet(1, 1, cond_mode="film")
+    # gradients reach the first layer after one step of training
+    net = _randomise(UNet(1, 1, base=16, mults=(1, 2), image_size=16))
+    net(torch.randn(2, 1, 16, 16), torch.rand(2)).pow(2).mean().backward()
+    assert net.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_pad_crop_roundtrip():
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    p = pad_to(x)
+    assert p.shape == (2, 1, 32, 32)
+    assert torch.equal(p[..., :2, :], torch.full((2, 1, 2, 32), -1.0))
+    assert torch.equal(p[..., 2:30, 2:30], x)
+    assert torch.equal(crop_to(p, 28, 28), x)
+    with pytest.raises(BenchError):
+        pad_to(torch.zeros(1, 1, 40, 40))
+
+
+def test_mlps():
+    m = MLP(3, 5, hidden=8, depth=2)
+    assert m(torch.randn(4, 3)).shape == (4, 5)
+    assert sum(isinstance(l, torch.nn.Linear) for l in m.modules()) == 3
+    s = _randomise(ScoreMLP(2, cond_dim=3, hidden=16, depth=2, time_dim=8))
+    x, c, t = torch.randn(4, 2), torch.randn(4, 3), torch.rand(4)
+    y = s(x, t, c)
+    assert y.shape == (4, 2)
+    assert not torch.allclose(y, s(x, t, torch.randn(4, 3)), atol=1e-3)
+    assert not torch.allclose(y, s(x, t.flip(0), c), atol=1e-3)
+    assert ScoreMLP(2)(x, 0.5).shape == (4, 2)
