@@ -1,0 +1,79 @@
+"""KNOT: Kernel Neural Optimal Transport (Korotin, Selikhanovych and Burnaev, ICLR 2023).
+
+KNOT is NOT (methods/not_.py: same networks, same max-min, same saddle trainer) with the
+gamma-weak *kernel* cost of a characteristic kernel k with feature map u,
+
+    C_{k,gamma}(x, mu) = 1/2 E_{y~mu} ||u(x) - u(y)||^2_H - gamma/2 Var(u_# mu)
+                       = 1/2 k(x, x) + 1/2 E k(y, y) - E k(x, y) - gamma/2 (E k(y, y) - E_{y,y' iid} k(y, y')),
+
+estimated without bias from n_z samples y_i = T(x, z_i): the cross term over i != j pairs.
+The default is the distance kernel k(x, y) = -||x - y|| the authors use, for which the cost is
+E||x - y|| - gamma/2 E||y - y'|| (an energy-distance cost); ``kernel="gaussian"`` and
+``"laplacian"`` are the paper's other two.  Distances are divided by sqrt(D) (root mean square
+per coordinate), a constant rescaling that leaves the optimal plan unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bench.api import BenchError
+
+from .not_ import NOT
+
+KERNELS = ("distance", "gaussian", "laplacian")
+
+
+def kernel(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """k(a, b) over the last dimension (flattened data), broadcasting the leading ones.
+
+    All three kernels are translation invariant, so k(y, y) is the constant ``kernel_at_zero``.
+    """
+    sq = (a - b).pow(2).mean(-1)  # ||a - b||^2 / D
+    if name == "gaussian":
+        return torch.exp(-0.5 * sq)
+    dist = (sq + 1e-12).sqrt()  # the offset keeps the gradient finite where a == b
+    return -dist if name == "distance" else torch.exp(-dist)
+
+
+def kernel_at_zero(name: str) -> float:
+    return 0.0 if name == "distance" else 1.0
+
+
+class KNOT(NOT):
+    name = "knot"
+    stochastic = True
+    paper = "Korotin, Selikhanovych, Burnaev. Kernel Neural Optimal Transport. ICLR 2023"
+    notes = ("NOT with the gamma-weak kernel cost (distance kernel k(x,y) = -||x-y|| by default); unpaired: "
+             "on semi-paired tasks the guiding pairs are ignored; stochastic map T(x, z)")
+    default_options: dict[str, Any] = {
+        **NOT.default_options,
+        "cost": "kernel",
+        "kernel": "distance",   # distance | gaussian | laplacian
+        "gamma": 1.0 / 3.0,     # authors' image setting (warmed up over the first 20% of steps)
+        "gamma_warmup": 0.2,
+        "z_std": None,
+    }
+    test_options: dict[str, Any] = {**NOT.test_options, "n_z": 2}
+
+    def _validate(self) -> None:
+        o = self.options
+        if o["cost"] != "kernel":
+            raise BenchError(f"KNOT's cost is the kernel cost (cost='kernel'); for cost={o['cost']!r} use method 'not'")
+        if o["kernel"] not in KERNELS:
+            raise BenchError(f"KNOT option kernel must be one of {', '.join(KERNELS)}, got {o['kernel']!r}")
+        if int(o["n_z"]) < 2:
+            raise BenchError("the kernel cost's unbiased estimator needs n_z >= 2 noise samples per source")
+        if float(o["gamma"]) < 0:
+            raise BenchError(f"gamma must be >= 0, got {o['gamma']}")
+
+    def cost(self, x: torch.Tensor, ys: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Unbiased estimate of C_{k,gamma}(x, mu) for each x (B, ...) from ys (B, n, ...) ~ mu."""
+        name, n = self.options["kernel"], ys.shape[1]
+        x, ys = x.flatten(1).unsqueeze(1), ys.flatten(2)  # (B, 1, D), (B, n, D)
+        k0 = kernel_at_zero(name)                            # k(x, x) = k(y, y)
+        k_xy = kernel(name, x, ys).mean(1)                   # E k(x, y)
+        i, j = torch.triu_indices(n, n, offset=1, device=ys.device)
+        k_yy = kernel(name, ys[:, i], ys[:, j]).mean(1)      # E k(y, y'), y and y' independent (i < j)
+        return k0 - k_xy - 0.5 * gamma * (k0 - k_yy)

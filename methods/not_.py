@@ -1,0 +1,200 @@
+"""NOT: Neural Optimal Transport (Korotin, Selikhanovych and Burnaev, ICLR 2023).
+
+NOT learns a (stochastic) transport map T(x, z) from source P to target Q as the solution of
+the max-min problem (their eq. 9, Algorithm 1)
+
+    max_f  min_T   E_x [ C(x, T(x, .)) - E_z f(T(x, z)) ]  +  E_y f(y),
+
+where f is a potential on the target space, z ~ N(0, z_std^2) is noise fed to T as extra input
+channels (images) or extra dimensions (vectors), and C(x, mu) is a *weak* cost of a point x and
+the conditional distribution mu = T(x, .)_# N(0, I):
+
+- ``cost="strong"``: the quadratic cost  C(x, y) = 1/2 ||x - y||^2  of a deterministic map
+  (T takes no noise);
+- ``cost="weak"``: the gamma-weak quadratic cost
+      C_gamma(x, mu) = 1/2 E_{y~mu} ||x - y||^2 - gamma/2 Var(mu),
+  estimated without bias from ``n_z`` samples T(x, z_1..n) per x with the unbiased variance.
+  A larger gamma rewards more diverse T(x, .); gamma warms up linearly from 0 over the first
+  ``gamma_warmup`` fraction of the steps, as in the authors' image experiments.
+
+Costs are divided by the dimension D of the data (1/2 mean squared error per coordinate), a
+constant factor that leaves the optimal plan unchanged and keeps losses O(1) at any resolution.
+
+The saddle loop (optimisers, K_T = ``inner_steps`` map steps per potential step, schedules,
+logging, resumable state) is :class:`bench.saddle.SaddleTrainer`; this file holds only what is
+NOT's: its networks, its cost and its two losses.  KNOT (methods/knot.py) is this class with a
+kernel cost.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
+from bench.nn import MLP, UNet, crop_to, pad_to
+from bench.nn.resnet import ResNetCritic
+from bench.saddle import SADDLE_OPTIONS, SaddleTrainer
+
+COSTS = ("strong", "weak")
+
+
+def _canvas(h: int, w: int) -> int:
+    """Side of the square canvas the networks work on: the next power of two (at least 8)."""
+    return max(8, 2 ** math.ceil(math.log2(max(h, w))))
+
+
+class NOT(Method):
+    name = "not"
+    family = "OT"
+    settings = (UNPAIRED, SEMI_PAIRED)
+    stochastic = False  # per instance: True with cost="weak"
+    uses_pairs = False
+    paper = "Korotin, Selikhanovych, Burnaev. Neural Optimal Transport. ICLR 2023"
+    notes = ("unpaired: on semi-paired tasks the guiding pairs are ignored; cost='strong' (deterministic "
+             "map, default) or 'weak' (gamma-weak quadratic cost, stochastic map T(x, z)); UNet map and "
+             "ResNet potential on images padded to a power-of-two canvas, MLPs on vectors; costs divided by "
+             "the data dimension")
+    default_options: dict[str, Any] = {
+        "cost": "strong",       # strong | weak
+        "gamma": 0.66,          # weak cost: variance reward (authors' image setting)
+        "gamma_warmup": 0.25,   # fraction of the steps over which gamma grows linearly from 0
+        "n_z": 4,               # weak cost: noise samples per source in the map loss
+        "z_std": None,          # noise scale: None = 0.1 (images, as the authors) / 1.0 (vectors)
+        **SADDLE_OPTIONS,
+        "batch_size": None,     # None = 16 (images, smoke budget) / 64
+        "map_lr": None,         # None = 1e-4 (images, as the authors) / 1e-3 (vectors)
+        "critic_lr": None,      # None = as map_lr
+        "unet_base": None,      # None = budget: 8 (smoke) / 64
+        "unet_mults": [1, 2, 2],
+        "unet_blocks": None,    # None = budget: 1 (smoke) / 2
+        "unet_attention": None,  # resolutions with self-attention; None = budget: [] (smoke) / [16]
+        "critic_base": None,    # None = budget: 8 (smoke) / 64
+        "mlp_hidden": None,     # None = budget: 128 (smoke) / 256
+        "mlp_depth": 3,
+    }
+    # trains in a few seconds on bench.testing.tiny_images() / tiny_vectors()
+    test_options: dict[str, Any] = {"steps": 6, "inner_steps": 2, "batch_size": 8, "unet_base": 8,
+                                    "unet_mults": [1, 2], "unet_blocks": 1, "unet_attention": [],
+                                    "critic_base": 8, "mlp_hidden": 32, "mlp_depth": 2}
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._validate()
+        self.stochastic = self.options["cost"] != "strong"
+        self.extra_state: dict[str, Any] = {}
+
+    def _validate(self) -> None:
+        o = self.options
+        if o["cost"] not in COSTS:
+            raise BenchError(f"NOT option cost must be one of {', '.join(COSTS)}, got {o['cost']!r}")
+        if o["cost"] == "weak" and int(o["n_z"]) < 2:
+            raise BenchError("the weak cost's unbiased variance needs n_z >= 2 noise samples per source")
+        if float(o["gamma"]) < 0:
+            raise BenchError(f"gamma must be >= 0, got {o['gamma']}")
+
+    def check_setting(self, data: TaskData) -> None:
+        super().check_setting(data)
+        if data.source_shape != data.shape:
+            raise BenchError(f"{self.name} compares a source and its image coordinate by coordinate: source "
+                             f"shape {data.source_shape} must equal target shape {data.shape}; resize the task")
+
+    # -- the cost C(x, T(x, .)) --------------------------------------------------------------
+    def cost(self, x: torch.Tensor, ys: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Unbiased estimate of C(x, mu) for each x (B, ...) from samples ys (B, n, ...) of mu."""
+        d = (ys - x.unsqueeze(1)).flatten(2)
+        transport = 0.5 * d.pow(2).mean(2).mean(1)  # 1/2 E ||x - y||^2 / D
+        if ys.shape[1] == 1 or gamma == 0:
+            return transport
+        var = ys.flatten(2).var(dim=1, unbiased=True).mean(1)  # Var(mu) / D, unbiased over the n samples
+        return transport - 0.5 * gamma * var
+
+    def gamma_at(self, step: int) -> float:
+        """The cost's gamma at an outer step: linear warm-up from 0, then constant."""
+        gamma, warm = float(self.options["gamma"]), float(self.options["gamma_warmup"])
+        if self.options["cost"] == "strong":
+            return 0.0
+        ramp = warm * self.saddle.steps
+        return gamma if ramp <= 0 else gamma * min(1.0, step / ramp)
+
+    # -- networks ----------------------------------------------------------------------------
+    @property
+    def n_samples(self) -> int:
+        """Samples T(x, z) per source in the map loss (1 for the deterministic map)."""
+        return int(self.options["n_z"]) if self.stochastic else 1
+
+    def setup(self, data: TaskData, run) -> None:
+        o, pick = self.options, run.budget.pick
+        self.is_image = data.is_image
+        self.shape = data.shape
+        if data.is_image:
+            c, h, w = data.shape
+            self.canvas = _canvas(h, w)
+            self.z_shape = (1, self.canvas, self.canvas) if self.stochastic else None
+            self.z_std = 0.1 if o["z_std"] is None else float(o["z_std"])
+            attention = o["unet_attention"] if o["unet_attention"] is not None else pick(smoke=[], fast=[16])
+            self.T = UNet(c + (1 if self.stochastic else 0), c,
+                          base=o["unet_base"] or pick(smoke=8, fast=64), mults=tuple(o["unet_mults"]),
+                          num_res_blocks=o["unet_blocks"] or pick(smoke=1, fast=2),
+                          attention_resolutions=tuple(attention), time_conditional=False,
+                          image_size=self.canvas)
+            self.f = ResNetCritic(c, image_size=self.canvas, base=o["critic_base"] or pick(smoke=8, fast=64))
+            self.batch_size = o["batch_size"] or pick(smoke=16, fast=64)
+            # smoke: about a minute on a 2-core CPU for 28x28 digits; paper: the authors' 100k steps
+            default_steps = pick(smoke=24 // self.n_samples, fast=4000, paper=100_000)
+        else:
+            (dim,) = data.shape
+            self.z_shape = (dim,) if self.stochastic else None
+            self.z_std = 1.0 if o["z_std"] is None else float(o["z_std"])
+            hidden = o["mlp_hidden"] or pick(smoke=128, fast=256)
+            self.T = MLP(dim + (dim if self.stochastic else 0), dim, hidden=hidden, depth=o["mlp_depth"])
+            self.f = MLP(dim, 1, hidden=hidden, depth=o["mlp_depth"])
+            self.batch_size = o["batch_size"] or 64
+            default_steps = pick(smoke=400, fast=5000)
+        lr = 1e-4 if data.is_image else 1e-3
+        resolved = {**o, "map_lr": o["map_lr"] or lr, "critic_lr": o["critic_lr"] or o["map_lr"] or lr}
+        self.saddle = SaddleTrainer.from_options(self.T.parameters(), self.f.parameters(), resolved, run,
+                                                 default_steps=default_steps)
+
+    def _to_canvas(self, x: torch.Tensor) -> torch.Tensor:
+        return pad_to(x, self.canvas) if self.is_image else x
+
+    def _from_canvas(self, y: torch.Tensor) -> torch.Tensor:
+        return crop_to(y, *self.shape[-2:]).clamp(-1, 1) if self.is_image else y
+
+    def _noise(self, n: int, device, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.randn(n, *self.z_shape, generator=generator, device=device) * self.z_std
+
+    def map(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """T(x, z) on the working canvas, one fresh z per row (none for the deterministic map)."""
+        if self.stochastic:
+            x = torch.cat([x, self._noise(x.shape[0], x.device, generator).to(x.dtype)], dim=1)
+        return self.T(x)
+
+    # -- Algorithm 1 -------------------------------------------------------------------------
+    def fit(self, data: TaskData, run) -> None:
+        source = self._to_canvas(data.source_train.to(run.device))
+        target = self._to_canvas(data.target_train.to(run.device))
+        B, n, saddle = int(self.batch_size), self.n_samples, self.saddle
+
+        def critic_loss(step: int):
+            # L_f = E_x E_z f(T(x, z)) - E_y f(y): the potential's side of the max-min
+            with torch.no_grad():
+                fake = self.map(saddle.batch(source, B), saddle.generator)
+            return self.f(fake).mean() - self.f(saddle.batch(target, B)).mean()
+
+        def map_loss(step: int):
+            # L_T = E_x [ C_hat(x, T(x, Z_x)) - mean_z f(T(x, z)) ], |Z_x| = n noise draws per x
+            x = saddle.batch(source, B)
+            y = self.map(x.repeat_interleave(n, dim=0), saddle.generator)
+            gamma = self.gamma_at(step)
+            cost = self.cost(x, y.view(B, n, *y.shape[1:]), gamma).mean()
+            return cost - self.f(y).mean(), {"cost": cost, "gamma": gamma}
+
+        saddle.fit(run, "saddle", map_loss=map_loss, critic_loss=critic_loss,
+                   log_every=int(self.options["log_every"]))
+
+    @torch.no_grad()
+    def transport(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self._from_canvas(self.map(self._to_canvas(x), generator)).float()
