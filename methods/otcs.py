@@ -1,0 +1,478 @@
+"""OTCS: Optimal Transport-guided Conditional Score-based diffusion (Gu, Yang, Sun, Xu, NeurIPS 2023).
+
+The algorithm (the paper's Algorithms 1 and 2), top to bottom:
+
+1. **Stage I, L2-regularised OT potentials.**  Networks u(x), v(y) maximise the dual
+       E_p u + E_q v - 1/(4 eps) E_{p x q}[ I (u(x) + v(y) - xi(x, y))_+^2 ]
+   by minibatch Adam on its negative.  Unpaired: I = 1, xi = c.  Semi-paired (keypoint-guided):
+   the K guiding pairs are appended to the training sets and enter every batch, xi = alpha c +
+   (1 - alpha) g with g the JS divergence between relation vectors softmax_k(-c(., x_k)/tau) of a
+   source and of a target (alpha = 0, pure guidance, is the paper's model), and I is the mask that
+   ties each guiding source to its own guiding target.  The potentials act on a fixed feature map
+   (images: the pixels, optionally 2x2 average-pooled; vectors: the coordinates).  xi is divided
+   by its mean s on a probe batch before training (u, v, eps are then in units of s; H is
+   unchanged by this rescaling); the absolute eps = epsilon_rel * s is reported.  The output
+   biases of u and v start at s/2 (so u + v starts at the mean cost rather than 0) and the Adam
+   learning rate follows a cosine decay to 0 over the stage.
+2. **Compatibility** H(x, y) = I (u(x) + v(y) - xi(x, y))_+ / (2 eps) for all training pairs, in
+   row blocks on the device, stored sparsely (entries above ``h_threshold``, at most
+   ``h_max_per_row`` per row).
+3. **Resampling-by-compatibility**: a source row uniformly among the rows with a stored entry, then
+   a target with probability proportional to H in that row.  Rows with no entry (``empty_rows``)
+   are never drawn as conditions; their count is reported.
+4. **Stage II**: a conditional score network (UNet on images padded to a power-of-two canvas,
+   cond_mode "concat" for aligned tasks and "embed" otherwise; ScoreMLP on vectors) trained with
+   denoising score matching on the VP-SDE with the g(t)^2 weighting, EMA of the weights.
+5. **Sampling**: reverse SDE (Euler-Maruyama, the paper uses 1000 steps) or DDIM with a chosen
+   number of steps (``sampler``; ``nfe`` reports the steps).
+6. **Theorem 2 terms** (``bound_terms``):  E_x W2(p_sde(.|x), pi(.|x)) <= C1 ||grad L(pi_hat, u, v)||_1
+   + sqrt(C2 J_CSM) + C3 E_x W2(p_T(.|x), p_prior), with unknown C1..C3, so only the terms are
+   reported:
+   * bound_marginal_x = E_x |E_y H(x, y) - 1| and bound_marginal_y = E_y |E_x H(x, y) - 1| on the
+     training sets (exact averages over every training pair, dense H).  pi_hat = H p q minimises
+     the Lagrangian L(pi, u, v) = <xi, pi> + eps E[(dpi/dpq)^2] - <u, pi_x - p> - <v, pi_y - q> over
+     pi >= 0 for the learned (u, v), so its projected pi-gradient is 0 and ||grad L||_1 is the
+     (u, v)-gradient = the two marginal violations: bound_lagrangian_grad = their sum.
+   * bound_jcsm: held-out J_CSM (bench.diffusion.dsm_eval, g^2 weighting, summed over dimensions)
+     on pairs resampled from source rows kept out of stage II; bound_sqrt_jcsm its square root.
+   * bound_prior_w2: E_x W2(p_T(.|x), N(0, I)) in the Gaussian-part closed form (moments of
+     alpha_T y + sigma_T z, y ~ pi_hat(.|x)) averaged over training source rows.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench import ot
+from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
+from bench.diffusion import EMA, VPSDE, dsm_eval, dsm_loss, sample_ddim, sample_sde
+from bench.nn import MLP, ScoreMLP, UNet, crop_to, pad_to
+
+FEATURES = ("auto", "flatten", "pool")
+SAMPLERS = ("sde", "ddim")
+
+
+def _canvas(h: int, w: int) -> int:
+    """Side of the square canvas of the score UNet: the next power of two (at least 8)."""
+    return max(8, 2 ** math.ceil(math.log2(max(h, w))))
+
+
+class OTCS(Method):
+    name = "otcs"
+    family = "Diffusion"
+    settings = (UNPAIRED, SEMI_PAIRED)
+    stochastic = True
+    uses_pairs = True
+    paper = "Gu, Yang, Sun, Xu. Optimal Transport-Guided Conditional Score-Based Diffusion Model. NeurIPS 2023"
+    notes = ("L2-regularised unsupervised OT (unpaired) or keypoint-guided semi-supervised OT (guiding pairs, "
+             "JS of relation vectors, mask) by dual potential networks on pixels/pooled pixels; "
+             "resampling-by-compatibility; conditional VP-SDE score model (UNet, g^2 weighting, EMA); reverse "
+             "SDE or DDIM sampling; reports Theorem 2's terms. eps is relative to the median cost (stated). "
+             "smoke subsamples the OT training sets to ot_max_train")
+    default_options: dict[str, Any] = {
+        # stage I: potentials
+        "cost": "mean-squared",     # mean-squared | mean-l1 | cosine
+        "epsilon_rel": 0.01,        # eps = epsilon_rel * mean(xi) on a probe batch
+        "epsilon": None,            # absolute eps (overrides epsilon_rel)
+        "tau": None,                # relation-vector temperature; None = 0.1 * median c(., keypoints)
+        "alpha": 0.0,               # semi-paired: weight of c in xi = alpha c + (1 - alpha) g
+        "features": "auto",         # images: flatten | pool (2x2 average pool, default); vectors: identity
+        "ot_max_train": None,       # None = budget: 4000 (smoke) / all; size cap of each OT training set
+        "potential_hidden": None,   # None = budget: 128 (smoke) / 512
+        "potential_depth": 3,
+        "ot_steps": None,           # None = budget: 1200 (smoke) / 20000
+        "ot_batch": None,           # None = budget: 256 (smoke) / 512
+        "ot_lr": 3e-3,              # peak Adam learning rate (cosine decay)
+        "h_threshold": 0.1,         # store H entries above this (H averages 1 over each row)
+        "h_max_per_row": 256,       # and at most this many per row
+        "h_block": None,            # rows per block; None = 256 (CPU) / 2048 (GPU)
+        # stage II: conditional score model
+        "steps": None,              # None = budget: vectors 2000 / 10000; images 150 / 12000
+        "batch_size": None,         # None = budget: vectors 256 / 512; images 16 / 128
+        "lr": None,                 # None = 1e-3 (vectors) / 2e-4 (images)
+        "ema": 0.999,
+        "beta_min": 0.1,
+        "beta_max": 20.0,
+        "unet_base": None,          # None = budget: 16 (smoke) / 64
+        "unet_mults": [1, 2, 2],
+        "unet_blocks": None,        # None = budget: 1 (smoke) / 2
+        "unet_attention": None,     # None = budget: [] (smoke) / [16]
+        "mlp_hidden": None,         # None = budget: 128 (smoke) / 256
+        "mlp_depth": 3,
+        "holdout": 0.05,            # share of source rows (at most 512) kept out of stage II for J_CSM
+        # sampling
+        "sampler": None,            # sde | ddim; None = budget: sde (smoke, paper) / ddim (fast)
+        "sde_steps": None,          # None = budget: 100 vectors / 20 images (smoke), 1000 (fast, paper)
+        "ddim_steps": 100,
+        "ddim_eta": 0.0,
+    }
+    test_options: dict[str, Any] = {
+        "ot_steps": 30, "ot_batch": 16, "potential_hidden": 16, "potential_depth": 2, "steps": 4,
+        "batch_size": 8, "unet_base": 8, "unet_mults": [1, 2], "unet_blocks": 1, "unet_attention": [],
+        "mlp_hidden": 16, "mlp_depth": 2, "sde_steps": 3, "epsilon_rel": 0.1, "h_threshold": 0.0,
+    }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        o = self.options
+        if not (callable(o["cost"]) or ot._ALIASES.get(o["cost"], o["cost"]) in ot.COSTS):
+            raise BenchError(f"otcs option cost must be one of {', '.join(ot.COSTS)}, got {o['cost']!r}")
+        if o["features"] not in FEATURES:
+            raise BenchError(f"otcs option features must be one of {', '.join(FEATURES)}, got {o['features']!r}")
+        if o["sampler"] is not None and o["sampler"] not in SAMPLERS:
+            raise BenchError(f"otcs option sampler must be one of {', '.join(SAMPLERS)}, got {o['sampler']!r}")
+        if not 0.0 <= float(o["alpha"]) <= 1.0:
+            raise BenchError(f"otcs option alpha must lie in [0, 1], got {o['alpha']}")
+        if o["epsilon"] is None and float(o["epsilon_rel"]) <= 0 or o["epsilon"] is not None and float(o["epsilon"]) <= 0:
+            raise BenchError("otcs needs epsilon > 0 (or epsilon_rel > 0)")
+        self.extra_state: dict[str, Any] = {}
+
+    # -- declared properties -------------------------------------------------------------------
+    @property
+    def nfe(self) -> int:
+        return int(self._sde_steps if self._sampler == "sde" else self.options["ddim_steps"])
+
+    def check_setting(self, data: TaskData) -> None:
+        super().check_setting(data)
+        if data.setting == SEMI_PAIRED and (data.pairs is None or len(data.pairs[0]) == 0):
+            raise BenchError(f"task {data.name!r} is semi-paired but has no guiding pairs; fix the task")
+        if data.setting == UNPAIRED and self._feature_dim(data.source_shape) != self._feature_dim(data.shape):
+            raise BenchError("unpaired OTCS compares source and target features directly: their sizes "
+                             f"differ ({data.source_shape} vs {data.shape}); pass a callable cost or resize")
+
+    # -- setup: networks -----------------------------------------------------------------------
+    def _features_mode(self, shape) -> str:
+        if len(shape) == 1:
+            return "identity"
+        return "pool" if self.options["features"] == "auto" else self.options["features"]
+
+    def _feature_dim(self, shape) -> int:
+        mode = self._features_mode(shape)
+        if mode == "identity":
+            return int(shape[0])
+        c, h, w = shape
+        return c * (h // 2) * (w // 2) if mode == "pool" else c * h * w
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The fixed feature map the potentials and the costs see (no parameters)."""
+        if x.dim() == 2:
+            return x.float()
+        if self._features_mode(x.shape[1:]) == "pool":
+            x = F.avg_pool2d(x.float(), 2)
+        return x.float().flatten(1)
+
+    def setup(self, data: TaskData, run) -> None:
+        o, pick = self.options, run.budget.pick
+        self.is_image = data.is_image
+        self.shape, self.source_shape = data.shape, data.source_shape
+        self.semi = data.setting == SEMI_PAIRED
+        self._sampler = o["sampler"] or pick(smoke="sde", fast="ddim", paper="sde")
+        self._sde_steps = int(o["sde_steps"] or pick(smoke=20 if data.is_image else 100, fast=1000))
+        self._bf16 = bool(run.bf16)  # transport under the same bf16 autocast as training
+        hidden = o["potential_hidden"] or pick(smoke=128, fast=512)
+        self.u_net = MLP(self._feature_dim(data.source_shape), 1, hidden=hidden, depth=o["potential_depth"])
+        self.v_net = MLP(self._feature_dim(data.shape), 1, hidden=hidden, depth=o["potential_depth"])
+        self.sde = VPSDE(beta_min=o["beta_min"], beta_max=o["beta_max"])
+        if data.is_image:
+            c, h, w = data.shape
+            cs, hs, ws = data.source_shape
+            self.canvas = _canvas(max(h, hs), max(w, ws))
+            aligned = bool(data.aligned) and (hs, ws) == (h, w)
+            attention = o["unet_attention"] if o["unet_attention"] is not None else pick(smoke=[], fast=[16])
+            self.score = UNet(c, c, base=o["unet_base"] or pick(smoke=16, fast=64), mults=tuple(o["unet_mults"]),
+                              num_res_blocks=o["unet_blocks"] or pick(smoke=1, fast=2),
+                              attention_resolutions=tuple(attention),
+                              cond_mode="concat" if aligned else "embed", cond_channels=cs,
+                              image_size=self.canvas)
+        else:
+            self.score = ScoreMLP(data.shape[0], cond_dim=data.source_shape[0],
+                                  hidden=o["mlp_hidden"] or pick(smoke=128, fast=256), depth=o["mlp_depth"])
+        self.ema = EMA(self.score, decay=o["ema"])
+
+    # -- the training sets of the OT problem ---------------------------------------------------
+    def _ot_sets(self, data: TaskData, run):
+        """Source / target training sets (guiding pairs appended) and the keypoint indices."""
+        cap = self.options["ot_max_train"] or run.budget.pick(smoke=4000, fast=None)
+        xs, yt = data.source_train, data.target_train
+        if cap is not None:
+            g = torch.Generator().manual_seed(run.seed * 1_000_003 + 11)
+            if len(xs) > cap:
+                xs = xs[torch.randperm(len(xs), generator=g)[:cap]]
+            if len(yt) > cap:
+                yt = yt[torch.randperm(len(yt), generator=g)[:cap]]
+        if self.semi:
+            kx, ky = data.pairs
+            k = len(kx)
+            src_key = torch.arange(len(xs), len(xs) + k)
+            tgt_key = torch.arange(len(yt), len(yt) + k)
+            xs, yt = torch.cat([xs, kx]), torch.cat([yt, ky])
+        else:
+            src_key = tgt_key = torch.zeros(0, dtype=torch.long)
+        return xs, yt, src_key, tgt_key
+
+    def _xi(self, fx: torch.Tensor, fy: torch.Tensor, rx: torch.Tensor | None, ry: torch.Tensor | None):
+        """xi on feature batches (relation vectors precomputed for the semi-paired model)."""
+        if not self.semi:
+            return ot.cost_matrix(fx, fy, self.options["cost"])
+        g = ot.js_matrix(rx, ry)
+        a = float(self.options["alpha"])
+        return g if a == 0 else a * ot.cost_matrix(fx, fy, self.options["cost"]) + (1 - a) * g
+
+    def plan_spec(self) -> dict[str, Any]:
+        """What defines this run's OT problem (for the toy tasks' exact plans): the absolute eps
+        and a function xi(x, y) on raw samples; keypoints (and the alpha of xi) when semi-paired."""
+        st = self.extra_state
+        return {"epsilon": st["epsilon"], "xi": self.xi_raw, "semi": self.semi,
+                "keypoints": (self.kx, self.ky) if self.semi else None}
+
+    @torch.no_grad()
+    def xi_raw(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """xi(x, y) in absolute units for raw samples (any device)."""
+        fx, fy = self.features(x.to(self.device)), self.features(y.to(self.device))
+        rx = ry = None
+        if self.semi:
+            tau = self.extra_state["tau"]
+            rx = ot.relation_vectors(fx, self.features(self.kx), self.options["cost"], tau)
+            ry = ot.relation_vectors(fy, self.features(self.ky), self.options["cost"], tau)
+        return self._xi(fx, fy, rx, ry)
+
+    # -- fit -----------------------------------------------------------------------------------
+    def fit(self, data: TaskData, run) -> None:
+        o, pick, dev = self.options, run.budget.pick, run.device
+        xs, yt, src_key, tgt_key = self._ot_sets(data, run)
+        n, m = len(xs), len(yt)
+        self.kx = data.pairs[0].to(dev) if self.semi else None
+        self.ky = data.pairs[1].to(dev) if self.semi else None
+        fx = self.features(xs.to(dev))
+        fy = self.features(yt.to(dev))
+        st = self.extra_state
+        g0 = run.generator(1, device=dev)
+
+        # relation vectors to the keypoints (semi-paired), temperature tau
+        rx = ry = None
+        if self.semi:
+            fkx, fky = fx[src_key.to(dev)], fy[tgt_key.to(dev)]
+            if "tau" not in st:
+                if o["tau"] is not None:
+                    st["tau"] = float(o["tau"])
+                else:
+                    probe_x = fx[torch.randint(n, (min(n, 512),), generator=g0, device=dev)]
+                    probe_y = fy[torch.randint(m, (min(m, 512),), generator=g0, device=dev)]
+                    med = torch.cat([ot.cost_matrix(probe_x, fkx, o["cost"]).flatten(),
+                                     ot.cost_matrix(probe_y, fky, o["cost"]).flatten()]).median()
+                    st["tau"] = float(0.1 * med.clamp_min(1e-12))
+            rx = ot.relation_vectors(fx, fkx, o["cost"], st["tau"])
+            ry = ot.relation_vectors(fy, fky, o["cost"], st["tau"])
+
+        # the scale s of xi and eps (u, v and eps are trained in units of s)
+        if "xi_scale" not in st:
+            i = torch.randint(n, (min(n, 512),), generator=g0, device=dev)
+            j = torch.randint(m, (min(m, 512),), generator=g0, device=dev)
+            xi = self._xi(fx[i], fy[j], None if rx is None else rx[i], None if ry is None else ry[j])
+            s = float(xi.mean())
+            if not s > 0:
+                s = 1.0
+            st["xi_scale"] = s
+            st["epsilon"] = float(o["epsilon"]) if o["epsilon"] is not None else float(o["epsilon_rel"]) * s
+            st["ot_n"], st["ot_m"] = n, m
+        s, eps = st["xi_scale"], st["epsilon"]
+        eps_n = eps / s
+
+        def xi_block(ii, jj):
+            return self._xi(fx[ii], fy[jj], None if rx is None else rx[ii], None if ry is None else ry[jj]) / s
+
+        # ---- stage I: dual potentials -----------------------------------------------------
+        steps1 = o["ot_steps"] or pick(smoke=600, fast=20_000)
+        batch1 = o["ot_batch"] or pick(smoke=256, fast=512)
+        if run.progress.get("otcs-stage1-potentials", 0) == 0:
+            with torch.no_grad():  # start from u + v = mean cost (units of s)
+                self.u_net.net[-1].bias.fill_(0.5)
+                self.v_net.net[-1].bias.fill_(0.5)
+        opt1 = torch.optim.Adam(list(self.u_net.parameters()) + list(self.v_net.parameters()), lr=o["ot_lr"])
+        if "opt1" in st:
+            opt1.load_state_dict(st["opt1"])
+        self._opts = {"opt1": opt1}
+        g1 = run.generator(2, device=dev)
+        k = len(src_key)
+        n_free, m_free = n - k, m - k
+        for step in run.loop("otcs-stage1-potentials", steps1):
+            ii = torch.randint(n_free, (batch1,), generator=g1, device=dev)
+            jj = torch.randint(m_free, (batch1,), generator=g1, device=dev)
+            mask = None
+            if k:
+                ii = torch.cat([src_key.to(dev), ii])
+                jj = torch.cat([tgt_key.to(dev), jj])
+                mask = ot.keypoint_mask(ii, jj, src_key.to(dev), tgt_key.to(dev))
+            # float32 on purpose: H = (u + v - xi) / (2 eps) amplifies rounding of u, v by 1 / eps
+            u, v = self.u_net(fx[ii]), self.v_net(fy[jj])
+            loss = -ot.dual_l2_objective(u, v, xi_block(ii, jj), eps_n, mask)
+            opt1.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in opt1.param_groups:
+                group["lr"] = o["ot_lr"] * 0.5 * (1 + math.cos(math.pi * step / steps1))
+            opt1.step()
+            if run.should_log(step):
+                run.log("otcs-stage1", step, neg_dual=loss)
+
+        # ---- compatibility H (blocks), stored sparsely -----------------------------------
+        if not run.done("otcs-compatibility"):
+            with run.stage("otcs-compatibility"), torch.no_grad():
+                us = torch.cat([self.u_net(fx[i:i + 4096]).float() for i in range(0, n, 4096)]).flatten()
+                vs = torch.cat([self.v_net(fy[j:j + 4096]).float() for j in range(0, m, 4096)]).flatten()
+                all_j = torch.arange(m, device=dev)
+                mask_fn = None
+                if k:
+                    def mask_fn(i0, i1):
+                        return ot.keypoint_mask(torch.arange(i0, i1, device=dev), all_j,
+                                                src_key.to(dev), tgt_key.to(dev))
+                block = o["h_block"] or (2048 if dev.type == "cuda" else 256)
+                H = ot.sparse_compatibility(us, vs, lambda i0, i1: xi_block(torch.arange(i0, i1, device=dev), all_j),
+                                            eps_n, threshold=o["h_threshold"], max_per_row=o["h_max_per_row"],
+                                            block_rows=block, mask_block=mask_fn)
+                self.h_crow, self.h_col, self.h_val = H.crow, H.col, H.val
+                self.h_row_mean, self.h_col_mean = H.row_mean, H.col_mean
+                st["h_kept_mass"] = H.kept_mass
+                empty = H.empty_rows()
+                st["empty_rows"] = int(len(empty))
+                st["h_nnz_per_row"] = float(len(H.col) / max(n, 1))
+                # rows held out of stage II for the J_CSM estimate (never keypoint rows)
+                gh = run.generator(3, device=dev)
+                nonempty = torch.nonzero(H.row_nnz()[: n - k] > 0).flatten()
+                n_hold = min(512, int(float(o["holdout"]) * len(nonempty)))
+                if len(nonempty) - n_hold < 1:
+                    n_hold = 0
+                perm = nonempty[torch.randperm(len(nonempty), generator=gh, device=dev)]
+                self.hold_rows = perm[:n_hold].clone()
+                train_rows = torch.ones(n, dtype=torch.bool, device=dev)
+                train_rows[self.hold_rows] = False
+                self.train_rows = torch.nonzero(train_rows).flatten()
+            run.mark_done("otcs-compatibility")
+        H = self._H()
+
+        # ---- stage II: conditional score model on resampled pairs ------------------------
+        img = self.is_image
+        steps2 = o["steps"] or (pick(smoke=150, fast=12_000, paper=100_000) if img else pick(smoke=2000, fast=10_000))
+        batch2 = o["batch_size"] or (pick(smoke=16, fast=128) if img else pick(smoke=256, fast=512))
+        lr2 = o["lr"] or (2e-4 if img else 1e-3)
+        opt2 = torch.optim.Adam(self.score.parameters(), lr=lr2)
+        if "opt2" in st:
+            opt2.load_state_dict(st["opt2"])
+        self._opts["opt2"] = opt2
+        g2 = run.generator(4, device=dev)
+        xs_d, yt_d = xs.to(dev), yt.to(dev)
+        net = run.maybe_compile(self.score)
+        for step in run.loop("otcs-stage2-score", steps2):
+            i, j = ot.resample_by_compatibility(H, batch2, generator=g2, rows=self.train_rows)
+            cond, y0 = self._cond(xs_d[i]), self._pad(yt_d[j])
+            with run.autocast():
+                loss = dsm_loss(net, y0, self.sde, cond=cond, weighting="g2", generator=g2)
+            opt2.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.score.parameters(), 1.0)
+            opt2.step()
+            self.ema.update(self.score)
+            if run.should_log(step):
+                run.log("otcs-stage2", step, dsm=loss)
+
+        # ---- Theorem 2 terms ---------------------------------------------------------------
+        if not run.done("otcs-bounds"):
+            with run.stage("otcs-bounds"):
+                self._estimate_bounds(xs_d, yt_d, H, run)
+            run.mark_done("otcs-bounds")
+
+    def _H(self) -> ot.SparseCompatibility:
+        return ot.SparseCompatibility(self.h_crow, self.h_col, self.h_val, self.h_row_mean, self.h_col_mean,
+                                      self.extra_state.get("h_kept_mass", 1.0))
+
+    @torch.no_grad()
+    def _estimate_bounds(self, xs, yt, H: ot.SparseCompatibility, run) -> None:
+        st = self.extra_state
+        mx, my = H.marginal_violation()
+        st["bound_marginal_x"], st["bound_marginal_y"] = mx, my
+        st["bound_lagrangian_grad"] = mx + my
+        g = run.generator(5, device=xs.device)
+        rows = self.hold_rows if len(self.hold_rows) else self.train_rows
+        n_pairs = min(run.budget.pick(smoke=256, fast=2048), 16 * max(len(rows), 1))
+        i, j = ot.resample_by_compatibility(H, n_pairs, generator=g, rows=rows)
+        J = 0.0
+        for a in range(0, len(i), 256):
+            b = min(len(i), a + 256)
+            J += dsm_eval(self.ema, self._pad(yt[j[a:b]]), self.sde, cond=self._cond(xs[i[a:b]]),
+                          n_t=8, generator=g) * (b - a)
+        st["bound_jcsm"] = J / len(i)
+        st["bound_jcsm_n"] = int(len(i))
+        st["bound_jcsm_heldout"] = bool(len(self.hold_rows))
+        T = torch.tensor(self.sde.T)
+        aT, sT = float(self.sde.alpha(T)), float(self.sde.sigma(T))
+        nz = torch.nonzero(H.row_nnz() > 0).flatten()
+        pick = nz[torch.randperm(len(nz), generator=g, device=nz.device)[:run.budget.pick(smoke=8, fast=32)]]
+        w2s = []
+        for r in pick.tolist():
+            a, b = int(H.crow[r]), int(H.crow[r + 1])
+            w2s.append(ot.forward_prior_w2(self._pad(yt[H.col[a:b]]), H.val[a:b], aT, sT))
+        st["bound_prior_w2"] = float(sum(w2s) / max(len(w2s), 1))
+
+    # -- conditioning and padding ----------------------------------------------------------------
+    def _pad(self, y: torch.Tensor) -> torch.Tensor:
+        return pad_to(y, self.canvas) if self.is_image else y
+
+    def _cond(self, x: torch.Tensor) -> torch.Tensor:
+        return pad_to(x, self.canvas) if self.is_image else x
+
+    # -- transport ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def transport(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        cond = self._cond(x.to(self.device).float())
+        shape = (len(x), *((self.shape[0], self.canvas, self.canvas) if self.is_image else self.shape))
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._bf16 and self.device.type == "cuda")
+        with amp:
+            if self._sampler == "sde":
+                y = sample_sde(self.ema, shape, self.sde, self._sde_steps, cond=cond, generator=generator)
+            else:
+                y = sample_ddim(self.ema, shape, self.sde, int(self.options["ddim_steps"]), cond=cond,
+                                generator=generator, eta=float(self.options["ddim_eta"]))
+        if self.is_image:
+            y = crop_to(y, self.shape[1], self.shape[2]).clamp(-1, 1)
+        return y.float()
+
+    # -- the fitted coupling (for the toy tasks) ----------------------------------------------------
+    @torch.no_grad()
+    def coupling_row(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """pi_hat(.|x) on ``targets`` (B, m): H(x, y_j) / sum_j H(x, y_j) from the learned potentials
+        (a row with no positive H gets uniform weights, flagged by the caller through its sum)."""
+        s, eps = self.extra_state["xi_scale"], self.extra_state["epsilon"]
+        x, targets = x.to(self.device), targets.to(self.device)
+        u = self.u_net(self.features(x)).float()
+        v = self.v_net(self.features(targets)).float()
+        h = ot.compatibility(u, v, self.xi_raw(x, targets) / s, eps / s)
+        tot = h.sum(1, keepdim=True)
+        return torch.where(tot > 0, h / tot.clamp_min(1e-30), torch.full_like(h, 1.0 / h.shape[1]))
+
+    # -- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        for key, opt in getattr(self, "_opts", {}).items():
+            self.extra_state[key] = opt.state_dict()
+        return super().state_dict()
+
+    def bound_terms(self) -> dict[str, float] | None:
+        st = self.extra_state
+        if "bound_jcsm" not in st:
+            return None
+        return {
+            "bound_marginal_x": st["bound_marginal_x"],
+            "bound_marginal_y": st["bound_marginal_y"],
+            "bound_lagrangian_grad": st["bound_lagrangian_grad"],
+            "bound_jcsm": st["bound_jcsm"],
+            "bound_sqrt_jcsm": math.sqrt(max(st["bound_jcsm"], 0.0)),
+            "bound_prior_w2": st["bound_prior_w2"],
+            "bound_empty_rows": st["empty_rows"],
+            "bound_empty_rows_frac": st["empty_rows"] / max(st["ot_n"], 1),
+            "bound_h_nnz_per_row": st["h_nnz_per_row"],
+            "bound_h_kept_mass": st["h_kept_mass"],
+            "bound_epsilon": st["epsilon"],
+            "bound_ot_n": st["ot_n"],
+            "bound_ot_m": st["ot_m"],
+        }

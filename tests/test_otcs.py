@@ -1,0 +1,137 @@
+"""OTCS end to end on the toy tasks (smoke budget, CPU), its samplers and its options."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench.api import UNPAIRED, BenchError, EvalContext, TaskData
+from bench.datasets.toy import Toy1D, Toy2D
+from bench.methods.otcs import OTCS
+from bench.registry import methods
+from bench.run import Run
+from bench.runner import transport_all
+
+BOUND_KEYS = ("bound_marginal_x", "bound_marginal_y", "bound_lagrangian_grad", "bound_jcsm",
+              "bound_sqrt_jcsm", "bound_prior_w2", "bound_empty_rows")
+
+
+def _fit_and_evaluate(task, **options):
+    data = task.load(None, 0)
+    torch.manual_seed(0)
+    m = OTCS(**options)
+    m.check_setting(data)
+    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    run.method = m
+    m.setup(data, run)
+    m.to("cpu")
+    m.fit(data, run)
+    cpu = torch.device("cpu")
+    outputs = transport_all(m, data.source_test, cpu, 500, 0, progress=False)
+    ctx = EvalContext(cache_dir=None, device=cpu, budget=run.budget, seed=0, method=m,
+                      transport=lambda x: transport_all(m, x, cpu, 1000, 1, progress=False))
+    return m, task.evaluate(data, data.source_test, outputs, data.source_test_labels, ctx)
+
+
+def _check_bounds(m):
+    b = m.bound_terms()
+    for k in BOUND_KEYS:
+        assert k in b and math.isfinite(b[k]), k
+    assert b["bound_sqrt_jcsm"] == pytest.approx(math.sqrt(b["bound_jcsm"]))
+    assert b["bound_lagrangian_grad"] == pytest.approx(b["bound_marginal_x"] + b["bound_marginal_y"])
+    return b
+
+
+@pytest.mark.slow
+def test_toy1d_smoke_transports_minus4_to_4_with_bound_terms():
+    m, res = _fit_and_evaluate(Toy1D())
+    assert abs(res["mean_at_minus4"] - 4.0) < 0.3
+    b = _check_bounds(m)
+    assert b["bound_marginal_x"] < 0.1 and b["bound_marginal_y"] < 0.1  # stage I near the exact dual
+    assert res["plan_w2"] < 0.15  # W2(pi_hat(.|x), pi(.|x)) against POT's exact plan
+    assert 0 <= res["lhs_w2"] < 0.5 and res["lhs_samples_per_probe"] >= 1000
+    assert m.nfe == 100  # smoke: reverse SDE with 100 steps on vectors
+
+
+@pytest.mark.slow
+def test_toy2d_smoke_honours_the_crossing_guiding_pairs():
+    m, res = _fit_and_evaluate(Toy2D())
+    assert res["upper_mode_hit"] >= 95.0
+    assert res["lower_mode_hit"] >= 95.0
+    _check_bounds(m)
+    assert "lhs_w2" in res and "plan_w2" in res
+
+
+class _ExactEps(torch.nn.Module):
+    """The exact noise predictor for pi(.|x) = N(x + 8, s^2) under the VP-SDE."""
+
+    def __init__(self, sde, s):
+        super().__init__()
+        self.sde, self.s = sde, s
+
+    def forward(self, y, t, cond):
+        a, sig = self.sde.alpha(t)[:, None], self.sde.sigma(t)[:, None]
+        return sig * (y - a * (cond + 8.0)) / (a * a * self.s ** 2 + sig * sig)
+
+
+@pytest.mark.parametrize("sampler,steps", [("sde", 200), ("ddim", 50)])
+def test_samplers_reproduce_a_known_conditional(sampler, steps):
+    data = Toy1D().load(None, 0)
+    m = OTCS(sampler=sampler, sde_steps=steps, ddim_steps=steps)
+    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    m.setup(data, run)
+    assert m.nfe == steps
+    m.ema = _ExactEps(m.sde, 0.5)
+    y = m.transport(torch.full((4000, 1), -4.0), generator=torch.Generator().manual_seed(0))
+    assert y.shape == (4000, 1) and y.dtype == torch.float32
+    assert abs(float(y.mean()) - 4.0) < 0.05
+    assert abs(float(y.std()) - 0.5) < 0.05
+
+
+def test_options_and_settings_are_validated():
+    assert methods()["otcs"] is OTCS
+    for bad in ({"sampler": "euler"}, {"cost": "euclid"}, {"alpha": 2.0}, {"features": "vgg"},
+                {"epsilon": -1.0}, {"nope": 1}):
+        with pytest.raises(BenchError):
+            OTCS(**bad)
+    data = TaskData(name="mismatch", setting=UNPAIRED, source_train=torch.zeros(4, 3),
+                    target_train=torch.zeros(4, 2), source_test=torch.zeros(2, 3), target_test=torch.zeros(2, 2))
+    with pytest.raises(BenchError):
+        OTCS().check_setting(data)
+    semi = Toy2D().load(None, 0)
+    semi.pairs = None
+    with pytest.raises(BenchError):
+        OTCS().check_setting(semi)
+
+
+def test_budget_picks_sampler_and_steps():
+    data = Toy1D().load(None, 0)
+    for budget, nfe in (("smoke", 100), ("fast", 100), ("paper", 1000)):
+        m = OTCS()
+        m.setup(data, Run(None, device="cpu", seed=0, budget=budget, progress=False))
+        assert m.nfe == nfe, budget
+    assert m._sampler == "sde"
+
+
+def test_stage1_potentials_match_the_exact_pot_plan_on_a_small_problem():
+    g = torch.Generator().manual_seed(0)
+    xs, yt = torch.randn(40, 1, generator=g) - 1, torch.randn(40, 1, generator=g) + 1
+    data = TaskData(name="small", setting=UNPAIRED, source_train=xs, target_train=yt,
+                    source_test=xs[:4], target_test=yt[:4])
+    torch.manual_seed(0)
+    m = OTCS(ot_steps=1500, ot_batch=40, potential_hidden=64, epsilon_rel=0.05, h_threshold=0.0,
+             steps=1, batch_size=4, mlp_hidden=16, sde_steps=2, holdout=0.0)
+    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    run.method = m
+    m.setup(data, run)
+    m.fit(data, run)
+    eps = m.extra_state["epsilon"]
+    from bench import ot
+    H, u, v = ot.exact_l2_plan(ot.cost_matrix(xs, yt).double().numpy(), eps)
+    exact_rows = torch.tensor(H / H.sum(1, keepdims=True))
+    learned_rows = m.coupling_row(xs, yt).double()
+    assert float((learned_rows - exact_rows).abs().sum(1).mean()) < 0.2  # mean TV distance of pi(.|x) x 2
+    b = m.bound_terms()
+    assert b["bound_marginal_x"] < 0.1 and b["bound_marginal_y"] < 0.1
+    assert b["bound_empty_rows"] == 0 and b["bound_ot_n"] == 40
