@@ -30,3 +30,13 @@ def bench_cache(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bench-cache")
     os.environ["BENCH_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Small networks: one torch thread beats two on a busy 2-core CI machine."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

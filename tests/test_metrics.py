@@ -174,7 +174,7 @@ def test_fid_same_set_zero_halves_small_domains_large(data_root):
     # the metric class gives the same number as the functions it wraps
     metric = FID("cpu", data_root=data_root, ref=b)
     metric.fake.update(feats_m[:n])
-    assert metric.compute() == pytest.approx(within, rel=1e-9)
+    assert metric.compute() == pytest.approx(within, rel=1e-6)
 
 
 # -- SSIM ------------------------------------------------------------------------------------

@@ -14,13 +14,7 @@ from bench.run import Run
 from bench.testing import tiny_images, tiny_vectors
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small networks: one thread is faster than two on a busy 2-core CI machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gaussians(src_mean, src_std, tgt_mean, tgt_std, n=4096, seed=0) -> TaskData:

@@ -12,12 +12,7 @@ from bench.run import Run
 from bench.saddle import SADDLE_OPTIONS, SaddleTrainer, lr_factor
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_lr_factor_schedules():
