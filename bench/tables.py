@@ -109,9 +109,12 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
     for m in metrics:
         col = f"{m}_mean"
         higher = METRICS.get(m, (m, False))[1]
-        order = ranked.sort_values(col, ascending=not higher)[["method", "variant", "budget", col]].dropna()
-        for r, (_, line) in enumerate(order.iterrows()):
-            ranks.setdefault((line["method"], line["variant"], line["budget"]), {})[m] = r
+        order = ranked[["method", "variant", "budget", col]].dropna()
+        digits = 4 if m == "ssim" else 2  # ties as displayed share a rank
+        levels = sorted({round(v, digits) for v in order[col]}, reverse=higher)
+        for _, line in order.iterrows():
+            rank = levels.index(round(line[col], digits))
+            ranks.setdefault((line["method"], line["variant"], line["budget"]), {})[m] = rank
 
     headers = ["Method", "Family", "Budget", "Seeds"]
     for m in metrics:
