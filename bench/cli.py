@@ -134,8 +134,8 @@ def list_(show_methods, show_tasks):
         for name, cls in methods().items():
             try:
                 nfe = cls().nfe
-            except Exception:
-                nfe = "?"
+            except BenchError:
+                nfe = "by budget"
             lines.append([name + (" (oracle)" if cls.oracle else ""), cls.family, ", ".join(cls.settings), nfe,
                           cls.notes])
         click.echo(tabulate(lines, headers=["method", "family", "settings", "NFE", "notes"], tablefmt="simple"))

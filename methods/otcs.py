@@ -133,6 +133,14 @@ class OTCS(Method):
     # -- declared properties -------------------------------------------------------------------
     @property
     def nfe(self) -> int:
+        if not hasattr(self, "_sampler"):  # before setup: the sampler is budget-dependent
+            o = self.options
+            if o["sampler"] == "ddim":
+                return int(o["ddim_steps"])
+            if o["sampler"] == "sde" and o["sde_steps"] is not None:
+                return int(o["sde_steps"])
+            raise BenchError("otcs: NFE depends on the budget (smoke SDE 20 steps on images, fast DDIM "
+                             f"{o['ddim_steps']} steps, paper SDE 1000 steps)")
         return int(self._sde_steps if self._sampler == "sde" else self.options["ddim_steps"])
 
     def check_setting(self, data: TaskData) -> None:
