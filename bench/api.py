@@ -22,6 +22,30 @@ class BenchError(Exception):
     """A user-facing error: the CLI prints its message on one line and exits non-zero."""
 
 
+class Metric(str):
+    """A metric column a task reports: the row key (this string) plus how tables show and rank it.
+
+    ``Metric("fid", "FID", higher_is_better=False)`` compares equal to ``"fid"``, so rows and code
+    that index by key keep working; tables read ``header``, ``higher_is_better`` and ``digits``.
+    """
+
+    header: str
+    higher_is_better: bool
+    digits: int
+
+    def __new__(cls, key: str, header: str | None = None, higher_is_better: bool = False, digits: int = 2):
+        obj = super().__new__(cls, key)
+        obj.header, obj.higher_is_better, obj.digits = header or key, bool(higher_is_better), int(digits)
+        return obj
+
+    @property
+    def key(self) -> str:
+        return str(self)
+
+    def __reduce__(self):
+        return (Metric, (str(self), self.header, self.higher_is_better, self.digits))
+
+
 @dataclass
 class TaskData:
     """Everything a method may see about a task (tensors on the CPU).
@@ -81,16 +105,32 @@ class Method:
     uses_pairs: ClassVar[bool] = False  # reads TaskData.pairs
     paper: ClassVar[str] = ""
     notes: ClassVar[str] = ""  # shown by `bench list`: adaptations, what is ignored
+    # name -> value or bench.options.Option (a type and one value per budget); see bench/options.py
     default_options: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.default_options)
-        if unknown:
-            raise BenchError(
-                f"method {self.name!r} has no option(s) {sorted(unknown)}; "
-                f"known: {sorted(self.default_options) or 'none'}")
-        self.options = {**self.default_options, **options}
+    def __init__(self, budget: str = "smoke", **options: Any) -> None:
+        from .options import resolve
+        self.budget = str(budget)
+        self.given_options = dict(options)
+        # every option's value for this budget, typed and validated: what the row records
+        self.options = resolve(f"method {self.name!r}", self.default_options, options, self.budget)
         self.device = torch.device("cpu")
+        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._pending_optim: dict[str, Any] = {}
+
+    @classmethod
+    def resolve_options(cls, budget: str, options: dict[str, Any]) -> dict[str, Any]:
+        from .options import resolve
+        return resolve(f"method {cls.name!r}", cls.default_options, options, budget)
+
+    # -- optimizers: one checkpoint mechanism for every plugin ------------------------------
+    def optimizer(self, name: str, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Register ``opt`` under ``name``: its state is checkpointed with the method and, after a
+        resume, restored here (create optimizers in ``fit`` and pass them through this)."""
+        if name in self._pending_optim:
+            opt.load_state_dict(self._pending_optim.pop(name))
+        self._optimizers[name] = opt
+        return opt
 
     # -- declared properties -------------------------------------------------------------
     @property
@@ -122,6 +162,11 @@ class Method:
         for key, value in vars(self).items():
             if isinstance(value, (torch.nn.Module, torch.Tensor)):
                 setattr(self, key, value.to(device))
+        for opt in self._optimizers.values():  # Adam moments follow their parameters
+            for st in opt.state.values():
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor) and k != "step":
+                        st[k] = v.to(device)
         self.device = device
         return self
 
@@ -134,12 +179,20 @@ class Method:
             elif isinstance(value, torch.Tensor):
                 state[key] = value
         state["__extra__"] = getattr(self, "extra_state", {})
+        state["__optim__"] = {**self._pending_optim,
+                              **{k: opt.state_dict() for k, opt in self._optimizers.items()}}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             if key == "__extra__":
                 self.extra_state = dict(value)
+                continue
+            if key == "__optim__":
+                self._pending_optim = dict(value)
+                for name, opt in list(self._optimizers.items()):
+                    if name in self._pending_optim:
+                        opt.load_state_dict(self._pending_optim.pop(name))
                 continue
             current = getattr(self, key, None)
             if isinstance(current, torch.nn.Module):
@@ -176,19 +229,41 @@ class EvalContext:
 
 
 class Task:
-    """Base class of every task plugin."""
+    """Base class of every task plugin.
+
+    A task declares its metric columns (:class:`Metric`: header, direction, digits), the paper's
+    values, its options (``default_options``, resolved like a method's; ``--task-opt``), and how
+    to verify its data (``check_data``).  Adding a task never edits the engine.
+    """
 
     name: ClassVar[str] = ""
     setting: ClassVar[str] = UNPAIRED
-    metrics: ClassVar[tuple[str, ...]] = ()
+    metrics: ClassVar[tuple[Metric, ...]] = ()
     description: ClassVar[str] = ""
     # Paper's Table 1 values: {method: {metric: value}}; printed beside measured cells.
     paper_values: ClassVar[dict[str, dict[str, float]]] = {}
-    # evaluation sizes per budget: number of test sources transported and scored
-    eval_sizes: ClassVar[dict[str, int | None]] = {"smoke": 256, "fast": None, "paper": None}
+    # evaluation sizes per budget: number of test sources transported and scored (None: all)
+    eval_sizes: ClassVar[dict[str, int | None]] = {"smoke": 256, "cpu": None, "fast": None, "paper": None}
+    default_options: ClassVar[dict[str, Any]] = {}
+    # data groups of bench.data.MANIFEST this task reads (verified by sha256 in check_data)
+    data_groups: ClassVar[tuple[str, ...]] = ()
 
-    def load(self, data_root, seed: int) -> TaskData:
+    def __init__(self, **options: Any) -> None:
+        from .options import resolve
+        # task options do not depend on the budget (a budget never changes the protocol)
+        self.options = resolve(f"task {self.name!r}", self.default_options, options, "smoke")
+
+    def load(self, data_root, seed: int, budget: str = "smoke") -> TaskData:
         raise NotImplementedError
+
+    def check_data(self, data_root, download: bool = False) -> dict[str, Any]:
+        """Verify the data root (raise a one-line BenchError naming what is missing); return facts."""
+        if not self.data_groups:
+            return {}
+        from .data import ensure, files_for
+        from pathlib import Path
+        found = ensure(Path(data_root), files_for(*self.data_groups), download=download)
+        return {"verified files": len(found)}
 
     def evaluate(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,
                  labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, Any]:

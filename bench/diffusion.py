@@ -224,10 +224,15 @@ def _grid(sde: VPSDE, steps: int, t_start, t_end, device) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_sde(net, shape, sde: VPSDE, steps: int, cond=None, generator=None, x_T=None,
-               t_start=None, t_end=None) -> torch.Tensor:
+               t_start=None, t_end=None, clip_x0: bool = False, denoise: bool = False) -> torch.Tensor:
     """Euler-Maruyama on the reverse SDE dx = [-1/2 beta x - beta score] dt + sqrt(beta) dw-bar,
     from ``t_start`` (default T, x_T ~ N(0, I) unless given) down to ``t_end`` (default t_eps) on a
-    uniform grid.  One network call per step (NFE = steps); the last step adds no noise."""
+    uniform grid.  One network call per step (NFE = steps); the last step adds no noise.
+
+    ``clip_x0``: the score is taken from the data prediction x0_hat = (x - sigma eps) / alpha clipped
+    to [-1, 1] (as DDPM samplers for image data do).  ``denoise``: the last step returns that
+    (clipped) x0_hat, the posterior mean, instead of an Euler step, so no noise of scale
+    sigma(t_eps) is left in the output; NFE is unchanged."""
     device = _device_of(net, x_T, cond, generator)
     ts = _grid(sde, steps, t_start, t_end, device)
     x = sde.prior(shape, generator=generator, device=device) if x_T is None else x_T.float().clone()
@@ -237,6 +242,14 @@ def sample_sde(net, shape, sde: VPSDE, steps: int, cond=None, generator=None, x_
         dt = t - t_next
         tt = t.expand(n)
         eps = _call(net, x, tt, cond).float()
+        if clip_x0 or (denoise and i == steps - 1):
+            a, s = sde.alpha(t), sde.sigma(t)
+            x0 = (x - s * eps) / a
+            if clip_x0:
+                x0 = x0.clamp(-1.0, 1.0)
+            if denoise and i == steps - 1:
+                return x0
+            eps = (x - a * x0) / s
         score = -eps / sde.sigma(t)
         b = sde.beta(t)
         x = x + (0.5 * b * x + b * score) * dt

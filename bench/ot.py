@@ -30,6 +30,7 @@ from .api import BenchError
 
 COSTS = ("mean-squared", "mean-l1", "cosine")
 _ALIASES = {"l2": "mean-squared", "sq": "mean-squared", "l1": "mean-l1"}
+COST_NAMES = COSTS + tuple(_ALIASES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,12 +174,14 @@ class SparseCompatibility:
 def sparse_compatibility(u: torch.Tensor, v: torch.Tensor, xi_block: Callable[[int, int], torch.Tensor],
                          eps: float, threshold: float = 0.1, max_per_row: int | None = None,
                          block_rows: int = 1024, mask_block: Callable[[int, int], torch.Tensor] | None = None,
-                         progress: Callable[[int], None] | None = None) -> SparseCompatibility:
+                         progress: Callable[[int], None] | None = None,
+                         max_nnz: int | None = None) -> SparseCompatibility:
     """H for all n x m training pairs, computed ``block_rows`` rows at a time on u's device.
 
     ``xi_block(i0, i1)`` returns the (i1 - i0, m) cost block for source rows i0:i1 and
     ``mask_block(i0, i1)`` the matching mask (or None).  Entries with H > ``threshold`` are kept
-    (at most the ``max_per_row`` largest per row).  The marginals use every entry.
+    (at most the ``max_per_row`` largest per row).  The marginals use every entry.  More than
+    ``max_nnz`` stored entries in all is a one-line error (memory), never a silent truncation.
     """
     n, m = len(u), len(v)
     crows = [torch.zeros(1, dtype=torch.long, device=u.device)]
@@ -205,6 +208,10 @@ def sparse_compatibility(u: torch.Tensor, v: torch.Tensor, xi_block: Callable[[i
         counts = torch.bincount(r, minlength=i1 - i0)
         crows.append(offset + torch.cumsum(counts, 0))
         offset = offset + counts.sum()
+        if max_nnz is not None and int(offset) > max_nnz:
+            raise BenchError(f"the compatibility H would store more than {max_nnz:,} entries (after {i1} of {n} "
+                             f"rows): epsilon is large for this problem; raise h_threshold, set h_max_per_row, "
+                             f"or raise h_max_nnz if memory allows")
         cols.append(c)
         vals.append(hv)
         if progress is not None:

@@ -15,19 +15,14 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from .api import BenchError
+from .api import BenchError, Metric
 
-# metric column -> (header, higher is better)
-METRICS: dict[str, tuple[str, bool]] = {
-    "fid": ("FID", False),
-    "acc": ("Acc (%)", True),
-    "cfd": ("Cls-FD", False),
-    "ssim": ("SSIM", True),
-    "w2": ("W2", False),
-    "mean_at_minus4": ("mean T(-4)", True),
-    "upper_mode_hit": ("upper hit (%)", True),
-}
 BOUND_PREFIX = "bound_"
+
+
+def task_metrics(task_cls) -> list[Metric]:
+    """The task's declared metric columns (a bare string counts as lower-is-better, 2 digits)."""
+    return [m if isinstance(m, Metric) else Metric(m) for m in task_cls.metrics]
 
 
 def load_rows(out: Path, task: str | None = None) -> pd.DataFrame:
@@ -94,7 +89,8 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
         df = df[df["budget"] == budget]
         if df.empty:
             raise BenchError(f"no runs with budget {budget!r} for task {task_cls.name!r} under {out}")
-    metrics = [m for m in task_cls.metrics if m in df.columns]
+    specs = {m.key: m for m in task_metrics(task_cls)}
+    metrics = [m for m in specs if m in df.columns]
     summary = summarise(df, metrics)
     paper = getattr(task_cls, "paper_values", {}) or {}
 
@@ -108,9 +104,9 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
     ranks: dict[tuple[str, str, str], dict[str, int]] = {}
     for m in metrics:
         col = f"{m}_mean"
-        higher = METRICS.get(m, (m, False))[1]
+        higher = specs[m].higher_is_better
         order = ranked[["method", "variant", "budget", col]].dropna()
-        digits = 4 if m == "ssim" else 2  # ties as displayed share a rank
+        digits = specs[m].digits  # ties as displayed share a rank
         levels = sorted({round(v, digits) for v in order[col]}, reverse=higher)
         for _, line in order.iterrows():
             rank = levels.index(round(line[col], digits))
@@ -118,7 +114,7 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
 
     headers = ["Method", "Family", "Budget", "Seeds"]
     for m in metrics:
-        headers += [METRICS.get(m, (m, False))[0], "paper"]
+        headers += [specs[m].header, "paper"]
     headers += ["NFE", "GPU min", "fit+transport s"]
     lines = []
     for _, s in summary.iterrows():
@@ -127,7 +123,7 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
         cells = [name, s.get("family", ""), s["budget"], int(s.get("seed", 1))]
         n_seeds = int(s.get("seed", 1))
         for m in metrics:
-            digits = 4 if m == "ssim" else 2
+            digits = specs[m].digits
             text = _fmt(s.get(f"{m}_mean"), s.get(f"{m}_std"), n_seeds, digits)
             if m == "fid" and text != "-" and not pd.isna(s.get("fid_n")):
                 text += f" (n={int(s['fid_n'])})"
@@ -147,7 +143,7 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
             cells = [meth, "(paper only)", "-", 0]
             for m in metrics:
                 pv = vals.get(m)
-                cells += ["-", "-" if pv is None else f"{pv:.{4 if m == 'ssim' else 2}f}"]
+                cells += ["-", "-" if pv is None else f"{pv:.{specs[m].digits}f}"]
             cells += ["-", "-", "-"]
             lines.append(cells)
     tablefmt = {"markdown": "github", "latex": "latex_raw"}[fmt]

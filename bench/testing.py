@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .api import SEMI_PAIRED, UNPAIRED, Task, TaskData
+from .api import SEMI_PAIRED, UNPAIRED, Metric, Task, TaskData
 from .registry import register_task
 
 
@@ -64,14 +64,14 @@ class _TinyTask(Task):
     ``tiny-images`` (semi-paired 8x8 images) and ``tiny-vectors`` (unpaired 2-D).
     """
 
-    metrics = ("w2",)
-    eval_sizes = {"smoke": None, "fast": None, "paper": None}
+    metrics = (Metric("w2", "W2", False),)
+    eval_sizes = {"smoke": None, "cpu": None, "fast": None, "paper": None}
     description = "synthetic test task (bench.testing)"
 
     def make(self, seed: int) -> TaskData:
         raise NotImplementedError
 
-    def load(self, data_root, seed):
+    def load(self, data_root, seed, budget="smoke"):
         return self.make(seed)
 
     def evaluate(self, data, sources, outputs, labels, ctx):

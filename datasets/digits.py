@@ -54,14 +54,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.api import SEMI_PAIRED, BenchError, EvalContext, Task, TaskData
+from bench.api import SEMI_PAIRED, BenchError, EvalContext, Metric, Task, TaskData
 from bench import data as bdata
+from bench.options import Option
+from bench.paper import paper_values
 
 PREP_VERSION = 1
 MNIST_STROKE_WIDTH = 2.6
 TRAIN_SUITES = range(1, 81)
 TEST_SUITES = range(81, 101)
 FID_REF_SEED = 20231  # fixed subset of the test split for budgets that use fewer reference images
+EVAL_SUBSET_SEED = 20232  # fixed class-balanced subset of MNIST test sources
+# MNIST test sources scored per budget, per class (None: all 10,000)
+EVAL_PER_CLASS = {"smoke": 25, "cpu": 200, "fast": None, "paper": None}
 CLASSIFIER_EPOCHS = 8
 
 
@@ -125,19 +130,34 @@ def mnistify(img: np.ndarray, stroke_width: float = MNIST_STROKE_WIDTH) -> np.nd
     return out
 
 
-def load_chinese_digits(root: Path, cache: Path | None = None) -> dict[str, np.ndarray]:
+def plain_resize(img: np.ndarray) -> np.ndarray:
+    """One 64x64 uint8 Chinese-MNIST image -> 28x28 float32 in [0, 1] by an anti-aliased resize only."""
+    from PIL import Image
+    return np.asarray(Image.fromarray(img).resize((28, 28), Image.Resampling.BICUBIC),
+                      np.float32).clip(0, 255) / 255.0
+
+
+PREPS = {"mnist-style": mnistify, "plain": plain_resize}
+
+
+def prep_tag(prep: str) -> str:
+    """Cache/protocol tag of a preprocessing variant (bumped when the recipe changes)."""
+    return f"prep{PREP_VERSION}" if prep == "mnist-style" else prep
+
+
+def load_chinese_digits(root: Path, cache: Path | None = None, prep: str = "mnist-style") -> dict[str, np.ndarray]:
     """Processed Chinese-MNIST numerals: {"x": uint8 (10000,28,28), "y", "suite"}; cached by npz sha256."""
     npz = root / "chinese_mnist" / "chinese_mnist.npz"
     sha = bdata.file_sha256(npz)
     cache = Path(cache) if cache is not None else bdata.cache_dir()
-    path = cache / "digits" / f"chinese_mnist_{sha[:16]}_prep{PREP_VERSION}.npz"
+    path = cache / "digits" / f"chinese_mnist_{sha[:16]}_{prep_tag(prep)}.npz"
     if path.is_file():
         with np.load(path) as z:
             return {k: z[k] for k in ("x", "y", "suite")}
     with np.load(npz) as z:
         keep = z["label"] < 10
         raw, y, suite = z["images"][keep], z["label"][keep].astype(np.int64), z["suite_id"][keep].astype(np.int64)
-    x = np.stack([np.round(mnistify(im) * 255).astype(np.uint8) for im in raw])
+    x = np.stack([np.round(PREPS[prep](im) * 255).astype(np.uint8) for im in raw])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez_compressed(tmp, x=x, y=y, suite=suite)
@@ -154,23 +174,51 @@ def _budget_name(budget) -> str:
     return str(getattr(budget, "name", budget) or "fast")
 
 
+def eval_subset(test_y: np.ndarray, per_class: int | None) -> np.ndarray:
+    """A fixed, class-balanced, seed-independent subset of the MNIST test split (sorted indices)."""
+    if per_class is None:
+        return np.arange(len(test_y))
+    rng = np.random.default_rng(EVAL_SUBSET_SEED)
+    return np.sort(np.concatenate([rng.permutation(np.nonzero(test_y == k)[0])[:per_class] for k in range(10)]))
+
+
+@torch.no_grad()
+def plan_accuracy(method, sources: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
+                  target_labels: torch.Tensor, device, batch: int = 100) -> float:
+    """% of the fitted coupling's conditional mass pi_hat(.|x) that falls on target training
+    images of the source's class, averaged over ``sources`` (labels read only here)."""
+    targets = targets.to(device)
+    onehot = torch.nn.functional.one_hot(target_labels.long(), 10).float().to(device)
+    total = 0.0
+    for a in range(0, len(sources), batch):
+        w = method.coupling_row(sources[a:a + batch].to(device), targets).float()  # (B, m), rows sum to 1
+        per_class = w @ onehot
+        total += float(per_class.gather(1, labels[a:a + batch].long().to(device)[:, None]).sum())
+    return 100.0 * total / max(len(sources), 1)
+
+
 class DigitsTask(Task):
     name = "digits"
     setting = SEMI_PAIRED
-    metrics = ("fid", "acc", "cfd")
+    metrics = (Metric("fid", "FID", higher_is_better=False), Metric("acc", "Acc (%)", higher_is_better=True),
+               Metric("cfd", "Cls-FD", higher_is_better=False), Metric("plan_acc", "plan Acc (%)", True))
     description = ("MNIST -> Chinese-MNIST numerals 0-9 (28x28), 10 guiding pairs chosen by the seed, "
                    "writer-disjoint target split (suites 1-80 / 81-100)")
-    # OTCS Table 1, digits column, as quoted in the project's issue #5. The other cells of the
-    # published table could not be read from any source reachable here (see results/digits/PROTOCOL.md),
-    # so they are left out rather than guessed.
-    paper_values: dict[str, dict[str, float]] = {
-        "otcs": {"acc": 67.42, "fid": 5.12},
-        "not": {"acc": 15.72, "fid": 23.90},
+    # OTCS Table 1, digits column (bench/otcs_table1.csv, the published table)
+    paper_values = paper_values("digits")
+    # load() already restricts the test sources to the budget's class-balanced subset (EVAL_PER_CLASS)
+    eval_sizes = {"smoke": None, "cpu": None, "fast": None, "paper": None}
+    fid_ref_sizes = {"smoke": 500, "cpu": 2000, "fast": 2000, "paper": 2000}  # Chinese-MNIST test images
+    data_groups = ("mnist", "chinese_mnist")
+    default_options = {
+        # the paper resizes the 64x64 images to 28x28 ("plain"); "mnist-style" is this project's
+        # MNIST-like recipe (module docstring)
+        "prep": Option("plain", choices=tuple(PREPS), help="Chinese-MNIST preprocessing variant"),
     }
-    eval_sizes = {"smoke": 256, "fast": None, "paper": None}  # None = all 10,000 MNIST test images
-    fid_ref_sizes = {"smoke": 500, "fast": 2000, "paper": 2000}  # Chinese-MNIST test images
 
-    def __init__(self) -> None:
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.prep = self.options["prep"]
         self._nets: dict[tuple[str, str], tuple[torch.nn.Module, dict]] = {}
         self._chinese: dict[str, dict[str, np.ndarray]] = {}
 
@@ -183,16 +231,17 @@ class DigitsTask(Task):
     def _chinese_split(self, root: Path, cache) -> dict[str, np.ndarray]:
         key = str(root)
         if key not in self._chinese:
-            c = load_chinese_digits(root, cache)
+            c = load_chinese_digits(root, cache, self.prep)
             tr = np.isin(c["suite"], list(TRAIN_SUITES))
             te = np.isin(c["suite"], list(TEST_SUITES))
             self._chinese[key] = {"train_x": c["x"][tr], "train_y": c["y"][tr], "train_suite": c["suite"][tr],
                                   "test_x": c["x"][te], "test_y": c["y"][te], "test_suite": c["suite"][te]}
         return self._chinese[key]
 
-    def load(self, data_root, seed: int, cache_dir=None) -> TaskData:
+    def load(self, data_root, seed: int, budget: str = "smoke", cache_dir=None) -> TaskData:
         root = self._root(data_root)
         m = load_mnist(root)
+        keep = eval_subset(m["test_y"], EVAL_PER_CLASS[_budget_name(budget)])
         c = self._chinese_split(root, cache_dir)
         g = np.random.default_rng(seed)
         src_idx = np.array([g.choice(np.nonzero(m["train_y"] == k)[0]) for k in range(10)])
@@ -202,13 +251,14 @@ class DigitsTask(Task):
         return TaskData(
             name=self.name, setting=self.setting,
             source_train=source_train, target_train=target_train,
-            source_test=_to_unit(m["test_x"]), target_test=_to_unit(c["test_x"]),
+            source_test=_to_unit(m["test_x"][keep]), target_test=_to_unit(c["test_x"]),
             pairs=(source_train[src_idx].clone(), target_train[tgt_idx].clone()),
             source_train_labels=torch.from_numpy(m["train_y"]), target_train_labels=torch.from_numpy(c["train_y"]),
-            source_test_labels=torch.from_numpy(m["test_y"]), target_test_labels=torch.from_numpy(c["test_y"]),
+            source_test_labels=torch.from_numpy(m["test_y"][keep]), target_test_labels=torch.from_numpy(c["test_y"]),
             extra={"pair_indices": {"source": src_idx.tolist(), "target": tgt_idx.tolist()},
                    "target_train_suites": torch.from_numpy(c["train_suite"]),
                    "target_test_suites": torch.from_numpy(c["test_suite"]),
+                   "source_test_indices": keep.tolist(), "prep": self.prep,
                    "prep_version": PREP_VERSION, "data_root": str(root)})
 
     # -- networks --------------------------------------------------------------------------
@@ -225,7 +275,7 @@ class DigitsTask(Task):
             c = self._chinese_split(root, cache)
             sha = bdata.file_sha256(root / "chinese_mnist" / "chinese_mnist.npz")
             net, record = load_or_train(
-                cache, f"digits_chinese_mnist_{sha[:12]}_prep{PREP_VERSION}",
+                cache, f"digits_chinese_mnist_{sha[:12]}_{prep_tag(self.prep)}",
                 train=lambda: (_to_unit(c["train_x"]), torch.from_numpy(c["train_y"])),
                 test=lambda: (_to_unit(c["test_x"]), torch.from_numpy(c["test_y"])),
                 classes=10, epochs=CLASSIFIER_EPOCHS, seed=0)
@@ -250,7 +300,7 @@ class DigitsTask(Task):
         root = self._root(ctx.data_root)
         cache = Path(ctx.cache_dir) if ctx.cache_dir is not None else bdata.cache_dir()
         ref, ref_name = self._reference(root, cache, ctx.budget)
-        mu_r, sig_r, sha = reference_stats(f"digits_prep{PREP_VERSION}", ref_name.replace(":", "_"), ref,
+        mu_r, sig_r, sha = reference_stats(f"digits_{prep_tag(self.prep)}", ref_name.replace(":", "_"), ref,
                                            len(ref), cache, ctx.device, root)
         mu, sig = feature_stats(fid_features(outputs, ctx.device, data_root=root, cache_dir=cache))
         return {"fid": frechet_distance(mu, sig, mu_r, sig_r), "fid_n": int(len(outputs)),
@@ -274,9 +324,12 @@ class DigitsTask(Task):
         ref, ref_name = self._reference(root, cache, ctx.budget)
         _, ref_feats = predict(net, ref)
         cfd = frechet_distance(*feature_stats(feats.numpy()), *feature_stats(ref_feats.numpy()))
-        row = {"acc": acc, "cfd": cfd, "cfd_ref": ref_name,
+        row = {"acc": acc, "cfd": cfd, "cfd_ref": ref_name, "prep": self.prep,
                "classifier_test_acc": record["test_acc"], "classifier_sha256": record["sha256"]}
         row.update(self.fid(outputs, ctx))
+        if hasattr(ctx.method, "coupling_row"):
+            row["plan_acc"] = plan_accuracy(ctx.method, sources, labels, data.target_train,
+                                            data.target_train_labels, ctx.device)
         return row
 
     def info(self, data_root, cache_dir) -> dict[str, Any]:
@@ -289,6 +342,6 @@ class DigitsTask(Task):
                 "target": (f"Chinese-MNIST numerals, suites {TRAIN_SUITES.start}-{TRAIN_SUITES.stop - 1} train "
                            f"{len(c['train_x'])} / suites {TEST_SUITES.start}-{TEST_SUITES.stop - 1} test "
                            f"{len(c['test_x'])}"),
-                "pairs": 10, "prep_version": PREP_VERSION,
-                "eval_n": {k: (v or 10000) for k, v in self.eval_sizes.items()},
+                "pairs": 10, "prep": self.prep, "prep_version": PREP_VERSION,
+                "eval_n": {k: (10 * v if v else 10000) for k, v in EVAL_PER_CLASS.items()},
                 "fid_ref": {k: f"chinese_mnist:test:{v}" for k, v in self.fid_ref_sizes.items()}}

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from bench import ot
-from bench.api import SEMI_PAIRED, UNPAIRED, EvalContext, Task, TaskData
+from bench.api import SEMI_PAIRED, UNPAIRED, EvalContext, Metric, Task, TaskData
 
 N_TRAIN = 1000
 N_TEST = 500
@@ -41,7 +41,7 @@ TAU_REL = 0.1
 
 
 class _ToyTask(Task):
-    eval_sizes = {"smoke": None, "fast": None, "paper": None}
+    eval_sizes = {"smoke": None, "cpu": None, "fast": None, "paper": None}
     probes: torch.Tensor
 
     # -- the exact plan -------------------------------------------------------------------------
@@ -139,11 +139,12 @@ class _ToyTask(Task):
 class Toy1D(_ToyTask):
     name = "toy1d"
     setting = UNPAIRED
-    metrics = ("mean_at_minus4", "w2", "lhs_w2", "plan_w2")
+    metrics = (Metric("mean_at_minus4", "mean T(-4)", True), Metric("w2", "W2", False),
+               Metric("lhs_w2", "LHS E_x W2", False, 3), Metric("plan_w2", "W2(pi_hat, pi)", False, 3))
     description = "N(-4,1) -> N(4,1) in 1-D, unpaired; exact L2-regularised plan by POT (map y = x + 8 as eps -> 0)"
     probes = torch.tensor([[-5.5], [-4.5], [-4.0], [-3.5], [-2.5]])
 
-    def load(self, data_root, seed: int, cache_dir=None) -> TaskData:
+    def load(self, data_root, seed: int, budget: str = "smoke", cache_dir=None) -> TaskData:
         g = torch.Generator().manual_seed(int(seed) * 7 + 1)
 
         def draw(n, mean):
@@ -170,12 +171,13 @@ STD = 0.3
 class Toy2D(_ToyTask):
     name = "toy2d"
     setting = SEMI_PAIRED
-    metrics = ("upper_mode_hit", "w2", "lhs_w2", "plan_w2")
+    metrics = (Metric("upper_mode_hit", "upper hit (%)", True), Metric("w2", "W2", False),
+               Metric("lhs_w2", "LHS E_x W2", False, 3), Metric("plan_w2", "W2(pi_hat, pi)", False, 3))
     description = ("2-D mixtures: sources (0.5,2)/(-0.5,-2) -> targets (2,0)/(-2,0); 2 guiding pairs "
                    "(upper->left, lower->right) crossing the cost-minimising assignment")
     probes = torch.tensor([[0.5, 2.0], [0.8, 1.8], [0.2, 2.3], [-0.5, -2.0], [-0.2, -1.7]])
 
-    def load(self, data_root, seed: int, cache_dir=None) -> TaskData:
+    def load(self, data_root, seed: int, budget: str = "smoke", cache_dir=None) -> TaskData:
         g = torch.Generator().manual_seed(int(seed) * 7 + 2)
 
         def draw(n, centres):

@@ -22,9 +22,12 @@ The algorithm (the paper's Algorithms 1 and 2), top to bottom:
    are never drawn as conditions; their count is reported.
 4. **Stage II**: a conditional score network (UNet on images padded to a power-of-two canvas,
    cond_mode "concat" for aligned tasks and "embed" otherwise; ScoreMLP on vectors) trained with
-   denoising score matching on the VP-SDE with the g(t)^2 weighting, EMA of the weights.
-5. **Sampling**: reverse SDE (Euler-Maruyama, the paper uses 1000 steps) or DDIM with a chosen
-   number of steps (``sampler``; ``nfe`` reports the steps).
+   denoising score matching on the VP-SDE, EMA of the weights.  ``loss_weighting="sigma2"``
+   (default) is the authors' training loss, the plain noise-prediction MSE with uniform t;
+   ``"g2"`` is the likelihood weighting that Theorem 2 assumes.
+5. **Sampling**: the reverse SDE (Euler-Maruyama, the authors' ancestral sampler; 1000 steps on
+   fast/paper, fewer on smoke/cpu) with the x0 prediction clipped to [-1, 1] and a final
+   denoising step, as the authors sample; DDIM is an option (``sampler``; ``nfe`` = steps).
 6. **Theorem 2 terms** (``bound_terms``):  E_x W2(p_sde(.|x), pi(.|x)) <= C1 ||grad L(pi_hat, u, v)||_1
    + sqrt(C2 J_CSM) + C3 E_x W2(p_T(.|x), p_prior), with unknown C1..C3, so only the terms are
    reported:
@@ -33,8 +36,11 @@ The algorithm (the paper's Algorithms 1 and 2), top to bottom:
      the Lagrangian L(pi, u, v) = <xi, pi> + eps E[(dpi/dpq)^2] - <u, pi_x - p> - <v, pi_y - q> over
      pi >= 0 for the learned (u, v), so its projected pi-gradient is 0 and ||grad L||_1 is the
      (u, v)-gradient = the two marginal violations: bound_lagrangian_grad = their sum.
-   * bound_jcsm: held-out J_CSM (bench.diffusion.dsm_eval, g^2 weighting, summed over dimensions)
-     on pairs resampled from source rows kept out of stage II; bound_sqrt_jcsm its square root.
+   * bound_jcsm: held-out J_CSM (g^2 weighting, summed over dimensions) against the exact score of
+     the noised finite mixture pi_hat(.|x_i) = sum_j w_ij delta_{y_j} (``_jcsm_exact``), on source
+     rows kept out of stage II; bound_sqrt_jcsm its square root.  bound_dsm: the held-out
+     conditional DSM objective (bench.diffusion.dsm_eval), which is J_CSM plus a constant that does
+     not depend on the network, so it overstates the term; kept as its own column.
    * bound_prior_w2: E_x W2(p_T(.|x), N(0, I)) in the Gaussian-part closed form (moments of
      alpha_T y + sigma_T z, y ~ pi_hat(.|x)) averaged over training source rows.
 """
@@ -50,6 +56,7 @@ from bench import ot
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
 from bench.diffusion import EMA, VPSDE, dsm_eval, dsm_loss, sample_ddim, sample_sde
 from bench.nn import MLP, ScoreMLP, UNet, crop_to, pad_to
+from bench.options import Option
 
 FEATURES = ("auto", "flatten", "pool")
 SAMPLERS = ("sde", "ddim")
@@ -74,74 +81,87 @@ class OTCS(Method):
              "smoke subsamples the OT training sets to ot_max_train")
     default_options: dict[str, Any] = {
         # stage I: potentials
-        "cost": "mean-squared",     # mean-squared | mean-l1 | cosine
-        "epsilon_rel": 0.01,        # eps = epsilon_rel * mean(xi) on a probe batch
-        "epsilon": None,            # absolute eps (overrides epsilon_rel)
-        "tau": None,                # relation-vector temperature; None = 0.1 * median c(., keypoints)
-        "alpha": 0.0,               # semi-paired: weight of c in xi = alpha c + (1 - alpha) g
-        "features": "auto",         # images: flatten | pool (2x2 average pool, default); vectors: identity
-        "ot_max_train": None,       # None = budget: 4000 (smoke) / all; size cap of each OT training set
-        "potential_hidden": None,   # None = budget: 128 (smoke) / 512
+        "cost": Option("mean-squared", choices=ot.COST_NAMES),
+        "epsilon": Option(None, type=float, help="absolute eps; overrides epsilon_rel when set"),
+        "epsilon_rel": Option(2e-5, type=float, nullable=True,
+                              help="eps = epsilon_rel * mean(xi) on a probe batch; 2e-5 is the authors' "
+                                   "scale (eps 1e-5 on a JS guiding cost of mean ~0.5, Animal)"),
+        "tau": Option(None, type=float, help="relation-vector temperature; null: 0.1 x median keypoint cost"),
+        "alpha": Option(0.0, help="semi-paired: xi = alpha c + (1 - alpha) g; 0 = pure guidance (authors)"),
+        "features": Option("auto", choices=FEATURES, help="images: flatten | pool (2x2 average pool)"),
+        "ot_max_train": Option(smoke=4000, cpu=None, fast=None, paper=None, type=int,
+                               help="size cap of each OT training set (null: all)"),
+        "potential_hidden": Option(smoke=128, cpu=512, fast=512, paper=512),
         "potential_depth": 3,
-        "ot_steps": None,           # None = budget: 1200 (smoke) / 20000
-        "ot_batch": None,           # None = budget: 256 (smoke) / 512
-        "ot_lr": 3e-3,              # peak Adam learning rate (cosine decay)
-        "h_threshold": 0.1,         # store H entries above this (H averages 1 over each row)
-        "h_max_per_row": 256,       # and at most this many per row
-        "h_block": None,            # rows per block; None = 256 (CPU) / 2048 (GPU)
-        # stage II: conditional score model
-        "steps": None,              # None = budget: vectors 2000 / 10000; images 150 / 12000
-        "batch_size": None,         # None = budget: vectors 256 / 512; images 16 / 128
-        "lr": None,                 # None = 1e-3 (vectors) / 2e-4 (images)
+        "ot_steps": Option(smoke=600, cpu=20_000, fast=20_000, paper=300_000,
+                           help="potential steps (paper: the authors' 3e5)"),
+        "ot_batch": Option(smoke=256, cpu=256, fast=512, paper=512),
+        "ot_lr": Option(3e-3, help="peak Adam lr, cosine decay to 0 (authors: 1e-6 constant)"),
+        "eps_anneal": Option(0.5, help="share of the potential steps over which eps decays geometrically "
+                                       "from eps_start_rel to eps (0: constant eps, as the authors)"),
+        "eps_start_rel": Option(0.01, help="starting eps of the continuation, relative to mean(xi)"),
+        "h_threshold": Option(0.1, help="store H entries above this (authors: 0.1)"),
+        "h_max_per_row": Option(None, type=int, help="optional cap per row (authors: none)"),
+        "h_max_nnz": Option(300_000_000, help="memory guard: more stored entries is an error"),
+        "h_mask": Option(False, help="apply the keypoint mask when computing H (authors: no)"),
+        "h_block": Option(None, type=int, help="rows per block; null: 256 (CPU) / 2048 (GPU)"),
+        # stage II: conditional score model (images; the toy_* options apply to vector tasks)
+        "loss_weighting": Option("sigma2", choices=("sigma2", "g2"),
+                                 help="sigma2: plain eps-MSE, uniform t (authors); g2: likelihood weighting"),
+        "steps": Option(smoke=150, cpu=6000, fast=12_000, paper=100_000),
+        "batch_size": Option(smoke=16, cpu=64, fast=128, paper=128),
+        "lr": 2e-4,
+        "toy_steps": Option(smoke=2000, cpu=4000, fast=10_000, paper=10_000),
+        "toy_batch_size": Option(smoke=256, cpu=256, fast=512, paper=512),
+        "toy_lr": 1e-3,
         "ema": 0.999,
         "beta_min": 0.1,
         "beta_max": 20.0,
-        "unet_base": None,          # None = budget: 16 (smoke) / 64
+        "unet_base": Option(smoke=16, cpu=32, fast=64, paper=64),
         "unet_mults": [1, 2, 2],
-        "unet_blocks": None,        # None = budget: 1 (smoke) / 2
-        "unet_attention": None,     # None = budget: [] (smoke) / [16]
-        "mlp_hidden": None,         # None = budget: 128 (smoke) / 256
+        "unet_blocks": Option(smoke=1, cpu=1, fast=2, paper=2),
+        "unet_attention": Option(smoke=[], cpu=[], fast=[16], paper=[16]),
+        "mlp_hidden": Option(smoke=128, cpu=256, fast=256, paper=256),
         "mlp_depth": 3,
-        "holdout": 0.05,            # share of source rows (at most 512) kept out of stage II for J_CSM
-        # sampling
-        "sampler": None,            # sde | ddim; None = budget: sde (smoke, paper) / ddim (fast)
-        "sde_steps": None,          # None = budget: 100 vectors / 20 images (smoke), 1000 (fast, paper)
+        "holdout": Option(0.05, help="share of source rows (at most 512) kept out of stage II for J_CSM"),
+        # sampling: the authors' ancestral reverse-SDE sampler with x0 clipping on every budget
+        "sampler": Option("sde", choices=SAMPLERS),
+        "sde_steps": Option(smoke=20, cpu=100, fast=1000, paper=1000),
+        "toy_sde_steps": Option(smoke=100, cpu=100, fast=1000, paper=1000),
+        "clip_x0": Option(True, help="clip the x0 prediction to [-1, 1] while sampling images (authors)"),
+        "denoise": Option(True, help="last step returns the x0 prediction (no leftover noise)"),
         "ddim_steps": 100,
         "ddim_eta": 0.0,
+        # Theorem 2 estimates
+        "bound_pairs": Option(smoke=256, cpu=1024, fast=2048, paper=2048),
+        "bound_prior_rows": Option(smoke=8, cpu=32, fast=32, paper=32),
     }
     test_options: dict[str, Any] = {
         "ot_steps": 30, "ot_batch": 16, "potential_hidden": 16, "potential_depth": 2, "steps": 4,
         "batch_size": 8, "unet_base": 8, "unet_mults": [1, 2], "unet_blocks": 1, "unet_attention": [],
-        "mlp_hidden": 16, "mlp_depth": 2, "sde_steps": 3, "epsilon_rel": 0.1, "h_threshold": 0.0,
+        "mlp_hidden": 16, "mlp_depth": 2, "sde_steps": 3, "epsilon": None, "epsilon_rel": 0.1,
+        "h_threshold": 0.0, "toy_steps": 4, "toy_batch_size": 8, "toy_sde_steps": 3,
     }
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(self, budget: str = "smoke", **options: Any) -> None:
+        super().__init__(budget, **options)
         o = self.options
-        if not (callable(o["cost"]) or ot._ALIASES.get(o["cost"], o["cost"]) in ot.COSTS):
-            raise BenchError(f"otcs option cost must be one of {', '.join(ot.COSTS)}, got {o['cost']!r}")
-        if o["features"] not in FEATURES:
-            raise BenchError(f"otcs option features must be one of {', '.join(FEATURES)}, got {o['features']!r}")
-        if o["sampler"] is not None and o["sampler"] not in SAMPLERS:
-            raise BenchError(f"otcs option sampler must be one of {', '.join(SAMPLERS)}, got {o['sampler']!r}")
-        if not 0.0 <= float(o["alpha"]) <= 1.0:
+        if not 0.0 <= o["alpha"] <= 1.0:
             raise BenchError(f"otcs option alpha must lie in [0, 1], got {o['alpha']}")
-        if o["epsilon"] is None and float(o["epsilon_rel"]) <= 0 or o["epsilon"] is not None and float(o["epsilon"]) <= 0:
+        if o["epsilon"] is None and o["epsilon_rel"] is None:
+            raise BenchError("otcs needs epsilon or epsilon_rel; pass e.g. --opt epsilon=1e-5")
+        if (o["epsilon"] is not None and o["epsilon"] <= 0) or (o["epsilon_rel"] is not None and o["epsilon_rel"] <= 0):
             raise BenchError("otcs needs epsilon > 0 (or epsilon_rel > 0)")
         self.extra_state: dict[str, Any] = {}
+        self.is_image = True
 
     # -- declared properties -------------------------------------------------------------------
     @property
     def nfe(self) -> int:
-        if not hasattr(self, "_sampler"):  # before setup: the sampler is budget-dependent
-            o = self.options
-            if o["sampler"] == "ddim":
-                return int(o["ddim_steps"])
-            if o["sampler"] == "sde" and o["sde_steps"] is not None:
-                return int(o["sde_steps"])
-            raise BenchError("otcs: NFE depends on the budget (smoke SDE 20 steps on images, fast DDIM "
-                             f"{o['ddim_steps']} steps, paper SDE 1000 steps)")
-        return int(self._sde_steps if self._sampler == "sde" else self.options["ddim_steps"])
+        o = self.options
+        if o["sampler"] == "ddim":
+            return int(o["ddim_steps"])
+        return int(o["sde_steps"] if self.is_image else o["toy_sde_steps"])
 
     def check_setting(self, data: TaskData) -> None:
         super().check_setting(data)
@@ -149,7 +169,7 @@ class OTCS(Method):
             raise BenchError(f"task {data.name!r} is semi-paired but has no guiding pairs; fix the task")
         if data.setting == UNPAIRED and self._feature_dim(data.source_shape) != self._feature_dim(data.shape):
             raise BenchError("unpaired OTCS compares source and target features directly: their sizes "
-                             f"differ ({data.source_shape} vs {data.shape}); pass a callable cost or resize")
+                             f"differ ({data.source_shape} vs {data.shape}); resize the task's images")
 
     # -- setup: networks -----------------------------------------------------------------------
     def _features_mode(self, shape) -> str:
@@ -173,14 +193,12 @@ class OTCS(Method):
         return x.float().flatten(1)
 
     def setup(self, data: TaskData, run) -> None:
-        o, pick = self.options, run.budget.pick
+        o = self.options
         self.is_image = data.is_image
         self.shape, self.source_shape = data.shape, data.source_shape
         self.semi = data.setting == SEMI_PAIRED
-        self._sampler = o["sampler"] or pick(smoke="sde", fast="ddim", paper="sde")
-        self._sde_steps = int(o["sde_steps"] or pick(smoke=20 if data.is_image else 100, fast=1000))
         self._bf16 = bool(run.bf16)  # transport under the same bf16 autocast as training
-        hidden = o["potential_hidden"] or pick(smoke=128, fast=512)
+        hidden = o["potential_hidden"]
         self.u_net = MLP(self._feature_dim(data.source_shape), 1, hidden=hidden, depth=o["potential_depth"])
         self.v_net = MLP(self._feature_dim(data.shape), 1, hidden=hidden, depth=o["potential_depth"])
         self.sde = VPSDE(beta_min=o["beta_min"], beta_max=o["beta_max"])
@@ -189,24 +207,23 @@ class OTCS(Method):
             cs, hs, ws = data.source_shape
             self.canvas = _canvas(max(h, hs), max(w, ws))
             aligned = bool(data.aligned) and (hs, ws) == (h, w)
-            attention = o["unet_attention"] if o["unet_attention"] is not None else pick(smoke=[], fast=[16])
-            self.score = UNet(c, c, base=o["unet_base"] or pick(smoke=16, fast=64), mults=tuple(o["unet_mults"]),
-                              num_res_blocks=o["unet_blocks"] or pick(smoke=1, fast=2),
-                              attention_resolutions=tuple(attention),
+            self.score = UNet(c, c, base=o["unet_base"], mults=tuple(o["unet_mults"]),
+                              num_res_blocks=o["unet_blocks"],
+                              attention_resolutions=tuple(o["unet_attention"]),
                               cond_mode="concat" if aligned else "embed", cond_channels=cs,
                               image_size=self.canvas)
         else:
             self.score = ScoreMLP(data.shape[0], cond_dim=data.source_shape[0],
-                                  hidden=o["mlp_hidden"] or pick(smoke=128, fast=256), depth=o["mlp_depth"])
+                                  hidden=o["mlp_hidden"], depth=o["mlp_depth"])
         self.ema = EMA(self.score, decay=o["ema"])
 
     # -- the training sets of the OT problem ---------------------------------------------------
     def _ot_sets(self, data: TaskData, run):
         """Source / target training sets (guiding pairs appended) and the keypoint indices."""
-        cap = self.options["ot_max_train"] or run.budget.pick(smoke=4000, fast=None)
+        cap = self.options["ot_max_train"]
         xs, yt = data.source_train, data.target_train
         if cap is not None:
-            g = torch.Generator().manual_seed(run.seed * 1_000_003 + 11)
+            g = run.generator("otcs-ot-subset", device="cpu")
             if len(xs) > cap:
                 xs = xs[torch.randperm(len(xs), generator=g)[:cap]]
             if len(yt) > cap:
@@ -249,7 +266,7 @@ class OTCS(Method):
 
     # -- fit -----------------------------------------------------------------------------------
     def fit(self, data: TaskData, run) -> None:
-        o, pick, dev = self.options, run.budget.pick, run.device
+        o, dev = self.options, run.device
         xs, yt, src_key, tgt_key = self._ot_sets(data, run)
         n, m = len(xs), len(yt)
         self.kx = data.pairs[0].to(dev) if self.semi else None
@@ -257,7 +274,7 @@ class OTCS(Method):
         fx = self.features(xs.to(dev))
         fy = self.features(yt.to(dev))
         st = self.extra_state
-        g0 = run.generator(1, device=dev)
+        g0 = run.generator("otcs-probe", device=dev)
 
         # relation vectors to the keypoints (semi-paired), temperature tau
         rx = ry = None
@@ -285,6 +302,7 @@ class OTCS(Method):
                 s = 1.0
             st["xi_scale"] = s
             st["epsilon"] = float(o["epsilon"]) if o["epsilon"] is not None else float(o["epsilon_rel"]) * s
+            st["epsilon_rel"] = st["epsilon"] / s
             st["ot_n"], st["ot_m"] = n, m
         s, eps = st["xi_scale"], st["epsilon"]
         eps_n = eps / s
@@ -293,17 +311,24 @@ class OTCS(Method):
             return self._xi(fx[ii], fy[jj], None if rx is None else rx[ii], None if ry is None else ry[jj]) / s
 
         # ---- stage I: dual potentials -----------------------------------------------------
-        steps1 = o["ot_steps"] or pick(smoke=600, fast=20_000)
-        batch1 = o["ot_batch"] or pick(smoke=256, fast=512)
+        steps1, batch1 = o["ot_steps"], o["ot_batch"]
+        # eps continuation: start at eps_start_rel (units of s) and decay geometrically to the target
+        # eps over the first eps_anneal of the steps (a warm start; the authors keep eps constant)
+        eps0 = max(eps_n, float(o["eps_start_rel"]))
+        ramp = float(o["eps_anneal"]) * steps1
+
+        def eps_at(step: int) -> float:
+            if ramp <= 0 or eps0 <= eps_n:
+                return eps_n
+            return eps0 * (eps_n / eps0) ** min(1.0, step / ramp)
+
         if run.progress.get("otcs-stage1-potentials", 0) == 0:
             with torch.no_grad():  # start from u + v = mean cost (units of s)
                 self.u_net.net[-1].bias.fill_(0.5)
                 self.v_net.net[-1].bias.fill_(0.5)
-        opt1 = torch.optim.Adam(list(self.u_net.parameters()) + list(self.v_net.parameters()), lr=o["ot_lr"])
-        if "opt1" in st:
-            opt1.load_state_dict(st["opt1"])
-        self._opts = {"opt1": opt1}
-        g1 = run.generator(2, device=dev)
+        opt1 = self.optimizer("potentials", torch.optim.Adam(
+            list(self.u_net.parameters()) + list(self.v_net.parameters()), lr=o["ot_lr"]))
+        g1 = run.generator("otcs-stage1", device=dev)
         k = len(src_key)
         n_free, m_free = n - k, m - k
         for step in run.loop("otcs-stage1-potentials", steps1):
@@ -316,7 +341,7 @@ class OTCS(Method):
                 mask = ot.keypoint_mask(ii, jj, src_key.to(dev), tgt_key.to(dev))
             # float32 on purpose: H = (u + v - xi) / (2 eps) amplifies rounding of u, v by 1 / eps
             u, v = self.u_net(fx[ii]), self.v_net(fy[jj])
-            loss = -ot.dual_l2_objective(u, v, xi_block(ii, jj), eps_n, mask)
+            loss = -ot.dual_l2_objective(u, v, xi_block(ii, jj), eps_at(step), mask)
             opt1.zero_grad(set_to_none=True)
             loss.backward()
             for group in opt1.param_groups:
@@ -332,14 +357,14 @@ class OTCS(Method):
                 vs = torch.cat([self.v_net(fy[j:j + 4096]).float() for j in range(0, m, 4096)]).flatten()
                 all_j = torch.arange(m, device=dev)
                 mask_fn = None
-                if k:
+                if k and o["h_mask"]:
                     def mask_fn(i0, i1):
                         return ot.keypoint_mask(torch.arange(i0, i1, device=dev), all_j,
                                                 src_key.to(dev), tgt_key.to(dev))
                 block = o["h_block"] or (2048 if dev.type == "cuda" else 256)
                 H = ot.sparse_compatibility(us, vs, lambda i0, i1: xi_block(torch.arange(i0, i1, device=dev), all_j),
                                             eps_n, threshold=o["h_threshold"], max_per_row=o["h_max_per_row"],
-                                            block_rows=block, mask_block=mask_fn)
+                                            block_rows=block, mask_block=mask_fn, max_nnz=o["h_max_nnz"])
                 self.h_crow, self.h_col, self.h_val = H.crow, H.col, H.val
                 self.h_row_mean, self.h_col_mean = H.row_mean, H.col_mean
                 st["h_kept_mass"] = H.kept_mass
@@ -347,7 +372,7 @@ class OTCS(Method):
                 st["empty_rows"] = int(len(empty))
                 st["h_nnz_per_row"] = float(len(H.col) / max(n, 1))
                 # rows held out of stage II for the J_CSM estimate (never keypoint rows)
-                gh = run.generator(3, device=dev)
+                gh = run.generator("otcs-holdout", device=dev)
                 nonempty = torch.nonzero(H.row_nnz()[: n - k] > 0).flatten()
                 n_hold = min(512, int(float(o["holdout"]) * len(nonempty)))
                 if len(nonempty) - n_hold < 1:
@@ -362,21 +387,18 @@ class OTCS(Method):
 
         # ---- stage II: conditional score model on resampled pairs ------------------------
         img = self.is_image
-        steps2 = o["steps"] or (pick(smoke=150, fast=12_000, paper=100_000) if img else pick(smoke=2000, fast=10_000))
-        batch2 = o["batch_size"] or (pick(smoke=16, fast=128) if img else pick(smoke=256, fast=512))
-        lr2 = o["lr"] or (2e-4 if img else 1e-3)
-        opt2 = torch.optim.Adam(self.score.parameters(), lr=lr2)
-        if "opt2" in st:
-            opt2.load_state_dict(st["opt2"])
-        self._opts["opt2"] = opt2
-        g2 = run.generator(4, device=dev)
+        steps2 = o["steps"] if img else o["toy_steps"]
+        batch2 = o["batch_size"] if img else o["toy_batch_size"]
+        lr2 = o["lr"] if img else o["toy_lr"]
+        opt2 = self.optimizer("score", torch.optim.Adam(self.score.parameters(), lr=lr2))
+        g2 = run.generator("otcs-stage2", device=dev)
         xs_d, yt_d = xs.to(dev), yt.to(dev)
         net = run.maybe_compile(self.score)
         for step in run.loop("otcs-stage2-score", steps2):
             i, j = ot.resample_by_compatibility(H, batch2, generator=g2, rows=self.train_rows)
             cond, y0 = self._cond(xs_d[i]), self._pad(yt_d[j])
             with run.autocast():
-                loss = dsm_loss(net, y0, self.sde, cond=cond, weighting="g2", generator=g2)
+                loss = dsm_loss(net, y0, self.sde, cond=cond, weighting=o["loss_weighting"], generator=g2)
             opt2.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.score.parameters(), 1.0)
@@ -397,31 +419,66 @@ class OTCS(Method):
 
     @torch.no_grad()
     def _estimate_bounds(self, xs, yt, H: ot.SparseCompatibility, run) -> None:
-        st = self.extra_state
+        o, st = self.options, self.extra_state
         mx, my = H.marginal_violation()
         st["bound_marginal_x"], st["bound_marginal_y"] = mx, my
         st["bound_lagrangian_grad"] = mx + my
-        g = run.generator(5, device=xs.device)
+        g = run.generator("otcs-bounds", device=xs.device)
         rows = self.hold_rows if len(self.hold_rows) else self.train_rows
-        n_pairs = min(run.budget.pick(smoke=256, fast=2048), 16 * max(len(rows), 1))
+        n_pairs = min(o["bound_pairs"], 16 * max(len(rows), 1))
+        # the held-out DSM objective: J_CSM plus a constant that does not depend on the network
         i, j = ot.resample_by_compatibility(H, n_pairs, generator=g, rows=rows)
         J = 0.0
         for a in range(0, len(i), 256):
             b = min(len(i), a + 256)
             J += dsm_eval(self.ema, self._pad(yt[j[a:b]]), self.sde, cond=self._cond(xs[i[a:b]]),
                           n_t=8, generator=g) * (b - a)
-        st["bound_jcsm"] = J / len(i)
-        st["bound_jcsm_n"] = int(len(i))
+        st["bound_dsm"] = J / len(i)
+        # J_CSM itself, against the exact noised score of the finite mixture pi_hat(.|x_i)
+        st["bound_jcsm"] = self._jcsm_exact(xs, yt, H, rows, n_pairs, g)
+        st["bound_jcsm_n"] = int(n_pairs)
         st["bound_jcsm_heldout"] = bool(len(self.hold_rows))
         T = torch.tensor(self.sde.T)
         aT, sT = float(self.sde.alpha(T)), float(self.sde.sigma(T))
         nz = torch.nonzero(H.row_nnz() > 0).flatten()
-        pick = nz[torch.randperm(len(nz), generator=g, device=nz.device)[:run.budget.pick(smoke=8, fast=32)]]
+        pick = nz[torch.randperm(len(nz), generator=g, device=nz.device)[:o["bound_prior_rows"]]]
         w2s = []
         for r in pick.tolist():
             a, b = int(H.crow[r]), int(H.crow[r + 1])
             w2s.append(ot.forward_prior_w2(self._pad(yt[H.col[a:b]]), H.val[a:b], aT, sT))
         st["bound_prior_w2"] = float(sum(w2s) / max(len(w2s), 1))
+
+    @torch.no_grad()
+    def _jcsm_exact(self, xs, yt, H: ot.SparseCompatibility, rows, n_pairs: int, g, per_row: int = 8) -> float:
+        """J_CSM = int g^2 E_x E_{y_t ~ p_t(.|x)} ||s_theta(y_t, t, x) - grad log p_t(y_t | x)||^2 dt (summed
+        over dimensions), where p_t(.|x_i) = sum_j w_ij N(alpha_t y_j, sigma_t^2 I) is pi_hat(.|x_i) noised,
+        so its score is exact: grad log p_t = (alpha_t ybar - y_t) / sigma_t^2 with ybar the posterior
+        mean sum_j r_j y_j, r = softmax_j(log w_ij - ||y_t - alpha_t y_j||^2 / (2 sigma_t^2)).
+        t follows the g^2 importance density (stratified per row), as in dsm_eval."""
+        sde, dev = self.sde, xs.device
+        rows = rows[torch.randperm(len(rows), generator=g, device=rows.device)[: max(1, n_pairs // per_row)]]
+        total, count = 0.0, 0
+        for r in rows.tolist():
+            a0, b0 = int(H.crow[r]), int(H.crow[r + 1])
+            Y = self._pad(yt[H.col[a0:b0]]).float()
+            Yf = Y.flatten(1)
+            w = H.val[a0:b0].double()
+            w = (w / w.sum()).float()
+            pick = torch.multinomial(w, per_row, replacement=True, generator=g)
+            u = (torch.arange(per_row, device=dev) + torch.rand(per_row, generator=g, device=dev)) / per_row
+            t = sde.g2_icdf(u)
+            a, s = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
+            z = torch.randn(per_row, Yf.shape[1], generator=g, device=dev)
+            y_t = a * Yf[pick] + s * z
+            sq = (y_t.pow(2).sum(1, keepdim=True) - 2 * a * (y_t @ Yf.T) + a.pow(2) * Yf.pow(2).sum(1)[None])
+            resp = torch.softmax(torch.log(w.clamp_min(1e-30))[None] - sq / (2 * s.pow(2)), dim=1)
+            eps_star = (y_t - a * (resp @ Yf)) / s  # = -sigma_t * exact score
+            c1 = self._cond(xs[r:r + 1])
+            cond = c1.expand(per_row, *c1.shape[1:])
+            eps = self.ema(y_t.reshape(per_row, *Y.shape[1:]), t, cond).float().flatten(1)
+            total += float((eps - eps_star).pow(2).sum())
+            count += per_row
+        return sde.g2_normaliser * total / max(count, 1)
 
     # -- conditioning and padding ----------------------------------------------------------------
     def _pad(self, y: torch.Tensor) -> torch.Tensor:
@@ -437,8 +494,10 @@ class OTCS(Method):
         shape = (len(x), *((self.shape[0], self.canvas, self.canvas) if self.is_image else self.shape))
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._bf16 and self.device.type == "cuda")
         with amp:
-            if self._sampler == "sde":
-                y = sample_sde(self.ema, shape, self.sde, self._sde_steps, cond=cond, generator=generator)
+            if self.options["sampler"] == "sde":
+                clip = bool(self.options["clip_x0"]) and self.is_image
+                y = sample_sde(self.ema, shape, self.sde, self.nfe, cond=cond, generator=generator,
+                               clip_x0=clip, denoise=bool(self.options["denoise"]))
             else:
                 y = sample_ddim(self.ema, shape, self.sde, int(self.options["ddim_steps"]), cond=cond,
                                 generator=generator, eta=float(self.options["ddim_eta"]))
@@ -460,11 +519,6 @@ class OTCS(Method):
         return torch.where(tot > 0, h / tot.clamp_min(1e-30), torch.full_like(h, 1.0 / h.shape[1]))
 
     # -- state ---------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        for key, opt in getattr(self, "_opts", {}).items():
-            self.extra_state[key] = opt.state_dict()
-        return super().state_dict()
-
     def bound_terms(self) -> dict[str, float] | None:
         st = self.extra_state
         if "bound_jcsm" not in st:
@@ -475,12 +529,14 @@ class OTCS(Method):
             "bound_lagrangian_grad": st["bound_lagrangian_grad"],
             "bound_jcsm": st["bound_jcsm"],
             "bound_sqrt_jcsm": math.sqrt(max(st["bound_jcsm"], 0.0)),
+            "bound_dsm": st["bound_dsm"],
             "bound_prior_w2": st["bound_prior_w2"],
             "bound_empty_rows": st["empty_rows"],
             "bound_empty_rows_frac": st["empty_rows"] / max(st["ot_n"], 1),
             "bound_h_nnz_per_row": st["h_nnz_per_row"],
             "bound_h_kept_mass": st["h_kept_mass"],
             "bound_epsilon": st["epsilon"],
+            "bound_epsilon_rel": st.get("epsilon_rel", st["epsilon"] / st["xi_scale"]),
             "bound_ot_n": st["ot_n"],
             "bound_ot_m": st["ot_m"],
         }
