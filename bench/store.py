@@ -1,13 +1,34 @@
-"""Atomic files: nothing half-written is ever read back as a result or checkpoint."""
+"""Files of a run: atomic writes, safe reads, and one-line errors for damaged files.
+
+Every file is written to a temporary name in the same directory, fsynced and renamed, so a killed
+process leaves either the old file or the new one, never half of one.  Reads never execute code:
+``torch_load`` uses ``weights_only=True`` (tensors, dicts, lists, python scalars, optimizer state
+dicts and generator states load; an arbitrary pickled object is refused), and a file that cannot
+be read (truncated, malformed, crafted) raises :class:`CorruptFile`, a one-line ``BenchError``
+that names the file, which the runner turns into a recovery (re-train, re-transport, re-score).
+"""
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .api import BenchError
+
+
+class CorruptFile(BenchError):
+    """A run file exists but cannot be read safely; ``path`` names it."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path} is unreadable ({reason})")
 
 
 def _atomic(path: Path, write) -> None:
@@ -34,8 +55,12 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    with open(path) as fh:
-        return json.load(fh)
+    """Parse a JSON file; :class:`CorruptFile` when it is truncated or not JSON."""
+    try:
+        with open(path, "rb") as fh:
+            return json.loads(fh.read().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFile(path, f"not valid JSON: {_one_line(exc)}") from None
 
 
 def torch_save(path: Path, obj: Any) -> None:
@@ -43,11 +68,70 @@ def torch_save(path: Path, obj: Any) -> None:
 
 
 def torch_load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Load a checkpoint or samples file without executing code (``weights_only=True``).
+
+    Raises :class:`CorruptFile` naming the file when it is truncated, malformed, or holds
+    anything but tensors, containers and plain values (a crafted pickle is refused, never run).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as exc:  # weights_only refused a global, or garbage bytes
+        msg = _one_line(exc)
+        if "Unsupported global" in msg or "weights_only" in msg.lower() or "Weights only" in msg:
+            start = msg.find("Unsupported global")
+            what = msg[start:].split(" was ")[0].split(". ")[0] if start >= 0 else "a non-tensor object"
+            raise CorruptFile(path, f"it holds {what}, which a safe load refuses to execute") from None
+        raise CorruptFile(path, f"not a torch file: {msg}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError,
+            AttributeError, TypeError) as exc:
+        return _raise_corrupt(path, exc)
+
+
+def _raise_corrupt(path: Path, exc: BaseException):
+    msg = _one_line(exc)
+    if "central directory" in msg or "PytorchStreamReader" in msg or isinstance(exc, EOFError):
+        msg = "truncated or not a torch file"
+    raise CorruptFile(path, msg) from None
 
 
 def write_bytes(path: Path, data: bytes) -> None:
     _atomic(path, lambda fh: fh.write(data))
+
+
+def append_jsonl(path: Path, obj: Any) -> None:
+    """Append one JSON line with a single ``write`` on an ``O_APPEND`` descriptor, so lines from
+    concurrent writers never interleave; a kill can at worst leave the last line cut short."""
+    line = (json.dumps(obj, default=_jsonable) + "\n").encode()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The readable lines of a JSON-lines log (a line cut short by a kill is skipped)."""
+    out = []
+    try:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                try:
+                    obj = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                if isinstance(obj, dict):
+                    out.append(obj)
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _jsonable(obj):
