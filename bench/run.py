@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import store
+from .api import BenchError
 from .budgets import Budget
 
 
@@ -46,6 +48,16 @@ def pick_device(name: str = "auto") -> torch.device:
         from .api import BenchError
         raise BenchError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     return dev
+
+
+class RunFailed(BenchError):
+    """The run produced a value that makes it meaningless (a NaN/inf loss, non-finite samples, an
+    impossible metric); the runner records it in failed.json instead of a row."""
+
+    def __init__(self, stage: str, step: int | None, reason: str):
+        self.stage, self.step, self.reason = stage, step, reason
+        where = f"{stage} step {step}" if step is not None else stage
+        super().__init__(f"{reason} (at {where})")
 
 
 class Run:
@@ -156,15 +168,18 @@ class Run:
         return step % every == 0
 
     def log(self, stage: str, step: int, **scalars: Any) -> None:
+        """Append the scalars to log.jsonl; a NaN or infinite value stops the run (:class:`RunFailed`)."""
         values = {k: (float(v.detach().float().item()) if isinstance(v, torch.Tensor) else v)
                   for k, v in scalars.items()}
-        if self.dir is None:
-            return
-        if self._log_fh is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._log_fh = open(self.dir / "log.jsonl", "a")
-        self._log_fh.write(json.dumps({"stage": stage, "step": step, "time": time.time(), **values}) + "\n")
-        self._log_fh.flush()
+        bad = [f"{k}={v}" for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+        if self.dir is not None:
+            if self._log_fh is None:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._log_fh = open(self.dir / "log.jsonl", "a")
+            self._log_fh.write(json.dumps({"stage": stage, "step": step, "time": time.time(), **values}) + "\n")
+            self._log_fh.flush()
+        if bad:
+            raise RunFailed(stage, step, f"training diverged: {', '.join(bad)}")
 
     def close(self) -> None:
         if self._log_fh is not None:
