@@ -1,49 +1,100 @@
-"""The runner: one (method, task, seed, budget) at a time, resumable and skippable.
+"""The runner: one (method, task, seed, budget) at a time, resumable, locked, skippable.
 
-Run directory ``OUT/<task>/<method>/<budget>-seed<seed>[-<options hash>]/`` holds
-``config.json``, ``checkpoint.pt`` (during fit), ``samples.pt`` (transported test sources),
-``log.jsonl``, ``grid.png`` and, last, ``row.json``. A directory with ``row.json`` is finished
-and skipped; one with a checkpoint resumes from it; one with samples but no row is re-scored.
+A run directory ``OUT/<task>/<method>/<budget>-seed<seed>-<hash>/`` is the unit of work; the hash
+is taken over the fully resolved method and task options, so two runs share a directory exactly
+when they would compute the same thing.  It holds ``config.json``, ``checkpoint.pt`` (during and
+after fit), ``samples.pt`` (transported test sources), ``log.jsonl`` (training scalars and the
+runner's events), ``grid.png`` and, last, ``row.json``; or, instead of the row, ``failed.json``.
+
+One run path serves ``bench run`` and ``bench eval``:
+
+1. :func:`prepare`  load the task's data, build and set up the method, make its :class:`Run`;
+2. :func:`fit_and_transport`  train (resuming at the last checkpoint) and transport the test
+   sources, stored as ``samples.pt``;
+3. :func:`score`  the task's metrics (plus the method's bound terms), checked for sanity;
+4. :func:`annotate`  the row: what ran, where, how long, which code.
+
+States of a directory: ``row.json`` readable = finished (skipped); ``failed.json`` = failed (a
+NaN/inf loss, non-finite samples or an impossible metric; reported and skipped unless
+``retry_failed``, which starts it again from scratch); anything else = resumable.  A damaged
+file is moved aside as ``<name>.corrupt`` with a one-line warning and rebuilt: a checkpoint by
+training from scratch, samples by transporting again from the checkpoint, a row by re-scoring.
+Every step runs under the directory's lock (:mod:`bench.locks`), so two processes never work on
+one run.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
+import re
+import socket
 import subprocess
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__, store
-from .api import BenchError, EvalContext, Method, TaskData
+from .api import BenchError, EvalContext, Metric, Method, Task, TaskData
 from .budgets import Budget
+from .locks import RunLock
+from .plots import save_grid
 from .registry import get_method, get_task
-from .run import Run, pick_device, seed_everything
+from .run import Run, RunFailed, pick_device, seed_everything
 
 ROW_FILE = "row.json"
+FAILED_FILE = "failed.json"
 SAMPLES_FILE = "samples.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.json"
+LOG_FILE = "log.jsonl"
+
+Log = Callable[[str], Any]
+
+
+def options_digest(method_options: dict[str, Any], task_options: dict[str, Any]) -> str:
+    """8 hex digits of the resolved options: equal digests = the same computation."""
+    blob = json.dumps({"method": method_options, "task": task_options}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def run_directory(out: Path, task: str, method: str, budget: str, seed: int,
+                  method_options: dict[str, Any], task_options: dict[str, Any]) -> Path:
+    name = f"{budget}-seed{seed}-{options_digest(method_options, task_options)}"
+    return Path(out) / task / method / name
 
 
 @dataclass
 class RunSpec:
+    """What to run: method and task names, seed, budget, and the options the user gave."""
+
     method: str
     task: str
     seed: int = 0
     budget: str = "smoke"
     options: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> tuple[Method, Task]:
+        """The method (options resolved for the budget) and the task; BenchError on bad options."""
+        Budget(self.budget)
+        task = get_task(self.task)(**self.task_options)
+        method = get_method(self.method)(budget=self.budget, **self.options)
+        return method, task
 
     def directory(self, out: Path) -> Path:
-        name = f"{self.budget}-seed{self.seed}"
-        if self.options:
-            digest = hashlib.sha256(json.dumps(self.options, sort_keys=True).encode()).hexdigest()[:8]
-            name += f"-{digest}"
-        return Path(out) / self.task / self.method / name
+        method, task = self.build()
+        return run_directory(out, self.task, self.method, self.budget, self.seed, method.options, task.options)
+
+    def label(self) -> str:
+        return f"{self.method} on {self.task} (seed {self.seed}, {self.budget})"
 
 
 def _git_commit() -> str | None:
@@ -88,197 +139,469 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run_one(spec: RunSpec, *, out: Path, data_root: Path, cache_dir: Path, device: str = "auto",
-            bf16: bool = False, compile: bool = False, force: bool = False, progress: bool = True,
-            batch_size: int = 500, checkpoint_every: float = 120.0, log=print) -> dict[str, Any]:
-    task = get_task(spec.task)()
-    method_cls = get_method(spec.method)
-    budget = Budget(spec.budget)
-    method = method_cls(**spec.options)  # validates options before any work
-    rundir = spec.directory(out)
-    if (rundir / ROW_FILE).exists() and not force:
-        log(f"skip {spec.method} on {spec.task} (seed {spec.seed}, {spec.budget}): finished, {rundir / ROW_FILE}")
-        return store.read_json(rundir / ROW_FILE)
-    check_writable(rundir)
-    if force:
-        for name in (ROW_FILE, SAMPLES_FILE, "checkpoint.pt"):
-            (rundir / name).unlink(missing_ok=True)
+# -- sanity of what a run produces ----------------------------------------------------------------
+def metric_range(metric: Metric) -> tuple[float, float]:
+    """The values a metric column can take; anything outside means the run is broken.
 
+    A metric may declare ``bounds = (lo, hi)``; otherwise: percentages (``acc``, ``*_acc``, or a
+    header with ``%``) lie in [0, 100]; ``ssim`` in [-1, 1]; distances (``fid``, ``cfd``, ``w2``,
+    ``*_fid``, ``*_fd``, ``*_w2``) are >= 0; anything else only has to be finite.
+    """
+    bounds = getattr(metric, "bounds", None)
+    if bounds is not None:
+        return float(bounds[0]), float(bounds[1])
+    key, header = str(metric), getattr(metric, "header", str(metric))
+    if key == "acc" or key.endswith("_acc") or "%" in header:
+        return 0.0, 100.0
+    if key == "ssim" or key.endswith("_ssim"):
+        return -1.0, 1.0
+    if key in ("fid", "cfd", "w2", "kid") or key.endswith(("_fid", "_fd", "_w2")):
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
+def check_metrics(task: Task, metrics: dict[str, Any]) -> None:
+    """Raise :class:`RunFailed` (stage ``score``) for a metric that is not a finite number in range."""
+    for m in task.metrics:
+        m = m if isinstance(m, Metric) else Metric(m)
+        if metrics.get(str(m)) is None:
+            continue
+        value = metrics[str(m)]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RunFailed("score", None, f"metric {m}={value!r} is not a number")
+        lo, hi = metric_range(m)
+        if not math.isfinite(value):
+            raise RunFailed("score", None, f"metric {m}={value} is not finite")
+        if not lo <= value <= hi:
+            raise RunFailed("score", None, f"metric {m}={value:.6g} is outside its range [{lo:g}, {hi:g}]")
+
+
+def check_samples(outputs: torch.Tensor) -> None:
+    """Raise :class:`RunFailed` (stage ``transport``) when a transported sample is NaN or inf."""
+    finite = torch.isfinite(outputs.reshape(len(outputs), -1)).all(1) if len(outputs) else torch.ones(0)
+    bad = int((~finite.bool()).sum())
+    if bad:
+        raise RunFailed("transport", None, f"{bad} of {len(outputs)} transported samples hold NaN or inf")
+
+
+# -- the four steps of a run ----------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """Everything a run's later steps need, built once by :func:`prepare`."""
+
+    spec: RunSpec
+    rundir: Path
+    task: Task
+    method: Method
+    data: TaskData
+    run: Run
+    device: torch.device
+    sources: torch.Tensor
+    labels: torch.Tensor | None
+    bf16: bool = False
+    compile: bool = False
+
+
+def prepare(spec: RunSpec, rundir: Path, method: Method, task: Task, *, data_root: Path, device: str = "auto",
+            bf16: bool = False, compile: bool = False, progress: bool = True,
+            checkpoint_every: float = 120.0) -> Prepared:
+    """Load the data, check the setting, set the method up on its device (no training)."""
     dev = pick_device(device)
     seed_everything(spec.seed)
-    data = task.load(data_root, spec.seed)
+    data = task.load(data_root, spec.seed, budget=spec.budget)
     method.check_setting(data)
-    config = {"method": spec.method, "task": spec.task, "seed": spec.seed, "budget": spec.budget,
-              "options": method.options, "device": str(dev), "bf16": bool(bf16), "compile": bool(compile)}
-    store.write_json(rundir / "config.json", config)
-
-    run = Run(rundir, device=dev, seed=spec.seed, budget=budget, bf16=bf16, compile=compile,
+    run = Run(rundir, device=dev, seed=spec.seed, budget=Budget(spec.budget), bf16=bf16, compile=compile,
               checkpoint_every=checkpoint_every, progress=progress)
     run.method = method
     seed_everything(spec.seed)
     method.setup(data, run)
     method.to(dev)
-
-    n_eval = task.eval_sizes.get(budget.name)
+    n_eval = task.eval_sizes.get(spec.budget)
     sources = data.source_test if n_eval is None else data.source_test[:n_eval]
-    labels = None
-    if data.source_test_labels is not None:
-        labels = data.source_test_labels[: len(sources)]
-
-    samples_path = rundir / SAMPLES_FILE
-    timings: dict[str, float] = {}
-    if samples_path.exists():
-        saved = store.torch_load(samples_path)
-        outputs, timings = saved["outputs"], saved.get("timings", {})
-        log(f"re-scoring stored samples in {rundir}")
-        if (rundir / "checkpoint.pt").exists():
-            run.restore()
-    else:
-        resumed = run.restore()
-        if resumed:
-            log(f"resuming {spec.method} on {spec.task} from {rundir / 'checkpoint.pt'} ({run.progress})")
-        _sync(dev)
-        run.start_fit_clock()
-        method.fit(data, run)
-        _sync(dev)
-        fit_s = run.fit_seconds()
-        run.checkpoint()
-        t0 = time.perf_counter()
-        outputs = transport_all(method, sources, dev, batch_size, spec.seed, progress)
-        _sync(dev)
-        transport_s = time.perf_counter() - t0
-        timings = {**run.timings, "fit_s": fit_s, "transport_s": transport_s}
-        store.torch_save(samples_path, {"outputs": outputs, "n": len(sources), "timings": timings})
-    run.close()
-
-    row = score(task, data, method, run, sources, outputs, labels, spec, cache_dir, dev, data_root,
-                batch_size, progress)
-    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-    row.update({
-        "fit_s": round(timings.get("fit_s", 0.0), 3),
-        "transport_s": round(timings.get("transport_s", 0.0), 3),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "device": str(dev), "device_name": _device_name(dev), "bf16": bool(bf16),
-        "gpu_minutes": round((timings.get("fit_s", 0.0) + timings.get("transport_s", 0.0)) / 60, 3)
-        if dev.type == "cuda" else None,
-        "peak_gpu_mem_gib": None if peak is None else round(peak, 3),
-    })
-    save_grid(rundir / "grid.png", sources, outputs, data)
-    store.write_json(rundir / ROW_FILE, row)
-    log(f"done {spec.method} on {spec.task} (seed {spec.seed}, {spec.budget}): "
-        + ", ".join(f"{k}={_fmt(row.get(k))}" for k in task.metrics if k in row))
-    return row
+    labels = None if data.source_test_labels is None else data.source_test_labels[: len(sources)]
+    return Prepared(spec, Path(rundir), task, method, data, run, dev, sources, labels, bool(bf16), bool(compile))
 
 
-def score(task, data: TaskData, method: Method, run: Run, sources, outputs, labels, spec: RunSpec,
-          cache_dir: Path, dev: torch.device, data_root: Path, batch_size: int, progress: bool) -> dict:
-    def extra_transport(x: torch.Tensor) -> torch.Tensor:
-        return transport_all(method, x, dev, batch_size, spec.seed + 1, progress=False)
+def restore(p: Prepared, warn: Log) -> str:
+    """Load the last checkpoint: 'restored', 'none', or 'corrupt' (moved aside with a warning)."""
+    path = p.rundir / CHECKPOINT_FILE
+    try:
+        return "restored" if p.run.restore() else "none"
+    except store.CorruptFile as exc:
+        quarantine(path, exc.reason, warn, "training again from scratch")
+        return "corrupt"
 
-    ctx = EvalContext(cache_dir=Path(cache_dir), device=dev, budget=run.budget, seed=spec.seed,
-                      method=method, transport=extra_transport, data_root=data_root)
+
+def load_samples(rundir: Path, warn: Log, action: str = "transporting again from the checkpoint") -> dict | None:
+    """The stored samples, or None when missing or unreadable (then moved aside with a warning)."""
+    path = Path(rundir) / SAMPLES_FILE
+    if not path.exists():
+        return None
+    try:
+        saved = store.torch_load(path)
+        if not isinstance(saved, dict) or not isinstance(saved.get("outputs"), torch.Tensor):
+            raise store.CorruptFile(path, "it holds no 'outputs' tensor")
+        return saved
+    except store.CorruptFile as exc:
+        quarantine(path, exc.reason, warn, action)
+        return None
+
+
+def fit_and_transport(p: Prepared, *, batch_size: int = 500, progress: bool = True,
+                      resumed: bool = False, log: Log = print) -> dict[str, Any]:
+    """Train (continuing from the restored checkpoint), checkpoint, then transport and store."""
+    if resumed:
+        log(f"resuming {p.spec.label()} from {p.rundir / CHECKPOINT_FILE} ({p.run.progress})")
+    event(p.rundir, "fit_start", resume=dict(p.run.progress))
+    _sync(p.device)
+    p.run.start_fit_clock()
+    p.method.fit(p.data, p.run)
+    _sync(p.device)
+    fit_s = p.run.fit_seconds()
+    p.run.checkpoint()
+    event(p.rundir, "fit_done", fit_s=round(fit_s, 3))
+    return transport_and_store(p, {**p.run.timings, "fit_s": fit_s}, batch_size=batch_size, progress=progress)
+
+
+def transport_and_store(p: Prepared, timings: dict[str, float], *, batch_size: int = 500,
+                        progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
-    metrics = task.evaluate(data, sources, outputs, labels, ctx)
+    outputs = transport_all(p.method, p.sources, p.device, batch_size, p.spec.seed, progress)
+    _sync(p.device)
+    check_samples(outputs)
+    peak = torch.cuda.max_memory_allocated(p.device) / 2**30 if p.device.type == "cuda" else None
+    saved = {"outputs": outputs, "n": len(outputs),
+             "timings": {**timings, "transport_s": time.perf_counter() - t0},
+             "facts": {"device": str(p.device), "device_name": _device_name(p.device), "bf16": p.bf16,
+                       "compile": p.compile, "peak_gpu_mem_gib": None if peak is None else round(peak, 3)}}
+    store.torch_save(p.rundir / SAMPLES_FILE, saved)
+    event(p.rundir, "samples_stored", n=len(outputs))
+    return saved
+
+
+def score(p: Prepared, outputs: torch.Tensor, *, cache_dir: Path, data_root: Path, batch_size: int = 500,
+          progress: bool = True) -> dict[str, Any]:
+    """The task's metrics on ``outputs`` and the method's bound terms; RunFailed when impossible."""
+    sources = p.sources[: len(outputs)]
+    labels = None if p.labels is None else p.labels[: len(outputs)]
+
+    def extra_transport(x: torch.Tensor) -> torch.Tensor:
+        return transport_all(p.method, x, p.device, batch_size, p.spec.seed + 1, progress=False)
+
+    ctx = EvalContext(cache_dir=Path(cache_dir), device=p.device, budget=p.run.budget, seed=p.spec.seed,
+                      method=p.method, transport=extra_transport, data_root=data_root)
+    t0 = time.perf_counter()
+    metrics = p.task.evaluate(p.data, sources, outputs, labels, ctx)
     eval_s = time.perf_counter() - t0
-    bounds = method.bound_terms() or {}
-    row: dict[str, Any] = {
+    check_metrics(p.task, metrics)
+    bounds = p.method.bound_terms() or {}
+    return {**metrics, **{(k if k.startswith("bound_") else f"bound_{k}"): v for k, v in bounds.items()},
+            "eval_s": round(eval_s, 3)}
+
+
+def annotate(p: Prepared, scored: dict[str, Any], saved: dict[str, Any],
+             fallback: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The result row: identity and options, metrics, then where and how long it ran."""
+    fallback = fallback or {}
+    timings = {k: float(v) for k, v in (saved.get("timings") or {}).items()}
+    facts = saved.get("facts") or {}
+
+    def fact(key, default):
+        return facts.get(key, fallback.get(key, default))
+
+    device = fact("device", str(p.device))
+    fit_s, transport_s = timings.get("fit_s", 0.0), timings.get("transport_s", 0.0)
+    m, spec = p.method, p.spec
+    return {
         "method": spec.method, "task": spec.task, "seed": spec.seed, "budget": spec.budget,
-        "options": method.options, "variant": _variant(spec.options), "family": method.family, "oracle": method.oracle,
-        "nfe": method.nfe, "setting": data.setting, "n_eval": len(sources),
-        **metrics,
-        **{(k if k.startswith("bound_") else f"bound_{k}"): v for k, v in bounds.items()},
-        "eval_s": round(eval_s, 3),
+        "options": m.options, "task_options": p.task.options, "variant": variant(spec, m, p.task),
+        "family": m.family, "oracle": m.oracle, "nfe": m.nfe, "setting": p.data.setting,
+        "n_eval": int(saved.get("n", len(saved.get("outputs", ())))),
+        **scored,
+        "fit_s": round(fit_s, 3), "transport_s": round(transport_s, 3),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "device": device, "device_name": fact("device_name", _device_name(p.device)),
+        "bf16": bool(fact("bf16", p.bf16)),
+        "gpu_minutes": round((fit_s + transport_s) / 60, 3) if str(device).startswith("cuda") else None,
+        "peak_gpu_mem_gib": fact("peak_gpu_mem_gib", None),
         "otbench_version": __version__, "commit": _git_commit(), "torch": torch.__version__,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def variant(spec: RunSpec, method: Method, task: Task) -> str:
+    """A short label of the options that differ from the budget's defaults ('' for defaults)."""
+    base_m = get_method(spec.method)(budget=spec.budget).options
+    base_t = get_task(spec.task)().options
+    parts = [f"{k}={v}" for k, v in sorted(method.options.items()) if base_m.get(k, object()) != v]
+    parts += [f"task.{k}={v}" for k, v in sorted(task.options.items()) if base_t.get(k, object()) != v]
+    return ",".join(parts)
+
+
+# -- run directory bookkeeping --------------------------------------------------------------------
+def event(rundir: Path, name: str, **fields: Any) -> None:
+    """One runner event in log.jsonl (``fit_start`` marks every training session)."""
+    store.append_jsonl(Path(rundir) / LOG_FILE, {"event": name, "time": time.time(), "pid": os.getpid(),
+                                                 "host": socket.gethostname(), **fields})
+
+
+def quarantine(path: Path, reason: str, warn: Log, action: str) -> None:
+    target = path.with_name(path.name + ".corrupt")
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:
+        return
+    warn(f"warning: {path} is unreadable ({reason}); moved to {target.name}, {action}")
+    event(path.parent, "recovered", file=path.name, reason=reason, action=action)
+
+
+def finished_row(rundir: Path, warn: Log) -> dict | None:
+    """The row of a finished run, or None (a damaged row is moved aside: the run is re-scored)."""
+    path = Path(rundir) / ROW_FILE
+    if not path.exists():
+        return None
+    try:
+        row = store.read_json(path)
+        if not isinstance(row, dict) or "method" not in row:
+            raise store.CorruptFile(path, "not a result row")
+        return row
+    except store.CorruptFile as exc:
+        quarantine(path, exc.reason, warn, "scoring the run again")
+        return None
+
+
+def read_failure(rundir: Path) -> dict | None:
+    path = Path(rundir) / FAILED_FILE
+    if not path.exists():
+        return None
+    try:
+        rec = store.read_json(path)
+        return rec if isinstance(rec, dict) else {"error": "failed.json holds no record"}
+    except store.CorruptFile as exc:
+        return {"error": f"failed.json is unreadable ({exc.reason})"}
+
+
+def earlier_failure(rec: dict) -> RunFailed:
+    exc = RunFailed(rec.get("stage") or "?", rec.get("step"), rec.get("reason") or rec.get("error") or "failed")
+    exc.earlier = True
+    return exc
+
+
+def record_failure(rundir: Path, spec: RunSpec, method: Method, task: Task, exc: RunFailed) -> None:
+    store.write_json(Path(rundir) / FAILED_FILE, {
+        "method": spec.method, "task": spec.task, "seed": spec.seed, "budget": spec.budget,
+        "options": method.options, "task_options": task.options,
+        "stage": exc.stage, "step": exc.step, "reason": exc.reason, "error": str(exc),
+        "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pid": os.getpid(),
+        "host": socket.gethostname(), "otbench_version": __version__, "commit": _git_commit()})
+    event(rundir, "failed", stage=exc.stage, step=exc.step, error=str(exc))
+
+
+def _remove(rundir: Path, *names: str) -> None:
+    for name in names:
+        (Path(rundir) / name).unlink(missing_ok=True)
+
+
+# -- bench run / bench eval ----------------------------------------------------------------------
+def run_one(spec: RunSpec, *, out: Path, data_root: Path, cache_dir: Path, device: str = "auto",
+            bf16: bool = False, compile: bool = False, force: bool = False, retry_failed: bool = False,
+            wait_locked: bool = False, progress: bool = True, batch_size: int = 500,
+            checkpoint_every: float = 120.0, log: Log = print, warn: Log | None = None) -> dict[str, Any]:
+    """Run ``spec`` to its row (or skip it when finished) under the directory's lock.
+
+    Raises :class:`RunFailed` when the run fails now (``failed.json`` written) or failed before
+    (``exc.earlier``; re-run with ``retry_failed``), :class:`bench.locks.RunLocked` when another
+    process holds the run and ``wait_locked`` is false.
+    """
+    warn = warn or log
+    method, task = spec.build()
+    rundir = run_directory(out, spec.task, spec.method, spec.budget, spec.seed, method.options, task.options)
+
+    def settled() -> dict | None:
+        if force:
+            return None
+        row = finished_row(rundir, warn)
+        if row is not None:
+            log(f"skip {spec.label()}: finished, {rundir / ROW_FILE}")
+            return row
+        failure = read_failure(rundir)
+        if failure is not None and not retry_failed:
+            raise earlier_failure(failure)
+        return None
+
+    row = settled()
+    if row is not None:
+        return row
+    check_writable(rundir)
+    with RunLock(rundir, wait=wait_locked):
+        row = settled()  # again under the lock: another process may have finished it meanwhile
+        if row is not None:
+            return row
+        if force:
+            _remove(rundir, ROW_FILE, SAMPLES_FILE, CHECKPOINT_FILE, FAILED_FILE)
+        elif read_failure(rundir) is not None:  # retry_failed: start again from scratch
+            _remove(rundir, FAILED_FILE, SAMPLES_FILE, CHECKPOINT_FILE)
+            event(rundir, "retry")
+        try:
+            return _run_locked(spec, rundir, method, task, data_root=data_root, cache_dir=cache_dir,
+                               device=device, bf16=bf16, compile=compile, progress=progress,
+                               batch_size=batch_size, checkpoint_every=checkpoint_every, log=log, warn=warn)
+        except RunFailed as exc:
+            record_failure(rundir, spec, method, task, exc)
+            raise
+        except Exception as exc:  # a crash is an interruption: the run resumes next time
+            event(rundir, "error", error=f"{type(exc).__name__}: {exc}"[:500],
+                  traceback=traceback.format_exc()[-4000:])
+            raise
+
+
+def _run_locked(spec: RunSpec, rundir: Path, method: Method, task: Task, *, data_root, cache_dir, device,
+                bf16, compile, progress, batch_size, checkpoint_every, log: Log, warn: Log) -> dict[str, Any]:
+    p = prepare(spec, rundir, method, task, data_root=data_root, device=device, bf16=bf16, compile=compile,
+                progress=progress, checkpoint_every=checkpoint_every)
+    store.write_json(rundir / CONFIG_FILE, {
+        "method": spec.method, "task": spec.task, "seed": spec.seed, "budget": spec.budget,
+        "options": method.options, "task_options": task.options, "device": str(p.device),
+        "bf16": bool(bf16), "compile": bool(compile)})
+    state = restore(p, warn)
+    saved = None
+    if state == "corrupt":  # samples came from a model that can no longer be restored
+        _remove(rundir, SAMPLES_FILE)
+    else:
+        saved = load_samples(rundir, warn)
+    try:
+        if saved is None:
+            saved = fit_and_transport(p, batch_size=batch_size, progress=progress,
+                                      resumed=state == "restored", log=log)
+        else:
+            log(f"re-scoring stored samples in {rundir}")
+            check_samples(saved["outputs"])
+        scored = score(p, saved["outputs"], cache_dir=cache_dir, data_root=data_root, batch_size=batch_size,
+                       progress=progress)
+    finally:
+        p.run.close()
+    row = annotate(p, scored, saved)
+    save_grid(rundir / "grid.png", p.sources[: len(saved["outputs"])], saved["outputs"], p.data)
+    store.write_json(rundir / ROW_FILE, row)
+    event(rundir, "done")
+    log(f"done {spec.label()}: " + ", ".join(f"{k}={_fmt(row.get(k))}" for k in task.metrics if k in row))
     return row
 
 
 def evaluate_dir(rundir: Path, *, data_root: Path, cache_dir: Path, device: str = "auto",
-                 batch_size: int = 500, progress: bool = True) -> dict[str, Any]:
-    """Recompute a run's metrics from its stored samples (``bench eval``)."""
+                 batch_size: int = 500, progress: bool = True, log: Log = print,
+                 warn: Log | None = None) -> dict[str, Any]:
+    """Recompute a finished run's metrics from its stored samples (``bench eval``) and rewrite its row.
+
+    Unreadable samples are transported again from the final checkpoint; an unreadable
+    checkpoint or config is a one-line error naming the file.
+    """
+    warn = warn or log
     rundir = Path(rundir)
-    if not (rundir / "config.json").exists() or not (rundir / SAMPLES_FILE).exists():
-        raise BenchError(f"{rundir} is not a finished run directory (needs config.json and {SAMPLES_FILE}); "
-                         f"pass a directory under your --out tree, e.g. runs/digits/identity/smoke-seed0")
-    config = store.read_json(rundir / "config.json")
-    spec = RunSpec(config["method"], config["task"], config["seed"], config["budget"],
-                   {k: v for k, v in config["options"].items()
-                    if v != get_method(config["method"]).default_options.get(k)})
-    task = get_task(spec.task)()
-    dev = pick_device(device)
-    data = task.load(data_root, spec.seed)
-    method = get_method(spec.method)(**config["options"])
-    run = Run(rundir, device=dev, seed=spec.seed, budget=spec.budget, progress=progress)
-    run.method = method
-    seed_everything(spec.seed)
-    method.setup(data, run)
-    method.to(dev)
-    if (rundir / "checkpoint.pt").exists():
-        run.restore()
-    saved = store.torch_load(rundir / SAMPLES_FILE)
-    outputs = saved["outputs"]
-    sources = data.source_test[: len(outputs)]
-    labels = None if data.source_test_labels is None else data.source_test_labels[: len(outputs)]
-    row = score(task, data, method, run, sources, outputs, labels, spec, cache_dir, dev, data_root,
-                batch_size, progress)
-    old = store.read_json(rundir / ROW_FILE) if (rundir / ROW_FILE).exists() else {}
-    for key in ("fit_s", "transport_s", "timings", "device", "device_name", "bf16", "gpu_minutes",
-                "peak_gpu_mem_gib"):
-        if key in old:
-            row[key] = old[key]
-    timings = saved.get("timings", {})
-    row.setdefault("fit_s", round(timings.get("fit_s", 0.0), 3))
-    row.setdefault("transport_s", round(timings.get("transport_s", 0.0), 3))
-    store.write_json(rundir / ROW_FILE, row)
+    hint = (f"pass a run directory under your --out tree (one with {CONFIG_FILE} and {SAMPLES_FILE}), "
+            f"e.g. runs/digits/identity/smoke-seed0-1a2b3c4d")
+    if not (rundir / CONFIG_FILE).exists():
+        raise BenchError(f"{rundir} is not a run directory (no {CONFIG_FILE}); {hint}")
+    config = store.read_json(rundir / CONFIG_FILE)
+    spec = RunSpec(config["method"], config["task"], int(config["seed"]), config["budget"],
+                   dict(config.get("options") or {}), dict(config.get("task_options") or {}))
+    method, task = spec.build()
+    old_row = finished_row(rundir, warn) or {}
+    has_samples = (rundir / SAMPLES_FILE).exists()
+    if not has_samples and not (old_row and (rundir / CHECKPOINT_FILE).exists()):
+        raise BenchError(f"{rundir} is not a finished run (no {SAMPLES_FILE}); run `bench run` to finish it, "
+                         f"or {hint}")
+    with RunLock(rundir, wait=False):
+        p = prepare(spec, rundir, method, task, data_root=data_root, device=device, progress=progress)
+        try:
+            if (rundir / CHECKPOINT_FILE).exists():
+                try:
+                    p.run.restore()
+                except store.CorruptFile as exc:
+                    raise BenchError(f"{exc}; run `bench run` for this run again to retrain it") from None
+            saved = load_samples(rundir, warn)
+            if saved is None:
+                if not (old_row and p.run.progress):
+                    raise BenchError(f"{rundir / SAMPLES_FILE} is unreadable and the run never finished; "
+                                     f"run `bench run` for this run again")
+                saved = transport_and_store(p, dict(old_row.get("timings") or {}), batch_size=batch_size,
+                                            progress=progress)
+            check_samples(saved["outputs"])
+            scored = score(p, saved["outputs"], cache_dir=cache_dir, data_root=data_root,
+                           batch_size=batch_size, progress=progress)
+        finally:
+            p.run.close()
+        row = annotate(p, scored, saved, fallback=old_row)
+        store.write_json(rundir / ROW_FILE, row)
+        event(rundir, "rescored")
     return row
 
 
-def save_grid(path: Path, sources: torch.Tensor, outputs: torch.Tensor, data: TaskData, n: int = 16) -> None:
-    """Source row above translated row (images); a scatter for 1-D/2-D vector tasks."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    if sources.dim() == 4 and outputs.dim() == 4:
-        from torchvision.utils import make_grid
-        k = min(n, len(sources))
-        src = sources[:k]
-        if src.shape[1:] != outputs.shape[1:]:
-            src = torch.nn.functional.interpolate(src, size=outputs.shape[-2:], mode="nearest")
-            if src.shape[1] != outputs.shape[1]:
-                src = src.mean(1, keepdim=True).expand(-1, outputs.shape[1], -1, -1)
-        grid = make_grid(torch.cat([src, outputs[:k]]).clamp(-1, 1) * 0.5 + 0.5, nrow=k, padding=2)
-        arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        fig = plt.figure(figsize=(arr.shape[1] / 50, arr.shape[0] / 50), dpi=100)
-        plt.imshow(arr.squeeze(), cmap="gray" if arr.shape[-1] == 1 else None, interpolation="nearest")
-        plt.axis("off")
-        plt.title("top: source, bottom: transported", fontsize=8)
-    else:
-        fig = plt.figure(figsize=(4, 4), dpi=100)
-        s = sources.reshape(len(sources), -1)
-        o = outputs.reshape(len(outputs), -1)
-        t = data.target_test.reshape(len(data.target_test), -1)
-        if s.shape[1] == 1:
-            plt.hist(s[:, 0].numpy(), bins=40, alpha=0.5, label="source")
-            plt.hist(t[:, 0].numpy(), bins=40, alpha=0.5, label="target")
-            plt.hist(o[:, 0].numpy(), bins=40, alpha=0.5, label="transported")
-        else:
-            plt.scatter(s[:, 0], s[:, 1], s=3, label="source")
-            plt.scatter(t[:, 0], t[:, 1], s=3, label="target")
-            plt.scatter(o[:, 0], o[:, 1], s=3, label="transported")
-        plt.legend(fontsize=7)
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
-    store.write_bytes(path, buf.getvalue())
+# -- bench status ---------------------------------------------------------------------------------
+_RUN_NAME = re.compile(r"^(?P<budget>[A-Za-z0-9_]+)-seed(?P<seed>\d+)(?:-[0-9a-f]{8})?$")
 
 
-def _variant(options: dict) -> str:
-    """A short label for non-default options, e.g. ``sampler=ddim,nfe=20`` ('' for defaults)."""
-    return ",".join(f"{k}={options[k]}" for k in sorted(options))
+def find_runs(out: Path, task: str, *, budget: str | None = None,
+              seeds: list[int] | None = None) -> list[tuple[str, int, str, Path]]:
+    """(method, seed, budget, directory) of every run directory of ``task`` under ``out``."""
+    found = []
+    for d in sorted(Path(out, task).glob("*/*")):
+        m = _RUN_NAME.match(d.name)
+        if not d.is_dir() or not m:
+            continue
+        if budget is not None and m["budget"] != budget:
+            continue
+        if seeds is not None and int(m["seed"]) not in seeds:
+            continue
+        found.append((d.parent.name, int(m["seed"]), m["budget"], d))
+    return found
+
+
+def _position(records: list[dict]) -> str:
+    """Where a run is, from its log: the last training line, or the runner step after fitting."""
+    where = ""
+    for rec in records:
+        if "event" in rec:
+            where = {"fit_done": "transporting", "samples_stored": "scoring",
+                     "fit_start": where or "starting"}.get(rec["event"], where)
+        elif "stage" in rec and "step" in rec:
+            where = f"{rec['stage']} step {rec['step']}"
+    return where
+
+
+def run_state(rundir: Path) -> tuple[str, str]:
+    """``(state, detail)``: done / running / interrupted / failed / not started, with one line of detail."""
+    from .locks import describe_owner, holder
+
+    rundir = Path(rundir)
+    if not rundir.is_dir():
+        return "not started", ""
+    records = store.read_jsonl(rundir / LOG_FILE)
+    owner = holder(rundir)
+    if owner is not None:
+        where = _position(records)
+        return "running", f"{describe_owner(owner)}" + (f", at {where}" if where else "")
+    row_path = rundir / ROW_FILE
+    if row_path.exists():
+        try:
+            row = store.read_json(row_path)
+            keys = [str(m) for m in get_task(row["task"]).metrics] if "task" in row else []
+            shown = [f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), (int, float))]
+            return "done", ", ".join(shown[:4])
+        except (BenchError, KeyError, TypeError):
+            return "interrupted", f"{ROW_FILE} is unreadable; `bench run` scores the run again"
+    failure = read_failure(rundir)
+    if failure is not None:
+        return "failed", str(earlier_failure(failure))
+    if any((rundir / f).exists() for f in (CHECKPOINT_FILE, SAMPLES_FILE, CONFIG_FILE)) or records:
+        where = _position(records)
+        detail = (f"at {where}; " if where else "") + "`bench run` resumes it"
+        last_start = max((i for i, r in enumerate(records) if r.get("event") == "fit_start"), default=-1)
+        errors = [r for r in records[last_start + 1:] if r.get("event") == "error"]
+        if errors:
+            detail += f" (last error: {errors[-1].get('error', '?')[:160]})"
+        return "interrupted", detail
+    return "not started", ""
 
 
 def _sync(dev: torch.device) -> None:
