@@ -1,24 +1,29 @@
-"""Runner: rows, skip of finished runs, resume after an interruption, atomic results, errors."""
+"""Runner: rows, skip, resume, failures as their own kind, locks, safe loads, one run path, CLI errors."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
 
 from bench import store
-from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method
-from bench.registry import register_method
-from bench.runner import RunSpec, run_one
+from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Metric, Method, Task
+from bench.locks import RunLock, RunLocked
+from bench.registry import get_task, register_method, register_task
+from bench.run import RunFailed
+from bench.runner import (FAILED_FILE, ROW_FILE, RunSpec, check_metrics, check_samples, evaluate_dir,
+                          metric_range, run_one, run_state)
 from bench.tables import render
-from bench.registry import get_task
+from bench.testing import tiny_vectors
 
 
-class Interrupt(Exception):
-    pass
+class Interrupt(KeyboardInterrupt):
+    """Stands for a kill: not an error of the run, so nothing but the checkpoint is left."""
 
 
 @register_method
@@ -28,7 +33,7 @@ class Counter(Method):
     name = "test-counter"
     family = "Test"
     settings = (UNPAIRED, SEMI_PAIRED)
-    default_options = {"steps": 40}
+    default_options = {"steps": 40, "lr": 0.2, "poison": False}
     test_options = {"steps": 5}
     seen_steps: list[int] = []
     crash_at = -1  # class attribute, not an option: the resumed run is the same run
@@ -37,7 +42,7 @@ class Counter(Method):
         self.shift = torch.nn.Parameter(torch.zeros(data.shape))
 
     def fit(self, data, run):
-        opt = torch.optim.SGD([self.shift], lr=0.2)
+        opt = self.optimizer("sgd", torch.optim.SGD([self.shift], lr=self.options["lr"], momentum=0.5))
         target = data.target_train.mean(0) - data.source_train.mean(0)
         for step in run.loop("sgd", self.options["steps"]):
             Counter.seen_steps.append(step)
@@ -47,28 +52,70 @@ class Counter(Method):
             opt.zero_grad()
             loss.backward()
             opt.step()
+            run.log("sgd", step, loss=loss)
 
     @torch.no_grad()
     def transport(self, x, generator=None):
-        return x + self.shift
+        y = x + self.shift
+        return y * float("nan") if self.options["poison"] else y
 
 
-def _run(tmp_path, **opts):
-    spec = RunSpec("test-counter", "tiny-vectors", seed=0, budget="smoke", options=opts)
+@register_task
+class PercentTask(Task):
+    """tiny-vectors scored by a percentage that the ``acc`` option sets (to test metric checks)."""
+
+    name = "test-percent"
+    setting = UNPAIRED
+    metrics = (Metric("acc", "Acc (%)", higher_is_better=True),)
+    eval_sizes = {"smoke": None, "cpu": None, "fast": None, "paper": None}
+    default_options = {"acc": 50.0}
+
+    def load(self, data_root, seed, budget="smoke"):
+        return tiny_vectors(UNPAIRED, seed=seed)
+
+    def evaluate(self, data, sources, outputs, labels, ctx):
+        return {"acc": self.options["acc"]}
+
+
+def _spec(**opts):
+    return RunSpec("test-counter", "tiny-vectors", seed=0, budget="smoke", options=opts)
+
+
+def _run(tmp_path, spec=None, **kw):
+    spec = spec or _spec()
     return run_one(spec, out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path / "cache",
-                   device="cpu", progress=False, checkpoint_every=0.0, log=lambda *_: None)
+                   device="cpu", progress=False, checkpoint_every=0.0, log=lambda *_: None, **kw)
+
+
+def _events(rundir, name):
+    return [r for r in store.read_jsonl(rundir / "log.jsonl") if r.get("event") == name]
 
 
 def test_row_and_skip(tmp_path):
     row = _run(tmp_path)
-    for key in ("method", "task", "seed", "budget", "w2", "nfe", "fit_s", "options", "commit", "torch"):
+    for key in ("method", "task", "seed", "budget", "w2", "nfe", "fit_s", "options", "task_options", "commit",
+                "torch", "device_name", "eval_s"):
         assert key in row
-    rundir = tmp_path / "runs/tiny-vectors/test-counter/smoke-seed0"
+    assert row["options"] == {"steps": 40, "lr": 0.2, "poison": False}, "the row records the resolved options"
+    rundir = _spec().directory(tmp_path / "runs")
+    assert rundir.name.startswith("smoke-seed0-") and len(rundir.name.split("-")[-1]) == 8
     assert (rundir / "row.json").exists() and (rundir / "samples.pt").exists() and (rundir / "grid.png").exists()
+    assert json.loads((rundir / "config.json").read_text())["options"] == row["options"]
     assert not list(rundir.glob("*.tmp")), "temporary files left behind"
     Counter.seen_steps.clear()
     again = _run(tmp_path)  # finished: skipped, nothing trained
     assert Counter.seen_steps == [] and again["w2"] == row["w2"]
+    assert len(_events(rundir, "fit_start")) == 1
+
+
+def test_directory_hash_follows_resolved_options(tmp_path):
+    out = tmp_path / "runs"
+    # giving a default explicitly is the same computation, hence the same directory
+    assert _spec().directory(out) == _spec(steps=40).directory(out)
+    assert _spec().directory(out) != _spec(steps=41).directory(out)
+    a = RunSpec("test-counter", "test-percent", 0, "smoke", {}, {})
+    b = RunSpec("test-counter", "test-percent", 0, "smoke", {}, {"acc": 60.0})
+    assert a.directory(out) != b.directory(out), "task options are part of the hash"
 
 
 def test_interrupted_run_resumes_from_checkpoint(tmp_path):
@@ -79,14 +126,27 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path):
             _run(tmp_path)
     finally:
         Counter.crash_at = -1
-    rundir = tmp_path / "runs/tiny-vectors/test-counter/smoke-seed0"
+    rundir = _spec().directory(tmp_path / "runs")
     assert (rundir / "checkpoint.pt").exists() and not (rundir / "row.json").exists()
+    assert not (rundir / FAILED_FILE).exists(), "an interruption is not a failure"
     assert store.torch_load(rundir / "checkpoint.pt")["progress"]["sgd"] == 25
+    assert run_state(rundir)[0] == "interrupted"
     Counter.seen_steps.clear()
     row = _run(tmp_path)
     assert Counter.seen_steps == list(range(25, 40)), "resume must continue at the checkpointed step"
     full = _run(tmp_path / "fresh")
-    assert row["w2"] == pytest.approx(full["w2"], rel=1e-5), "resumed result differs from an uninterrupted run"
+    # the optimizer's momentum is checkpointed too, so the resumed run is the same computation
+    assert row["w2"] == full["w2"], "resumed result differs from an uninterrupted run"
+    assert [e["resume"] for e in _events(rundir, "fit_start")] == [{}, {"sgd": 25}]
+
+
+def test_checkpoint_holds_only_safe_types(tmp_path):
+    _run(tmp_path)
+    rundir = _spec().directory(tmp_path / "runs")
+    state = torch.load(rundir / "checkpoint.pt", weights_only=True)  # no arbitrary objects in it
+    assert "sgd" in state["method"]["__optim__"] and state["progress"] == {"sgd": 40}
+    samples = torch.load(rundir / "samples.pt", weights_only=True)
+    assert samples["outputs"].shape == (32, 2) and samples["facts"]["device"] == "cpu"
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
@@ -100,6 +160,92 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         store.write_json(path, {"a": Boom()})
     assert json.loads(path.read_text()) == {"a": 1}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_diverged_loss_is_a_failure_not_a_row(tmp_path):
+    spec = _spec(lr=1e4)  # SGD on a quadratic with lr > 1 blows up to inf, then NaN
+    with pytest.raises(RunFailed) as info:
+        _run(tmp_path, spec)
+    rundir = spec.directory(tmp_path / "runs")
+    assert info.value.stage == "sgd" and info.value.step is not None
+    assert "training diverged" in str(info.value) and f"sgd step {info.value.step}" in str(info.value)
+    assert not (rundir / ROW_FILE).exists()
+    failed = json.loads((rundir / FAILED_FILE).read_text())
+    assert failed["stage"] == "sgd" and failed["step"] == info.value.step and failed["options"]["lr"] == 1e4
+    assert run_state(rundir) == ("failed", str(info.value))
+    # a re-run does not treat it as finished, and does not train it again either
+    Counter.seen_steps.clear()
+    with pytest.raises(RunFailed) as again:
+        _run(tmp_path, spec)
+    assert getattr(again.value, "earlier", False) and Counter.seen_steps == []
+    # --retry-failed starts it again from scratch (and it fails again, deterministically)
+    with pytest.raises(RunFailed):
+        _run(tmp_path, spec, retry_failed=True)
+    assert Counter.seen_steps[0] == 0
+    assert len(_events(rundir, "fit_start")) == 2 and len(_events(rundir, "retry")) == 1
+
+
+def test_nonfinite_samples_are_a_failure(tmp_path):
+    spec = _spec(poison=True)
+    with pytest.raises(RunFailed, match="transported samples hold NaN or inf") as info:
+        _run(tmp_path, spec)
+    assert info.value.stage == "transport"
+    rundir = spec.directory(tmp_path / "runs")
+    assert (rundir / FAILED_FILE).exists() and not (rundir / ROW_FILE).exists()
+    assert not (rundir / "samples.pt").exists(), "broken samples are never stored"
+
+
+@pytest.mark.parametrize("acc,ok", [(50.0, True), (0.0, True), (100.0, True), (100.5, False), (-1.0, False),
+                                    (float("nan"), False), (float("inf"), False)])
+def test_metric_rule(tmp_path, acc, ok):
+    spec = RunSpec("test-counter", "test-percent", 0, "smoke", {"steps": 2}, {"acc": acc})
+    if ok:
+        assert _run(tmp_path, spec)["acc"] == acc
+    else:
+        with pytest.raises(RunFailed) as info:
+            _run(tmp_path, spec)
+        assert info.value.stage == "score" and "acc" in str(info.value)
+        assert (spec.directory(tmp_path / "runs") / FAILED_FILE).exists()
+
+
+def test_metric_ranges():
+    assert metric_range(Metric("fid", "FID")) == (0.0, float("inf"))
+    assert metric_range(Metric("lhs_w2", "LHS")) == (0.0, float("inf"))
+    assert metric_range(Metric("upper_mode_hit", "upper hit (%)", True)) == (0.0, 100.0)
+    assert metric_range(Metric("ssim", "SSIM", True)) == (-1.0, 1.0)
+    assert metric_range(Metric("mean_at_minus4", "mean", True)) == (float("-inf"), float("inf"))
+    check_metrics(get_task("tiny-vectors")(), {"w2": 0.5, "extra": float("nan")})  # only metric columns count
+    with pytest.raises(RunFailed):
+        check_metrics(get_task("tiny-vectors")(), {"w2": -0.1})
+    check_samples(torch.zeros(3, 2))
+    with pytest.raises(RunFailed, match="1 of 3"):
+        check_samples(torch.tensor([[0.0, 1.0], [float("inf"), 0.0], [2.0, 3.0]]))
+
+
+def test_lock_held_elsewhere_is_reported_then_waited_for(tmp_path):
+    rundir = _spec().directory(tmp_path / "runs")
+    lock = RunLock(rundir).acquire()  # a separate descriptor: conflicts like another process would
+    try:
+        Counter.seen_steps.clear()
+        with pytest.raises(RunLocked, match=f"pid {os.getpid()}"):
+            _run(tmp_path)
+        assert Counter.seen_steps == [] and run_state(rundir)[0] == "running"
+        threading.Timer(0.5, lock.release).start()
+        t0 = time.monotonic()
+        row = _run(tmp_path, wait_locked=True)
+        assert time.monotonic() - t0 >= 0.4 and "w2" in row
+    finally:
+        lock.release()
+    assert run_state(rundir)[0] == "done"
+
+
+def test_one_run_path_eval_reproduces_the_row(tmp_path):
+    row = _run(tmp_path)
+    rundir = _spec().directory(tmp_path / "runs")
+    again = evaluate_dir(rundir, data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False,
+                         log=lambda *_: None)
+    skip = {"finished_at", "eval_s"}
+    assert {k: v for k, v in again.items() if k not in skip} == {k: v for k, v in row.items() if k not in skip}
 
 
 def test_table_marks_best_and_second(tmp_path):
@@ -122,7 +268,7 @@ def test_table_marks_best_and_second(tmp_path):
 
 
 def _bench(*args, env=None, cwd=None):
-    full_env = {**os.environ, "BENCH_PLUGINS": "bench.testing", **(env or {})}
+    full_env = {**os.environ, "BENCH_PLUGINS": "bench.testing", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=300)
 
@@ -130,15 +276,17 @@ def _bench(*args, env=None, cwd=None):
 @pytest.mark.parametrize("args,needle", [
     (["run", "--methods", "nope", "--task", "tiny-vectors"], "unknown method 'nope'"),
     (["run", "--methods", "identity", "--task", "nope"], "unknown task 'nope'"),
-    (["run", "--methods", "identity", "--task", "tiny-vectors", "--budget", "huge"], "unknown budget 'huge'"),
+    (["run", "--methods", "identity", "--task", "tiny-vectors", "--budget", "huge"], "'huge' is not one of"),
     (["run", "--methods", "identity", "--task", "tiny-vectors", "--opt", "bogus=1"], "has no option"),
     (["run", "--methods", "keypoint-nn", "--task", "tiny-vectors"], "does not support the unpaired setting"),
+    (["run", "--methods", "identity", "--task", "tiny-vectors", "--executor", "nope"], "'nope' is not one of"),
+    (["run", "--methods", "identity", "--task", "tiny-vectors", "--jobs", "0"], "--jobs 0"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, needle):
     res = _bench(*args, "--out", str(tmp_path / "runs"))
-    assert res.returncode != 0
+    assert res.returncode == 2, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error: "), res.stderr
     assert not list((tmp_path / "runs").rglob("row.json"))
 
 
@@ -151,18 +299,18 @@ def test_cli_unwritable_out(tmp_path):
         ro.chmod(0o500)
         target = str(ro / "runs")
     res = _bench("run", "--methods", "identity", "--task", "tiny-vectors", "--out", target)
-    assert res.returncode != 0 and "not writable" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert res.returncode == 2 and "not writable" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
-def test_cli_run_table_eval_list(tmp_path):
+def test_cli_run_table_eval_list_status(tmp_path):
     out = tmp_path / "runs"
     res = _bench("run", "--methods", "identity,label-oracle", "--task", "tiny-vectors", "--seeds", "0,1",
                  "--out", str(out), "--no-progress")
     assert res.returncode == 0, res.stderr
-    assert len(list(out.rglob("row.json"))) == 4
+    assert len(list(out.rglob("row.json"))) == 4 and "4 run(s): 4 run now" in res.stdout
     res = _bench("table", "--task", "tiny-vectors", "--out", str(out))
     assert res.returncode == 0 and "label-oracle (oracle)" in res.stdout and "±" in res.stdout
-    rundir = out / "tiny-vectors/identity/smoke-seed0"
+    rundir = next((out / "tiny-vectors/identity").glob("smoke-seed0-*"))
     before = json.loads((rundir / "row.json").read_text())
     res = _bench("eval", str(rundir))
     assert res.returncode == 0, res.stderr
@@ -170,3 +318,7 @@ def test_cli_run_table_eval_list(tmp_path):
     assert after["w2"] == pytest.approx(before["w2"])
     res = _bench("list")
     assert res.returncode == 0 and "identity" in res.stdout and "tiny-vectors" in res.stdout
+    res = _bench("status", "--task", "tiny-vectors", "--out", str(out))
+    assert res.returncode == 0 and res.stdout.count(" done ") == 4 and "4 done" in res.stdout, res.stdout
+    res = _bench("status", "--task", "tiny-vectors", "--methods", "identity", "--seeds", "0,5", "--out", str(out))
+    assert res.returncode == 0 and "1 done, 1 not started" in res.stdout, res.stdout
