@@ -90,8 +90,10 @@ def find_celeba(data_root) -> Path:
     for cand in (root / "celeba", root):
         if (cand / "img_align_celeba").is_dir():
             if not (cand / "list_eval_partition.txt").is_file():
+                kaggle = (" (Kaggle's list_eval_partition.csv has the same rows: write them as '000001.jpg 0' lines)"
+                          if (cand / "list_eval_partition.csv").is_file() else "")
                 raise BenchError(f"{cand / 'list_eval_partition.txt'} not found: place CelebA's "
-                                 f"Eval/list_eval_partition.txt there ({LAYOUT_HINT})")
+                                 f"Eval/list_eval_partition.txt there{kaggle} ({LAYOUT_HINT})")
             return cand
     raise BenchError(f"CelebA not found under {root}: unzip img_align_celeba.zip into "
                      f"{root / 'celeba' / 'img_align_celeba'}/ and put list_eval_partition.txt in "
@@ -267,9 +269,11 @@ class CelebASR(Task):
         present = set(os.listdir(folder / "img_align_celeba"))
         missing = [n for n in names if n not in present]
         if missing:
+            nested = folder / "img_align_celeba" / "img_align_celeba"
+            fix = (f"move the images of {nested}/ up one level (Kaggle's zip nests them)" if nested.is_dir()
+                   else "re-extract img_align_celeba.zip there")
             raise BenchError(f"{len(missing)} of the {len(names)} images listed in list_eval_partition.txt are "
-                             f"missing from {folder / 'img_align_celeba'}/ (first: {missing[0]}); "
-                             "re-extract img_align_celeba.zip there")
+                             f"missing from {folder / 'img_align_celeba'}/ (first: {missing[0]}); {fix}")
         roles = split_indices(codes)
         counts = {SPLITS[c]: int((codes == c).sum()) for c in SPLITS}
         return {"celeba": str(folder),

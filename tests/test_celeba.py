@@ -172,6 +172,16 @@ def test_missing_pieces_give_one_line_errors(tmp_path, cache):
     _one_line_error(lambda: C.CelebASR().check_data(r), "1 of the 32 images", "first: 000007.jpg")
     _one_line_error(lambda: C.CelebASR().load(r, 0, "smoke"), "000007.jpg not found")
 
+    r = sr.build_celeba_root(tmp_path / "kaggle")  # Kaggle's zip: images one level deeper, partition as .csv
+    images = r / "celeba" / "img_align_celeba"
+    (images / "img_align_celeba").mkdir()
+    for f in sorted(images.glob("*.jpg")):
+        f.rename(images / "img_align_celeba" / f.name)
+    _one_line_error(lambda: C.CelebASR().check_data(r), "32 of the 32 images", "up one level")
+    part = r / "celeba" / "list_eval_partition.txt"
+    part.rename(part.with_suffix(".csv"))
+    _one_line_error(lambda: C.CelebASR().check_data(r), "list_eval_partition.txt not found", "Kaggle")
+
     r = sr.build_celeba_root(tmp_path / "bad")
     part = r / "celeba" / "list_eval_partition.txt"
     lines = part.read_text().splitlines()
