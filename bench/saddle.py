@@ -30,23 +30,26 @@ import torch
 from torch import nn
 
 from .api import BenchError
+from .options import Option
 
 LR_SCHEDULES = ("constant", "multistep", "cosine")
 
 # The trainer's options as a method exposes them (merge into ``default_options``); iteration
 # counts default to None = "the budget decides" (see SaddleTrainer.from_options).
 SADDLE_OPTIONS: dict[str, Any] = {
-    "steps": None,            # outer (critic) steps
-    "inner_steps": 10,        # K_T: map steps per critic step
+    "steps": Option(smoke=400, cpu=4000, fast=5000, paper=10_000, help="outer (critic) steps"),
+    "inner_steps": Option(10, help="K_T: map steps per critic step (authors: 10)"),
     "batch_size": 64,
     "map_lr": 1e-4,
     "critic_lr": 1e-4,
-    "betas": [0.0, 0.9],     # beta1 = 0 as in WGAN-GP: steadier alternating updates
-    "weight_decay": 0.0,
-    "lr_schedule": "constant",  # constant | multistep | cosine
-    "lr_milestones": [],      # fractions of the outer steps (multistep)
-    "lr_decay": 0.5,          # multistep factor
-    "grad_clip": None,
+    "betas": Option([0.9, 0.999], help="Adam betas (authors: torch's defaults)"),
+    "weight_decay": Option(1e-10, help="Adam weight decay (authors: 1e-10)"),
+    "critic_first": Option(False, help="update the critic before the map in each outer step "
+                                       "(authors: the K_T map steps come first)"),
+    "lr_schedule": Option("constant", choices=LR_SCHEDULES),
+    "lr_milestones": Option([], type=list, help="fractions of the outer steps (multistep)"),
+    "lr_decay": 0.5,
+    "grad_clip": Option(None, type=float),
     "log_every": 100,
 }
 
@@ -93,7 +96,8 @@ class SaddleTrainer(nn.Module):
                  steps: int, inner_steps: int = 10, map_lr: float = 1e-4, critic_lr: float = 1e-4,
                  betas: tuple[float, float] = (0.0, 0.9), weight_decay: float = 0.0,
                  lr_schedule: str = "constant", lr_milestones: Iterable[float] = (), lr_decay: float = 0.5,
-                 grad_clip: float | None = None, device: torch.device | str = "cpu", seed: int = 0):
+                 grad_clip: float | None = None, device: torch.device | str = "cpu", seed: int = 0,
+                 critic_first: bool = False):
         super().__init__()
         if steps < 1 or inner_steps < 1:
             raise BenchError(f"saddle trainer needs steps >= 1 and inner_steps >= 1 (got {steps}, {inner_steps})")
@@ -104,6 +108,7 @@ class SaddleTrainer(nn.Module):
         self.steps, self.inner_steps = int(steps), int(inner_steps)
         self.schedule = (lr_schedule, tuple(float(m) for m in lr_milestones), float(lr_decay))
         self.grad_clip = grad_clip
+        self.critic_first = bool(critic_first)
         betas = tuple(float(b) for b in betas)
         self.map_opt = torch.optim.Adam(self.map_params, lr=map_lr, betas=betas, weight_decay=weight_decay)
         self.critic_opt = torch.optim.Adam(self.critic_params, lr=critic_lr, betas=betas, weight_decay=weight_decay)
@@ -113,16 +118,14 @@ class SaddleTrainer(nn.Module):
         self.generator.manual_seed(self._seed * 1_000_003 + 7919)
 
     @classmethod
-    def from_options(cls, map_params, critic_params, options: dict[str, Any], run, *,
-                     default_steps: int) -> "SaddleTrainer":
-        """Build from a method's options (keys of :data:`SADDLE_OPTIONS`) and its run."""
-        steps = options["steps"] if options.get("steps") is not None else default_steps
-        return cls(map_params, critic_params, steps=int(steps), inner_steps=int(options["inner_steps"]),
+    def from_options(cls, map_params, critic_params, options: dict[str, Any], run) -> "SaddleTrainer":
+        """Build from a method's resolved options (keys of :data:`SADDLE_OPTIONS`) and its run."""
+        return cls(map_params, critic_params, steps=int(options["steps"]), inner_steps=int(options["inner_steps"]),
                    map_lr=float(options["map_lr"]), critic_lr=float(options["critic_lr"]),
                    betas=tuple(options["betas"]), weight_decay=float(options["weight_decay"]),
                    lr_schedule=options["lr_schedule"], lr_milestones=options["lr_milestones"],
                    lr_decay=float(options["lr_decay"]), grad_clip=options["grad_clip"],
-                   device=run.device, seed=run.seed)
+                   device=run.device, seed=run.seed, critic_first=bool(options.get("critic_first", False)))
 
     # -- randomness -------------------------------------------------------------------------
     def batch(self, data: torch.Tensor, n: int) -> torch.Tensor:
@@ -180,19 +183,26 @@ class SaddleTrainer(nn.Module):
         opt.step()
         return loss.detach(), extra
 
+    def _critic_step(self, critic_loss: LossFn, step: int, run):
+        _set_requires_grad(self.map_params, False)
+        _set_requires_grad(self.critic_params, True)
+        return self._update(critic_loss, step, self.critic_opt, self.critic_params, run)
+
     def fit(self, run, stage: str, *, map_loss: LossFn, critic_loss: LossFn,
             log_every: int = 100) -> None:
         """Run the outer loop as ``run.loop(stage, steps)`` (resumable, checkpointed)."""
         for step in run.loop(stage, self.steps):
             k = self._set_lrs(step)
-            _set_requires_grad(self.map_params, False)
-            _set_requires_grad(self.critic_params, True)
-            f_loss, f_extra = self._update(critic_loss, step, self.critic_opt, self.critic_params, run)
+            if self.critic_first:
+                f_loss, f_extra = self._critic_step(critic_loss, step, run)
             _set_requires_grad(self.critic_params, False)
             _set_requires_grad(self.map_params, True)
             for _ in range(self.inner_steps):
                 t_loss, t_extra = self._update(map_loss, step, self.map_opt, self.map_params, run)
+            if not self.critic_first:
+                f_loss, f_extra = self._critic_step(critic_loss, step, run)
             _set_requires_grad(self.critic_params, True)
+            _set_requires_grad(self.map_params, True)
             if run.should_log(step, log_every) or step == self.steps - 1:
                 run.log(stage, step, critic_loss=f_loss, map_loss=t_loss, lr_factor=k,
                         **{f"critic_{n}": v for n, v in f_extra.items()},

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from bench.options import Option
 from bench.api import BenchError
 
 from .not_ import NOT
@@ -49,11 +50,10 @@ class KNOT(NOT):
              "on semi-paired tasks the guiding pairs are ignored; stochastic map T(x, z)")
     default_options: dict[str, Any] = {
         **NOT.default_options,
-        "cost": "kernel",
+        "cost": Option("kernel", choices=("kernel",)),
         "kernel": "distance",   # distance | gaussian | laplacian
         "gamma": 1.0 / 3.0,     # authors' image setting (warmed up over the first 20% of steps)
         "gamma_warmup": 0.2,
-        "z_std": None,
     }
     test_options: dict[str, Any] = {**NOT.test_options, "n_z": 2}
 

@@ -9,16 +9,19 @@ where f is a potential on the target space, z ~ N(0, z_std^2) is noise fed to T 
 channels (images) or extra dimensions (vectors), and C(x, mu) is a *weak* cost of a point x and
 the conditional distribution mu = T(x, .)_# N(0, I):
 
-- ``cost="strong"``: the quadratic cost  C(x, y) = 1/2 ||x - y||^2  of a deterministic map
+- ``cost="strong"``: the quadratic cost  C(x, y) = ||x - y||^2 / D  of a deterministic map
   (T takes no noise);
 - ``cost="weak"``: the gamma-weak quadratic cost
-      C_gamma(x, mu) = 1/2 E_{y~mu} ||x - y||^2 - gamma/2 Var(mu),
+      C_gamma(x, mu) = (E_{y~mu} ||x - y||^2 - gamma Var(mu)) / D,
   estimated without bias from ``n_z`` samples T(x, z_1..n) per x with the unbiased variance.
   A larger gamma rewards more diverse T(x, .); gamma warms up linearly from 0 over the first
   ``gamma_warmup`` fraction of the steps, as in the authors' image experiments.
 
-Costs are divided by the dimension D of the data (1/2 mean squared error per coordinate), a
-constant factor that leaves the optimal plan unchanged and keeps losses O(1) at any resolution.
+Costs are the authors' mean squared error per coordinate (their ``F.mse_loss``, no 1/2; the
+option ``cost_scale`` multiplies it), a constant factor of the cost that leaves the optimal plan
+unchanged but sets the balance against the critic.  As in the authors' Algorithm 1, each outer
+step makes K_T map updates and then one critic update (``critic_first`` reverses it), with Adam
+at torch's default betas and weight decay 1e-10.
 
 The saddle loop (optimisers, K_T = ``inner_steps`` map steps per potential step, schedules,
 logging, resumable state) is :class:`bench.saddle.SaddleTrainer`; this file holds only what is
@@ -35,6 +38,7 @@ import torch
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
 from bench.nn import MLP, UNet, crop_to, pad_to
 from bench.nn.resnet import ResNetCritic
+from bench.options import Option
 from bench.saddle import SADDLE_OPTIONS, SaddleTrainer
 
 COSTS = ("strong", "weak")
@@ -57,38 +61,42 @@ class NOT(Method):
              "ResNet potential on images padded to a power-of-two canvas, MLPs on vectors; costs divided by "
              "the data dimension")
     default_options: dict[str, Any] = {
-        "cost": "strong",       # strong | weak
-        "gamma": 0.66,          # weak cost: variance reward (authors' image setting)
-        "gamma_warmup": 0.25,   # fraction of the steps over which gamma grows linearly from 0
-        "n_z": 4,               # weak cost: noise samples per source in the map loss
-        "z_std": None,          # noise scale: None = 0.1 (images, as the authors) / 1.0 (vectors)
+        "cost": Option("strong", choices=COSTS),
+        "gamma": Option(0.66, help="weak cost: variance reward (authors' image setting)"),
+        "gamma_warmup": Option(0.25, help="share of the steps over which gamma grows linearly from 0"),
+        "n_z": Option(8, help="weak cost: noise samples per source in the map loss (authors: Z_SIZE 8)"),
+        "z_std": Option(0.1, help="std of the noise channel (authors: 0.1 on images)"),
+        "toy_z_std": 1.0,
+        "cost_scale": Option(1.0, help="multiplies the cost; 1 = the authors' mse without the 1/2"),
         **SADDLE_OPTIONS,
-        "batch_size": None,     # None = 16 (images, smoke budget) / 64
-        "map_lr": None,         # None = 1e-4 (images, as the authors) / 1e-3 (vectors)
-        "critic_lr": None,      # None = as map_lr
-        "unet_base": None,      # None = budget: 8 (smoke) / 64
+        # images (toy_* on vector tasks); smoke: about a minute on a 2-core CPU for 28x28 digits
+        "steps": Option(smoke=24, cpu=2000, fast=4000, paper=100_000, help="outer steps (authors: 100k)"),
+        "batch_size": Option(smoke=16, cpu=64, fast=64, paper=64),
+        "toy_steps": Option(smoke=400, cpu=2000, fast=5000, paper=10_000),
+        "toy_batch_size": 64,
+        "toy_lr": 1e-3,
+        "unet_base": Option(smoke=8, cpu=16, fast=64, paper=64),
         "unet_mults": [1, 2, 2],
-        "unet_blocks": None,    # None = budget: 1 (smoke) / 2
-        "unet_attention": None,  # resolutions with self-attention; None = budget: [] (smoke) / [16]
-        "critic_base": None,    # None = budget: 8 (smoke) / 64
-        "mlp_hidden": None,     # None = budget: 128 (smoke) / 256
+        "unet_blocks": Option(smoke=1, cpu=1, fast=2, paper=2),
+        "unet_attention": Option(smoke=[], cpu=[], fast=[16], paper=[16]),
+        "critic_base": Option(smoke=8, cpu=16, fast=64, paper=64),
+        "mlp_hidden": Option(smoke=128, cpu=256, fast=256, paper=256),
         "mlp_depth": 3,
     }
     # trains in a few seconds on bench.testing.tiny_images() / tiny_vectors()
-    test_options: dict[str, Any] = {"steps": 6, "inner_steps": 2, "batch_size": 8, "unet_base": 8,
+    test_options: dict[str, Any] = {"steps": 6, "toy_steps": 6, "inner_steps": 2, "batch_size": 8,
+                                    "toy_batch_size": 8, "unet_base": 8,
                                     "unet_mults": [1, 2], "unet_blocks": 1, "unet_attention": [],
                                     "critic_base": 8, "mlp_hidden": 32, "mlp_depth": 2}
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(self, budget: str = "smoke", **options: Any) -> None:
+        super().__init__(budget, **options)
         self._validate()
         self.stochastic = self.options["cost"] != "strong"
         self.extra_state: dict[str, Any] = {}
 
     def _validate(self) -> None:
         o = self.options
-        if o["cost"] not in COSTS:
-            raise BenchError(f"NOT option cost must be one of {', '.join(COSTS)}, got {o['cost']!r}")
         if o["cost"] == "weak" and int(o["n_z"]) < 2:
             raise BenchError("the weak cost's unbiased variance needs n_z >= 2 noise samples per source")
         if float(o["gamma"]) < 0:
@@ -104,11 +112,12 @@ class NOT(Method):
     def cost(self, x: torch.Tensor, ys: torch.Tensor, gamma: float) -> torch.Tensor:
         """Unbiased estimate of C(x, mu) for each x (B, ...) from samples ys (B, n, ...) of mu."""
         d = (ys - x.unsqueeze(1)).flatten(2)
-        transport = 0.5 * d.pow(2).mean(2).mean(1)  # 1/2 E ||x - y||^2 / D
+        k = float(self.options["cost_scale"])
+        transport = d.pow(2).mean(2).mean(1)  # E ||x - y||^2 / D (the authors' mse, no 1/2)
         if ys.shape[1] == 1 or gamma == 0:
-            return transport
+            return k * transport
         var = ys.flatten(2).var(dim=1, unbiased=True).mean(1)  # Var(mu) / D, unbiased over the n samples
-        return transport - 0.5 * gamma * var
+        return k * (transport - gamma * var)
 
     def gamma_at(self, step: int) -> float:
         """The cost's gamma at an outer step: linear warm-up from 0, then constant."""
@@ -125,37 +134,34 @@ class NOT(Method):
         return int(self.options["n_z"]) if self.stochastic else 1
 
     def setup(self, data: TaskData, run) -> None:
-        o, pick = self.options, run.budget.pick
+        o = self.options
         self.is_image = data.is_image
         self.shape = data.shape
         if data.is_image:
             c, h, w = data.shape
             self.canvas = _canvas(h, w)
             self.z_shape = (1, self.canvas, self.canvas) if self.stochastic else None
-            self.z_std = 0.1 if o["z_std"] is None else float(o["z_std"])
-            attention = o["unet_attention"] if o["unet_attention"] is not None else pick(smoke=[], fast=[16])
+            self.z_std = float(o["z_std"])
             self.T = UNet(c + (1 if self.stochastic else 0), c,
-                          base=o["unet_base"] or pick(smoke=8, fast=64), mults=tuple(o["unet_mults"]),
-                          num_res_blocks=o["unet_blocks"] or pick(smoke=1, fast=2),
-                          attention_resolutions=tuple(attention), time_conditional=False,
+                          base=o["unet_base"], mults=tuple(o["unet_mults"]),
+                          num_res_blocks=o["unet_blocks"],
+                          attention_resolutions=tuple(o["unet_attention"]), time_conditional=False,
                           image_size=self.canvas)
-            self.f = ResNetCritic(c, image_size=self.canvas, base=o["critic_base"] or pick(smoke=8, fast=64))
-            self.batch_size = o["batch_size"] or pick(smoke=16, fast=64)
-            # smoke: about a minute on a 2-core CPU for 28x28 digits; paper: the authors' 100k steps
-            default_steps = pick(smoke=24 // self.n_samples, fast=4000, paper=100_000)
+            self.f = ResNetCritic(c, image_size=self.canvas, base=o["critic_base"])
+            self.batch_size = o["batch_size"]
+            steps, lr = o["steps"], o["map_lr"]
         else:
             (dim,) = data.shape
             self.z_shape = (dim,) if self.stochastic else None
-            self.z_std = 1.0 if o["z_std"] is None else float(o["z_std"])
-            hidden = o["mlp_hidden"] or pick(smoke=128, fast=256)
+            self.z_std = float(o["toy_z_std"])
+            hidden = o["mlp_hidden"]
             self.T = MLP(dim + (dim if self.stochastic else 0), dim, hidden=hidden, depth=o["mlp_depth"])
             self.f = MLP(dim, 1, hidden=hidden, depth=o["mlp_depth"])
-            self.batch_size = o["batch_size"] or 64
-            default_steps = pick(smoke=400, fast=5000)
-        lr = 1e-4 if data.is_image else 1e-3
-        resolved = {**o, "map_lr": o["map_lr"] or lr, "critic_lr": o["critic_lr"] or o["map_lr"] or lr}
-        self.saddle = SaddleTrainer.from_options(self.T.parameters(), self.f.parameters(), resolved, run,
-                                                 default_steps=default_steps)
+            self.batch_size = o["toy_batch_size"]
+            steps, lr = o["toy_steps"], o["toy_lr"]
+        critic_lr = o["critic_lr"] if data.is_image else lr
+        resolved = {**o, "steps": steps, "map_lr": lr, "critic_lr": critic_lr}
+        self.saddle = SaddleTrainer.from_options(self.T.parameters(), self.f.parameters(), resolved, run)
 
     def _to_canvas(self, x: torch.Tensor) -> torch.Tensor:
         return pad_to(x, self.canvas) if self.is_image else x

@@ -24,9 +24,84 @@ import torch
 
 from bench.api import BenchError, EvalContext
 from bench.data import cache_dir as default_cache, resolve_root
-from bench.methods.dpmot import DPMOT, generation_experiment
+from bench.diffusion import sample_ddim
+from bench.methods.dpmot import DPMOT, reverse_steps
 from bench.registry import get_task
 from bench.run import Run, pick_device, seed_everything
+from bench.semidiscrete import SemiDiscreteOT
+from bench.api import TaskData
+from typing import Any
+
+
+def generation_experiment(method: DPMOT, data: TaskData, task, ctx, nfes=(5, 10, 20),
+                          baseline_steps=(100, 1000), n: int = 1000, batch: int = 500,
+                          ot_steps: int | None = None, ot_batch: int | None = None,
+                          ot_lr: float | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Unconditional generation with the fitted DPM-OT score model, two ways, same network.
+
+    * DPM-OT: z ~ N(0, I) -> semi-discrete OT map (fitted here, Gaussian prior onto the method's
+      latent set at t_M) -> ``k`` reverse steps from t_M, for each k in ``nfes``;
+    * baseline: the plain ancestral (DDPM) sampler from pure noise at t = T with ``baseline_steps``.
+
+    Each row: sampler, nfe, the task's FID columns (``task.fid(outputs, ctx)``), and the
+    "mode mixture" share: fraction of samples whose task-classifier max softmax probability is
+    below 0.5 (``task.classifier(ctx)`` returns logits).
+    """
+    with torch.enable_grad():  # a task may train (and cache) its classifier on first use
+        classifier = task.classifier(ctx)
+    with torch.no_grad():
+        return _generation_rows(method, task, ctx, classifier, nfes, baseline_steps, n, batch,
+                                ot_steps, ot_batch, ot_lr, seed)
+
+
+def _generation_rows(method, task, ctx, classifier, nfes, baseline_steps, n, batch, ot_steps, ot_batch,
+                     ot_lr, seed):
+    dev = method.device
+    ot_steps = ot_steps or method.options["ot_steps"]
+    ot_batch = ot_batch or method.options["ot_batch"]
+    ot_lr = ot_lr or method.options["ot_lr"]
+    shape = method.work_shape
+
+    g = torch.Generator(device=dev).manual_seed(seed)
+    prior_ot = SemiDiscreteOT(method.ot.targets.reshape(-1, *shape).clone()).to(dev)
+    prior_ot.fit(lambda k, gen: torch.randn((k, *shape), generator=gen, device=dev),
+                 steps=int(ot_steps), batch=int(ot_batch), lr=float(ot_lr), generator=g)
+    masses = prior_ot.cell_masses(torch.randn((max(4096, 4 * len(prior_ot.targets)), *shape),
+                                              generator=g, device=dev))
+    ot_err = float((masses - prior_ot.weights).abs().max())
+
+    def generate(make) -> torch.Tensor:
+        outs = []
+        for s in range(0, n, batch):
+            outs.append(method._unprep(make(min(batch, n - s))).float().cpu())
+        return torch.cat(outs)
+
+    def score(outputs: torch.Tensor) -> dict[str, Any]:
+        probs = []
+        for s in range(0, len(outputs), batch):
+            logits = classifier(outputs[s:s + batch].to(ctx.device))
+            probs.append(torch.softmax(logits.float(), dim=1).max(1).values.cpu())
+        conf = torch.cat(probs)
+        row = {"mode_mixture": float((conf < 0.5).double().mean()),
+               "mean_max_prob": float(conf.double().mean())}
+        row.update(task.fid(outputs, ctx))
+        return row
+
+    rows: list[dict[str, Any]] = []
+    common = {"n": n, "t_M": method.t_M, "seed": seed, "latents": len(prior_ot.targets)}
+    for k in nfes:
+        def dpm_ot(m, k=k):
+            z = torch.randn((m, *shape), generator=g, device=dev)
+            return reverse_steps(method.ema, prior_ot.map(z), method.sde, method.t_M, int(k),
+                                 method.options["sampler"], g)
+        rows.append({"sampler": f"dpm-ot ({method.options['sampler']})", "nfe": int(k),
+                     "ot_mass_err": ot_err, **common, **score(generate(dpm_ot))})
+    for k in baseline_steps:
+        def ancestral(m, k=k):
+            return sample_ddim(method.ema, (m, *shape), method.sde, int(k), generator=g, eta=1.0)
+        rows.append({"sampler": "ancestral", "nfe": int(k), **common, **score(generate(ancestral))})
+    return rows
+
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -36,7 +111,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="digits")
-    p.add_argument("--budget", default="fast", choices=["smoke", "fast", "paper"])
+    p.add_argument("--budget", default="fast", choices=["smoke", "cpu", "fast", "paper"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for score training (CUDA)")
@@ -69,8 +144,8 @@ def main(argv=None) -> int:
     cache = default_cache()
     dev = pick_device(a.device)
     seed_everything(a.seed)
-    data = task.load(root, a.seed)
-    method = DPMOT(**options)
+    data = task.load(root, a.seed, budget=a.budget)
+    method = DPMOT(budget=a.budget, **options)
     method.check_setting(data)
     run = Run(out / "run", device=dev, seed=a.seed, budget=a.budget, bf16=a.bf16)
     run.method = method

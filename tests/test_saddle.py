@@ -49,7 +49,7 @@ class Game(Method):
             self.theta.weight.zero_()
             self.omega.weight.zero_()
         self.saddle = SaddleTrainer.from_options(self.theta.parameters(), self.omega.parameters(),
-                                                 self.options, run, default_steps=400)
+                                                 self.options, run)
 
     def L(self):
         t, w = self.theta.weight[0, 0], self.omega.weight[0, 0]
@@ -100,7 +100,18 @@ def test_schedule_sets_learning_rates(tmp_path):
     g.fit(None, run)
     assert g.saddle.map_opt.param_groups[0]["lr"] == pytest.approx(0.02)
     assert g.saddle.critic_opt.param_groups[0]["lr"] == pytest.approx(0.04)
-    assert g.saddle.map_opt.param_groups[0]["betas"] == tuple(SADDLE_OPTIONS["betas"])
+    assert g.saddle.map_opt.param_groups[0]["betas"] == (0.9, 0.999)  # the authors' (torch's default) betas
+
+
+def test_authors_order_map_steps_before_the_critic():
+    """Issue 8: NOT's Algorithm 1 makes K_T map updates, then one critic update."""
+    order = []
+    run = Run(None, progress=False)
+    g = _game(run, steps=2, inner_steps=3)
+    assert g.options["critic_first"] is False and g.options["weight_decay"] == 1e-10
+    g.saddle.fit(run, "saddle", map_loss=lambda s: order.append("T") or g.L(),
+                 critic_loss=lambda s: order.append("f") or -g.L())
+    assert "".join(order) == "TTTfTTTf"
 
 
 def test_bad_arguments_are_refused():
