@@ -30,6 +30,13 @@ from .api import BenchError
 from .budgets import Budget
 
 
+def stream_seed(seed: int, name: str | int) -> int:
+    """The seed of the random stream ``name`` of a run with ``seed`` (stable across processes)."""
+    import zlib
+    key = name if isinstance(name, int) else zlib.crc32(str(name).encode())
+    return (int(seed) * 1_000_003 + int(key)) % (2**63 - 1)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -82,9 +89,11 @@ class Run:
         self._log_fh = None
 
     # -- randomness and precision ----------------------------------------------------------
-    def generator(self, offset: int = 0, device: torch.device | str | None = None) -> torch.Generator:
+    def generator(self, name: str | int = 0, device: torch.device | str | None = None) -> torch.Generator:
+        """A named random stream of this run: the same (seed, name) always gives the same numbers,
+        and different names are independent; the one seed formula of the harness."""
         g = torch.Generator(device=device or self.device)
-        g.manual_seed(self.seed * 1_000_003 + offset)
+        g.manual_seed(stream_seed(self.seed, name))
         return g
 
     def autocast(self):
