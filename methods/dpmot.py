@@ -31,7 +31,6 @@ mode mixture than a plain ancestral sampler) with the same score model.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -39,15 +38,10 @@ import torch
 from bench.options import Option
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
 from bench.diffusion import EMA, VPSDE, dsm_loss, sample_ddim, sample_sde
-from bench.nn import ScoreMLP, UNet, crop_to, pad_to
+from bench.nn import canvas_side, ScoreMLP, UNet, crop_to, pad_to
 from bench.semidiscrete import SemiDiscreteOT
 
 SAMPLERS = ("ancestral", "ddim", "sde")
-
-
-def _canvas(h: int, w: int) -> int:
-    """Side of the square canvas the UNet works on: the next power of two (28 -> 32)."""
-    return max(8, 1 << math.ceil(math.log2(max(h, w))))
 
 
 def reverse_steps(net, x_t: torch.Tensor, sde: VPSDE, t_start: float, steps: int, sampler: str,
@@ -120,7 +114,7 @@ class DPMOT(Method):
         self.data_shape = data.shape
         if data.is_image:
             c, h, w = data.shape
-            side = _canvas(h, w)
+            side = canvas_side(h, w)
             self.work_shape = (c, side, side)
             mults = (1, 2, 2) if side >= 16 else (1, 2)
             self.net = UNet(c, c, base=o["base"], mults=mults,

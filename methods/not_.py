@@ -30,23 +30,18 @@ kernel cost.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
-from bench.nn import MLP, UNet, crop_to, pad_to
+from bench.nn import canvas_side, MLP, UNet, crop_to, pad_to
 from bench.nn.resnet import ResNetCritic
 from bench.options import Option
 from bench.saddle import SADDLE_OPTIONS, SaddleTrainer
 
 COSTS = ("strong", "weak")
 
-
-def _canvas(h: int, w: int) -> int:
-    """Side of the square canvas the networks work on: the next power of two (at least 8)."""
-    return max(8, 2 ** math.ceil(math.log2(max(h, w))))
 
 
 class NOT(Method):
@@ -139,7 +134,7 @@ class NOT(Method):
         self.shape = data.shape
         if data.is_image:
             c, h, w = data.shape
-            self.canvas = _canvas(h, w)
+            self.canvas = canvas_side(h, w)
             self.z_shape = (1, self.canvas, self.canvas) if self.stochastic else None
             self.z_std = float(o["z_std"])
             self.T = UNet(c + (1 if self.stochastic else 0), c,

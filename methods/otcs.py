@@ -55,16 +55,12 @@ import torch.nn.functional as F
 from bench import ot
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
 from bench.diffusion import EMA, VPSDE, dsm_eval, dsm_loss, sample_ddim, sample_sde
-from bench.nn import MLP, ScoreMLP, UNet, crop_to, pad_to
+from bench.nn import canvas_side, MLP, ScoreMLP, UNet, crop_to, pad_to
 from bench.options import Option
 
 FEATURES = ("auto", "flatten", "pool")
 SAMPLERS = ("sde", "ddim")
 
-
-def _canvas(h: int, w: int) -> int:
-    """Side of the square canvas of the score UNet: the next power of two (at least 8)."""
-    return max(8, 2 ** math.ceil(math.log2(max(h, w))))
 
 
 class OTCS(Method):
@@ -205,7 +201,7 @@ class OTCS(Method):
         if data.is_image:
             c, h, w = data.shape
             cs, hs, ws = data.source_shape
-            self.canvas = _canvas(max(h, hs), max(w, ws))
+            self.canvas = canvas_side(max(h, hs), max(w, ws))
             aligned = bool(data.aligned) and (hs, ws) == (h, w)
             self.score = UNet(c, c, base=o["unet_base"], mults=tuple(o["unet_mults"]),
                               num_res_blocks=o["unet_blocks"],

@@ -7,7 +7,13 @@ import torch.nn.functional as F
 from .mlp import MLP, ScoreMLP
 from .unet import UNet, timestep_embedding
 
-__all__ = ["UNet", "timestep_embedding", "MLP", "ScoreMLP", "pad_to", "crop_to"]
+__all__ = ["UNet", "timestep_embedding", "MLP", "ScoreMLP", "pad_to", "crop_to", "canvas_side"]
+
+
+def canvas_side(h: int, w: int) -> int:
+    """Side of the square canvas a UNet / ResNet critic works on: the next power of two (at least 8)."""
+    import math
+    return max(8, 2 ** math.ceil(math.log2(max(h, w))))
 
 
 def pad_to(x: torch.Tensor, size: int = 32, value: float = -1.0) -> torch.Tensor:
