@@ -60,7 +60,11 @@ class NOT(Method):
         "gamma": Option(0.66, help="weak cost: variance reward (authors' image setting)"),
         "gamma_warmup": Option(0.25, help="share of the steps over which gamma grows linearly from 0"),
         "n_z": Option(8, help="weak cost: noise samples per source in the map loss (authors: Z_SIZE 8)"),
-        "z_std": Option(0.1, help="std of the noise channel (authors: 0.1 on images)"),
+        "noise": Option("channel", choices=("channel", "cond-norm"),
+                        help="how z enters the image map: one extra input channel (NOT authors) or a "
+                             "noise_dim vector through conditional normalisation at every layer (KNOT authors)"),
+        "noise_dim": Option(128, help="cond-norm noise: size of z"),
+        "z_std": Option(0.1, help="std of the noise (NOT authors: 0.1 channel; KNOT authors: 1.0 cond-norm)"),
         "toy_z_std": 1.0,
         "cost_scale": Option(1.0, help="multiplies the cost; 1 = the authors' mse without the 1/2"),
         **SADDLE_OPTIONS,
@@ -137,7 +141,11 @@ class NOT(Method):
             self.canvas = canvas_side(h, w)
             self.z_shape = (1, self.canvas, self.canvas) if self.stochastic else None
             self.z_std = float(o["z_std"])
-            self.T = UNet(c + (1 if self.stochastic else 0), c,
+            self.cond_norm = self.stochastic and o["noise"] == "cond-norm"
+            channel = self.stochastic and not self.cond_norm
+            if self.cond_norm:
+                self.z_shape = (int(o["noise_dim"]),)
+            self.T = UNet(c + (1 if channel else 0), c, noise_dim=int(o["noise_dim"]) if self.cond_norm else 0,
                           base=o["unet_base"], mults=tuple(o["unet_mults"]),
                           num_res_blocks=o["unet_blocks"],
                           attention_resolutions=tuple(o["unet_attention"]), time_conditional=False,
@@ -169,6 +177,8 @@ class NOT(Method):
 
     def map(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """T(x, z) on the working canvas, one fresh z per row (none for the deterministic map)."""
+        if self.stochastic and getattr(self, "cond_norm", False):
+            return self.T(x, z=self._noise(x.shape[0], x.device, generator).to(x.dtype))
         if self.stochastic:
             x = torch.cat([x, self._noise(x.shape[0], x.device, generator).to(x.dtype)], dim=1)
         return self.T(x)

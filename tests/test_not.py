@@ -208,3 +208,30 @@ def test_knot_energy_cost_on_a_shift_gives_the_independent_coupling():
     y = _samples(m, -4.0)
     assert abs(y.mean().item() - 4.0) < 0.3
     assert abs(y.std().item() - 1.0) < 0.25
+
+
+def test_knot_injects_noise_through_conditional_norm_by_default():
+    """Issue 8: KNOT's image map takes z (128 x N(0, 1)) through the UNet's normalisation at every
+    layer, as the authors' map does; different z give different outputs for one x."""
+    from bench.run import Run
+    from bench.testing import tiny_images
+    data = tiny_images()
+    m = KNOT(**{**KNOT.test_options})
+    assert m.options["noise"] == "cond-norm" and m.options["noise_dim"] == 128 and m.options["z_std"] == 1.0
+    assert m.options["distance_per_dim"] is False
+    m.setup(data, Run(None, progress=False))
+    assert m.T.noise_dim == 128 and m.T.in_channels == 1
+    torch.nn.init.normal_(m.T.conv_out.weight)  # the output conv starts at zero
+    x = data.source_test[:1].repeat(2, 1, 1, 1)
+    y = m.transport(x, torch.Generator().manual_seed(0))
+    assert not torch.allclose(y[0], y[1])
+    n = NOT(cost="weak", **{k: v for k, v in NOT.test_options.items()})
+    n.setup(data, Run(None, progress=False))
+    assert n.options["noise"] == "channel" and n.T.in_channels == 2 and n.T.noise_dim == 0
+
+
+def test_distance_kernel_uses_the_plain_norm_by_default():
+    from bench.methods.knot import kernel
+    a, b = torch.zeros(1, 4), torch.ones(1, 4)
+    assert kernel("distance", a, b).item() == pytest.approx(-2.0, rel=1e-5)   # ||1_4|| = 2
+    assert kernel("distance", a, b, per_dim=True).item() == pytest.approx(-1.0, rel=1e-5)

@@ -10,7 +10,10 @@ upsampling followed by a convolution; GroupNorm -> SiLU -> 3x3 output convolutio
 
 The *embedding* fed to every residual block is the sum of
 - the sinusoidal time embedding of ``t`` passed through a two-layer MLP (``time_conditional``),
-- for ``cond_mode="embed"``, a vector computed from the conditioning image by a small CNN.
+- for ``cond_mode="embed"``, a vector computed from the conditioning image by a small CNN,
+- for ``noise_dim > 0``, a noise vector z (N, noise_dim) through a two-layer MLP: z then sets the
+  scale and shift of every residual block's normalisation (conditional normalisation at every
+  layer, the noise injection of the KNOT authors' map).
 With neither, the residual blocks have no embedding input and the network is a plain
 image-to-image map (e.g. NOT's transport map or a critic trunk).  ``cond_mode="concat"``
 concatenates the conditioning image to the input channels (pixel-aligned tasks).
@@ -141,7 +144,7 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, base: int = 64, mults=(1, 2, 2),
                  num_res_blocks: int = 2, attention_resolutions=(16,), dropout: float = 0.0,
                  cond_mode: str = "none", cond_channels: int = 0, time_conditional: bool = True,
-                 image_size: int = 32):
+                 image_size: int = 32, noise_dim: int = 0):
         super().__init__()
         if cond_mode not in COND_MODES:
             raise BenchError(f"UNet cond_mode must be one of {COND_MODES}, got {cond_mode!r}")
@@ -154,8 +157,11 @@ class UNet(nn.Module):
         self.image_size = image_size
         self.base = base
 
-        emb_dim = 4 * base if (time_conditional or cond_mode == "embed") else 0
+        emb_dim = 4 * base if (time_conditional or cond_mode == "embed" or noise_dim > 0) else 0
         self.emb_dim = emb_dim
+        self.noise_dim = int(noise_dim)
+        self.noise_mlp = (nn.Sequential(nn.Linear(noise_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                          if noise_dim > 0 else None)
         if time_conditional:
             self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.cond_encoder = CondEncoder(cond_channels, base, emb_dim) if cond_mode == "embed" else None
@@ -199,7 +205,7 @@ class UNet(nn.Module):
         self.norm_out = _norm(ch)
         self.conv_out = _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
 
-    def _embedding(self, x, t, cond):
+    def _embedding(self, x, t, cond, z=None):
         emb = None
         if self.time_conditional:
             if t is None:
@@ -211,9 +217,15 @@ class UNet(nn.Module):
         if self.cond_encoder is not None:
             c = self.cond_encoder(cond)
             emb = c if emb is None else emb + c
+        if self.noise_mlp is not None:
+            if z is None or z.shape != (x.shape[0], self.noise_dim):
+                raise BenchError(f"this UNet injects noise: pass z=(N, {self.noise_dim})")
+            e = self.noise_mlp(z.to(x.dtype))
+            emb = e if emb is None else emb + e
         return emb
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                z: torch.Tensor | None = None) -> torch.Tensor:
         div = 2 ** (len(self.mults) - 1)
         if x.shape[-1] % div or x.shape[-2] % div:
             raise BenchError(f"UNet input H, W must be divisible by {div}; pad with bench.nn.pad_to first")
@@ -222,7 +234,7 @@ class UNet(nn.Module):
                 raise BenchError(f"this UNet has cond_mode={self.cond_mode!r}: pass cond=(N, {self.cond_channels}, H, W)")
             if cond.shape[1] != self.cond_channels:
                 raise BenchError(f"UNet cond has {cond.shape[1]} channels, expected {self.cond_channels}")
-        emb = self._embedding(x, t, cond)
+        emb = self._embedding(x, t, cond, z)
         if self.cond_mode == "concat":
             if cond.shape[-2:] != x.shape[-2:]:
                 raise BenchError("cond_mode='concat' needs cond with the same H, W as x; resize the condition first")
