@@ -220,3 +220,36 @@ def test_classifier_accuracy_and_fd_on_a_known_net():
     fd.update(x[:25])
     fd.update(x[25:])
     assert fd.compute() == pytest.approx(0.0, abs=1e-6)
+
+
+_TRAIN_SNIPPET = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from bench.metrics.classifier import train_classifier, weights_sha256
+g = torch.Generator().manual_seed(5)
+x = torch.rand(384, 1, 28, 28, generator=g) * 2 - 1
+y = torch.randint(0, 10, (384,), generator=g)
+net = train_classifier(x, y, classes=10, epochs=2, batch_size=64, seed=0)
+print(weights_sha256(net.state_dict()))
+"""
+
+
+def test_classifier_training_is_bit_reproducible_across_processes_and_thread_counts():
+    """Issue 10: the Acc judge must be the same network on every run, so Acc is comparable."""
+    import subprocess
+    import sys
+    shas = [subprocess.run([sys.executable, "-c", _TRAIN_SNIPPET, str(t)], capture_output=True, text=True,
+                           check=True).stdout.strip() for t in (1, 2, 1)]
+    assert len(shas[0]) == 64 and shas[0] == shas[1] == shas[2]
+
+
+def test_weights_sha256_ignores_the_file_but_not_the_weights(tmp_path):
+    from bench.metrics.classifier import SmallCNN, weights_sha256
+    net = SmallCNN(10)
+    a = weights_sha256(net.state_dict())
+    for name in ("a.pt", "b.pt"):
+        torch.save(net.state_dict(), tmp_path / name)
+    assert weights_sha256(torch.load(tmp_path / "b.pt", weights_only=True)) == a
+    with torch.no_grad():
+        net.head.bias[0] += 1e-6
+    assert weights_sha256(net.state_dict()) != a

@@ -1,9 +1,11 @@
 """A small CNN judge for class-preserving translation (``acc``) and its feature Frechet distance (``cfd``).
 
-The network is trained once per (task key, training data) on the CPU with a fixed seed, so the
-same weights (and the same sha256) come out on every machine with the same torch build; it is
-saved under ``<cache_dir>/classifiers/`` next to a json record holding the weights' sha256,
-which is checked every time the weights are loaded.  The 128-d penultimate activations
+The network is trained once per (task key, training data) on the CPU with a fixed seed, one
+intra-op thread and torch's deterministic algorithms, so the same weights come out of every
+process on the same CPU kind and torch build (tests/test_metrics.py trains twice in fresh
+processes, with 1 and 2 threads set outside); it is saved under ``<cache_dir>/classifiers/``
+next to a json record holding the sha256 of the weights themselves (``weights_sha256``: the
+file's own bytes change with every ``torch.save``), checked every time the weights are loaded.  The 128-d penultimate activations
 (``features``) give the classifier Frechet distance, a cheap domain-specific complement to FID
 (never to be reported as FID).
 """
@@ -80,8 +82,19 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, classes: int = 10, epochs
         torch.set_num_threads(threads)
 
 
+class _deterministic:
+    """torch.use_deterministic_algorithms(True) for a block, restored afterwards."""
+
+    def __enter__(self):
+        self.prev = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.prev)
+
+
 def _train(x, y, classes, epochs, batch_size, lr, seed, g) -> SmallCNN:
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _deterministic():
         torch.manual_seed(seed)
         net = SmallCNN(classes, channels=x.shape[1])
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -122,9 +135,18 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * float((pred == y.cpu()).double().mean())
 
 
-def _sha256_bytes_of(path: Path) -> str:
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of the weights themselves: names, dtypes, shapes and bytes in sorted key order.
+
+    Not the file's sha256: ``torch.save`` writes a random serialization id into every file, so
+    two saves of identical weights differ byte for byte."""
     import hashlib
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_or_train(cache_dir, key: str, train: Callable[[], tuple[torch.Tensor, torch.Tensor]],
@@ -133,16 +155,17 @@ def load_or_train(cache_dir, key: str, train: Callable[[], tuple[torch.Tensor, t
     """The cached classifier for ``key`` (trained on ``train()`` if absent), and its record:
     {"sha256", "test_acc", "key", "arch", "epochs", "seed"}.  The weights' sha256 is verified on load."""
     folder = Path(cache_dir) / "classifiers"
-    weights = folder / f"{key}_{ARCH_VERSION}_e{epochs}_s{seed}.pt"
+    weights = folder / f"{key}_{ARCH_VERSION}_e{epochs}_s{seed}_w.pt"
     record_path = weights.with_suffix(".json")
     if weights.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
-        got = _sha256_bytes_of(weights)
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        got = weights_sha256(state)
         if got != record.get("sha256"):
             raise BenchError(f"classifier weights {weights} do not match their recorded sha256 "
                              f"({got[:12]}... vs {str(record.get('sha256'))[:12]}...); delete both files to retrain")
-        net = SmallCNN(classes)
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        net = SmallCNN(classes, channels=int(record.get("channels", 1)))
+        net.load_state_dict(state)
         return net.eval(), record
     x, y = train()
     net = train_classifier(x, y, classes=classes, epochs=epochs, seed=seed)
@@ -152,7 +175,8 @@ def load_or_train(cache_dir, key: str, train: Callable[[], tuple[torch.Tensor, t
     tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
     torch.save(net.state_dict(), tmp)
     os.replace(tmp, weights)
-    record = {"sha256": _sha256_bytes_of(weights), "test_acc": test_acc, "key": key, "arch": ARCH_VERSION,
+    record = {"sha256": weights_sha256(net.state_dict()), "sha256_of": "weights (bench.metrics.classifier.weights_sha256)",
+              "test_acc": test_acc, "key": key, "arch": ARCH_VERSION, "channels": int(x.shape[1]),
               "epochs": epochs, "seed": seed, "train_n": len(x), "test_n": len(xt)}
     tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
