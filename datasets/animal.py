@@ -241,29 +241,6 @@ def classifier_view(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x.float(), size=(CLASSIFIER_RES, CLASSIFIER_RES), mode="area")
 
 
-def _load_or_train_rgb(cache: Path, key: str, train, test, classes: int, epochs: int, seed: int):
-    """bench.metrics.classifier.load_or_train for 3-channel images.
-
-    Its cache-hit path rebuilds ``SmallCNN(classes)`` with one input channel; until it reads the
-    channel count from the weights, a 3-channel cache hit is reloaded here (same file, same sha256 check)."""
-    from bench.metrics import classifier as C
-    try:
-        return C.load_or_train(cache, key, train=train, test=test, classes=classes, epochs=epochs, seed=seed)
-    except RuntimeError as exc:
-        if "size mismatch" not in str(exc):
-            raise
-    import json
-    weights = Path(cache) / "classifiers" / f"{key}_{C.ARCH_VERSION}_e{epochs}_s{seed}.pt"
-    record = json.loads(weights.with_suffix(".json").read_text())
-    got = hashlib.sha256(weights.read_bytes()).hexdigest()
-    if got != record.get("sha256"):
-        raise BenchError(f"classifier weights {weights} do not match their recorded sha256; delete both files to retrain")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    net = C.SmallCNN(classes, channels=state["body.0.weight"].shape[1])
-    net.load_state_dict(state)
-    return net.eval(), record
-
-
 # -- the task ------------------------------------------------------------------------------------
 class AnimalTask(Task):
     name = "animal"
@@ -347,7 +324,8 @@ class AnimalTask(Task):
         view = min(x["resolution"], CLASSIFIER_RES)
         key = f"animal_{view}px_p{PREP_VERSION}_{x['target_train_sha256'][:12]}_{x['target_val_sha256'][:12]}"
         if (str(cache), key) not in self._nets:
-            net, record = _load_or_train_rgb(
+            from bench.metrics.classifier import load_or_train
+            net, record = load_or_train(
                 cache, key,
                 train=lambda: (classifier_view(data.target_train), data.target_train_labels.long()),
                 test=lambda: (classifier_view(data.target_test), data.target_test_labels.long()),
