@@ -74,7 +74,6 @@ TRAIN_CAP = {"smoke": 256, "cpu": 4000, "fast": 20000, "paper": 60000}
 SUBSET_SEED = 20240  # the fixed subset of each parity list (seed-independent, so caches are shared)
 OFFICIAL_ROWS = 202_599
 OFFICIAL_PARTITION_MD5 = "d32c9cbf5e040fd4025c592c306e6668"
-OFFICIAL_SPLIT_SIZES = {0: 162_770, 1: 19_867, 2: 19_962}
 SPLITS = {0: "train", 1: "valid", 2: "test"}
 LAYOUT_HINT = "see the README section 'CelebA and AFHQ: laying out the real data'"
 
