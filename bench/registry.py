@@ -1,87 +1,112 @@
-"""Name registries for methods and tasks.
+"""Name registries for methods and tasks: one generic :class:`Registry`, two instances.
 
 Built-ins and third-party packages are found the same way: through the entry-point groups
 ``otbench.methods`` and ``otbench.tasks`` (see pyproject.toml). A plugin can also register
 itself at import time with :func:`register_method` / :func:`register_task`, and
-``BENCH_PLUGINS=module,module`` imports extra modules (handy for a single-file plugin).
+``BENCH_PLUGINS=module,module`` imports extra modules (handy for a single-file plugin; note that
+this imports, i.e. executes, those modules). Two different classes under one name are refused
+with an error naming both, never silently skipped.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from importlib.metadata import entry_points
+from typing import Generic, TypeVar
 
 from .api import BenchError, Method, Task
 
-METHOD_GROUP = "otbench.methods"
-TASK_GROUP = "otbench.tasks"
+T = TypeVar("T")
 
-_methods: dict[str, type[Method]] = {}
-_tasks: dict[str, type[Task]] = {}
-_loaded = False
+
+class Registry(Generic[T]):
+    """Named plugin classes of one kind (``base``), loaded from an entry-point group on first use."""
+
+    def __init__(self, kind: str, base: type, group: str) -> None:
+        self.kind, self.base, self.group = kind, base, group
+        self._table: dict[str, type] = {}
+        self._origin: dict[str, str] = {}
+        self._loaded = False
+
+    def register(self, cls: type, origin: str | None = None) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, self.base)) or not getattr(cls, "name", ""):
+            raise TypeError(f"{cls!r} is not a {self.base.__name__} subclass with a name")
+        where = origin or f"{cls.__module__}.{cls.__qualname__}"
+        old = self._table.get(cls.name)
+        if old is not None and old is not cls and f"{old.__module__}.{old.__qualname__}" != \
+                f"{cls.__module__}.{cls.__qualname__}":
+            raise BenchError(f"two {self.kind}s are named {cls.name!r}: {self._origin[cls.name]} and {where}; "
+                             f"rename one of them (its class attribute `name` and its entry point)")
+        self._table[cls.name] = cls
+        self._origin.setdefault(cls.name, where)
+        return cls
+
+    def load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for ep in entry_points(group=self.group):
+            try:
+                obj = ep.load()
+            except Exception as exc:  # a broken third-party plugin must not take the CLI down
+                warnings.warn(f"otbench: could not load {self.kind} plugin {ep.name!r} ({ep.value}): {exc}")
+                continue
+            if getattr(obj, "name", "") != ep.name:
+                raise BenchError(f"plugin entry point {ep.name!r} points at {obj!r} whose name is "
+                                 f"{getattr(obj, 'name', None)!r}; make them equal")
+            self.register(obj, origin=f"entry point {ep.name} = {ep.value}")
+
+    def all(self) -> dict[str, type]:
+        load_plugins()
+        return dict(sorted(self._table.items()))
+
+    def get(self, name: str) -> type:
+        table = self.all()
+        if name not in table:
+            raise BenchError(f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(table)} "
+                             f"(see `bench list`)")
+        return table[name]
+
+
+METHODS: Registry[Method] = Registry("method", Method, "otbench.methods")
+TASKS: Registry[Task] = Registry("task", Task, "otbench.tasks")
+_extra_loaded = False
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    if not (isinstance(cls, type) and issubclass(cls, Method)) or not cls.name:
-        raise TypeError(f"{cls!r} is not a Method subclass with a name")
-    _methods[cls.name] = cls
-    return cls
+    return METHODS.register(cls)
 
 
 def register_task(cls: type[Task]) -> type[Task]:
-    if not (isinstance(cls, type) and issubclass(cls, Task)) or not cls.name:
-        raise TypeError(f"{cls!r} is not a Task subclass with a name")
-    _tasks[cls.name] = cls
-    return cls
-
-
-def _load_group(group: str, table: dict, register) -> None:
-    for ep in entry_points(group=group):
-        if ep.name in table:
-            continue
-        try:
-            obj = ep.load()
-        except Exception as exc:  # a broken third-party plugin must not take the CLI down
-            import warnings
-            warnings.warn(f"otbench: could not load plugin {ep.name!r} ({ep.value}): {exc}")
-            continue
-        if getattr(obj, "name", "") != ep.name:
-            raise BenchError(f"plugin entry point {ep.name!r} points at {obj!r} whose name is "
-                             f"{getattr(obj, 'name', None)!r}; make them equal")
-        register(obj)
+    return TASKS.register(cls)
 
 
 def load_plugins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in filter(None, os.environ.get("BENCH_PLUGINS", "").split(",")):
-        importlib.import_module(mod.strip())
-    _load_group(METHOD_GROUP, _methods, register_method)
-    _load_group(TASK_GROUP, _tasks, register_task)
+    global _extra_loaded
+    if not _extra_loaded:
+        _extra_loaded = True
+        for mod in filter(None, os.environ.get("BENCH_PLUGINS", "").split(",")):
+            try:
+                importlib.import_module(mod.strip())
+            except ImportError as exc:
+                raise BenchError(f"BENCH_PLUGINS names {mod.strip()!r}, which cannot be imported ({exc}); "
+                                 f"fix the module name or your PYTHONPATH") from None
+    METHODS.load()
+    TASKS.load()
 
 
 def methods() -> dict[str, type[Method]]:
-    load_plugins()
-    return dict(sorted(_methods.items()))
+    return METHODS.all()
 
 
 def tasks() -> dict[str, type[Task]]:
-    load_plugins()
-    return dict(sorted(_tasks.items()))
+    return TASKS.all()
 
 
 def get_method(name: str) -> type[Method]:
-    table = methods()
-    if name not in table:
-        raise BenchError(f"unknown method {name!r}; known methods: {', '.join(table)} "
-                         f"(see `bench list`)")
-    return table[name]
+    return METHODS.get(name)
 
 
 def get_task(name: str) -> type[Task]:
-    table = tasks()
-    if name not in table:
-        raise BenchError(f"unknown task {name!r}; known tasks: {', '.join(table)} (see `bench list`)")
-    return table[name]
+    return TASKS.get(name)

@@ -17,9 +17,10 @@ loss callables::
 schedule of the cost.  While the critic is updated the map's parameters do not require
 gradients (so the map's forward pass builds no graph), and vice versa.
 
-The trainer is an ``nn.Module`` with no parameters whose ``state_dict`` holds the optimiser,
-scheduler and generator states, so a method that keeps it as an attribute gets all of it
-saved and resumed by ``Method.state_dict`` / ``load_state_dict`` with no extra code.
+The two Adam optimisers are registered with the method (``Method.optimizer``, the one checkpoint
+mechanism of every plugin) when the trainer is built by :meth:`SaddleTrainer.from_options`; the
+trainer itself is an ``nn.Module`` without parameters whose ``state_dict`` holds only its random
+generator, so a method that keeps it as an attribute gets it saved and resumed with no extra code.
 """
 from __future__ import annotations
 
@@ -114,18 +115,25 @@ class SaddleTrainer(nn.Module):
         self.critic_opt = torch.optim.Adam(self.critic_params, lr=critic_lr, betas=betas, weight_decay=weight_decay)
         self.base_lrs = (float(map_lr), float(critic_lr))
         self._seed = int(seed)
+        self.owns_optimizers = True  # False once a method checkpoints them (from_options(..., method))
         self.generator = torch.Generator(device=torch.device(device))
         self.generator.manual_seed(self._seed * 1_000_003 + 7919)
 
     @classmethod
-    def from_options(cls, map_params, critic_params, options: dict[str, Any], run) -> "SaddleTrainer":
-        """Build from a method's resolved options (keys of :data:`SADDLE_OPTIONS`) and its run."""
-        return cls(map_params, critic_params, steps=int(options["steps"]), inner_steps=int(options["inner_steps"]),
+    def from_options(cls, map_params, critic_params, options: dict[str, Any], run, method=None) -> "SaddleTrainer":
+        """Build from a method's resolved options (keys of :data:`SADDLE_OPTIONS`) and its run; with
+        ``method``, the two optimisers are registered with it (checkpointed and restored there)."""
+        trainer = cls(map_params, critic_params, steps=int(options["steps"]), inner_steps=int(options["inner_steps"]),
                    map_lr=float(options["map_lr"]), critic_lr=float(options["critic_lr"]),
                    betas=tuple(options["betas"]), weight_decay=float(options["weight_decay"]),
                    lr_schedule=options["lr_schedule"], lr_milestones=options["lr_milestones"],
                    lr_decay=float(options["lr_decay"]), grad_clip=options["grad_clip"],
                    device=run.device, seed=run.seed, critic_first=bool(options.get("critic_first", False)))
+        if method is not None:
+            trainer.map_opt = method.optimizer("saddle-map", trainer.map_opt)
+            trainer.critic_opt = method.optimizer("saddle-critic", trainer.critic_opt)
+            trainer.owns_optimizers = False
+        return trainer
 
     # -- randomness -------------------------------------------------------------------------
     def batch(self, data: torch.Tensor, n: int) -> torch.Tensor:
@@ -154,12 +162,15 @@ class SaddleTrainer(nn.Module):
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs) -> dict[str, Any]:  # noqa: D102 (nn.Module signature)
-        return {"map_opt": self.map_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
-                "generator": self.generator.get_state()}
+        state = {"generator": self.generator.get_state()}
+        if self.owns_optimizers:
+            state.update(map_opt=self.map_opt.state_dict(), critic_opt=self.critic_opt.state_dict())
+        return state
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True, assign: bool = False):
-        self.map_opt.load_state_dict(state["map_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
+        if self.owns_optimizers and "map_opt" in state:
+            self.map_opt.load_state_dict(state["map_opt"])
+            self.critic_opt.load_state_dict(state["critic_opt"])
         self._set_generator_state(state["generator"].cpu())
 
     # -- the loop ---------------------------------------------------------------------------

@@ -164,7 +164,7 @@ class NOT(Method):
             steps, lr = o["toy_steps"], o["toy_lr"]
         critic_lr = o["critic_lr"] if data.is_image else lr
         resolved = {**o, "steps": steps, "map_lr": lr, "critic_lr": critic_lr}
-        self.saddle = SaddleTrainer.from_options(self.T.parameters(), self.f.parameters(), resolved, run)
+        self.saddle = SaddleTrainer.from_options(self.T.parameters(), self.f.parameters(), resolved, run, method=self)
 
     def _to_canvas(self, x: torch.Tensor) -> torch.Tensor:
         return pad_to(x, self.canvas) if self.is_image else x

@@ -452,6 +452,9 @@ class OTCS(Method):
         mean sum_j r_j y_j, r = softmax_j(log w_ij - ||y_t - alpha_t y_j||^2 / (2 sigma_t^2)).
         t follows the g^2 importance density (stratified per row), as in dsm_eval."""
         sde, dev = self.sde, xs.device
+        rows = rows[H.row_nnz()[rows] > 0]  # a row with no stored entry has no pi_hat(.|x) to score
+        if len(rows) == 0:
+            return float("nan")
         rows = rows[torch.randperm(len(rows), generator=g, device=rows.device)[: max(1, n_pairs // per_row)]]
         total, count = 0.0, 0
         for r in rows.tolist():

@@ -1,0 +1,91 @@
+"""The engine's seams (issue 9): resolved options make a row re-runnable, tasks declare their own
+metrics, the registry refuses a name clash."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.api import UNPAIRED, BenchError, Method, Metric, Task, TaskData
+from bench.options import Option, declared
+from bench.registry import METHODS, TASKS, Registry, get_method, register_task
+from bench.runner import RunSpec, run_one
+from bench.tables import render
+
+TOY_NOT = {"toy_steps": 30, "inner_steps": 2, "mlp_hidden": 16, "mlp_depth": 2, "toy_batch_size": 32}
+
+
+def test_a_row_records_every_resolved_option_and_reruns_to_the_same_row(tmp_path, one_thread):
+    spec = RunSpec("not", "toy1d", seed=0, budget="smoke", options=TOY_NOT)
+    row = run_one(spec, out=tmp_path / "a", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu",
+                  progress=False, log=lambda *_: None)
+    cls = get_method("not")
+    spec_opts = declared(cls.default_options)
+    assert set(row["options"]) == set(spec_opts)  # every option, not only those given
+    for k, opt in spec_opts.items():
+        if opt.per_budget and not opt.nullable:
+            assert row["options"][k] is not None, k  # no null that the budget decides
+    assert row["options"]["steps"] == 24 and row["options"]["toy_steps"] == 30
+    again = RunSpec(row["method"], row["task"], seed=row["seed"], budget=row["budget"], options=row["options"],
+                    task_options=row.get("task_options", {}))
+    assert again.directory(tmp_path / "b").name == spec.directory(tmp_path / "b").name  # hash of resolved values
+    row2 = run_one(again, out=tmp_path / "b", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu",
+                   progress=False, log=lambda *_: None)
+    for k in ("mean_at_minus4", "w2"):
+        assert row2[k] == pytest.approx(row[k], rel=1e-6, abs=1e-9), k
+
+
+class _Spread(Task):
+    """A throwaway task with a metric the engine has never heard of."""
+
+    name = "spread-task"
+    metrics = (Metric("spread", "Spread (sd)", higher_is_better=True, digits=3),)
+    eval_sizes = {"smoke": None, "cpu": None, "fast": None, "paper": None}
+    default_options = {"n": Option(64, help="samples per split")}
+
+    def load(self, data_root, seed, budget="smoke"):
+        g = torch.Generator().manual_seed(seed)
+        n = self.options["n"]
+        return TaskData(name=self.name, setting=UNPAIRED, source_train=torch.randn(n, 2, generator=g),
+                        target_train=torch.randn(n, 2, generator=g) + 3, source_test=torch.randn(16, 2, generator=g),
+                        target_test=torch.randn(16, 2, generator=g) + 3)
+
+    def evaluate(self, data, sources, outputs, labels, ctx):
+        return {"spread": float(outputs.std())}
+
+
+def test_a_new_task_with_a_new_metric_needs_no_engine_edit(tmp_path):
+    register_task(_Spread)
+    for method in ("identity", "not"):
+        run_one(RunSpec(method, "spread-task", options=TOY_NOT if method == "not" else {},
+                        task_options={"n": 32}),
+                out=tmp_path, data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False,
+                log=lambda *_: None)
+    text = render(tmp_path, _Spread)
+    assert "Spread (sd)" in text and "identity" in text and "not" in text
+    with pytest.raises(BenchError, match="task 'spread-task' option n='x' is not an integer"):
+        _Spread(n="x")
+
+
+def test_registry_refuses_two_classes_under_one_name():
+    reg = Registry("method", Method, "otbench.nothing")
+
+    class A(Method):
+        name = "twin"
+
+    class B(Method):
+        name = "twin"
+
+    reg.register(A)
+    reg.register(A)  # the same class again is fine (re-import)
+    with pytest.raises(BenchError, match="two methods are named 'twin'"):
+        reg.register(B)
+    assert "otcs" in METHODS.all() and "digits" in TASKS.all()
+
+
+def test_budget_values_are_declared_for_every_budget():
+    with pytest.raises(TypeError, match="every budget"):
+        Option(smoke=1, fast=2)
+    from bench.budgets import Budget
+    with pytest.raises(TypeError, match="missing"):
+        Budget("cpu").pick(smoke=1, fast=2)
+    assert Budget("cpu").pick(smoke=1, cpu=3, fast=2, paper=4) == 3
