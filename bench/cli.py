@@ -259,12 +259,13 @@ def list_(show_methods, show_tasks, one_method, budget):
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--data-root", default=None)
 @click.option("--device", default="auto", show_default=True)
-def eval_(run_dir, data_root, device):
+@click.option("--progress/--no-progress", default=True, help="progress bars")
+def eval_(run_dir, data_root, device, progress):
     """Recompute a run's metrics from its stored samples and rewrite its row."""
     from .runner import evaluate_dir
 
     row = evaluate_dir(run_dir, data_root=_data_root(data_root), cache_dir=_cache_dir(), device=device,
-                       log=click.echo, warn=lambda msg: click.echo(msg, err=True))
+                       progress=progress, log=click.echo, warn=lambda msg: click.echo(msg, err=True))
     click.echo(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}, indent=2, default=str))
 
 

@@ -514,14 +514,15 @@ def evaluate_dir(rundir: Path, *, data_root: Path, cache_dir: Path, device: str 
     with RunLock(rundir, wait=False):
         p = prepare(spec, rundir, method, task, data_root=data_root, device=device, progress=progress)
         try:
+            restored = False
             if (rundir / CHECKPOINT_FILE).exists():
                 try:
-                    p.run.restore()
+                    restored = p.run.restore()
                 except store.CorruptFile as exc:
                     raise BenchError(f"{exc}; run `bench run` for this run again to retrain it") from None
             saved = load_samples(rundir, warn)
-            if saved is None:
-                if not (old_row and p.run.progress):
+            if saved is None:  # a finished run's checkpoint is its final state: transport again
+                if not (old_row and restored):
                     raise BenchError(f"{rundir / SAMPLES_FILE} is unreadable and the run never finished; "
                                      f"run `bench run` for this run again")
                 saved = transport_and_store(p, dict(old_row.get("timings") or {}), batch_size=batch_size,

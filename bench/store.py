@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -78,12 +79,11 @@ def torch_load(path: Path) -> Any:
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as exc:  # weights_only refused a global, or garbage bytes
-        msg = _one_line(exc)
-        if "Unsupported global" in msg or "weights_only" in msg.lower() or "Weights only" in msg:
-            start = msg.find("Unsupported global")
-            what = msg[start:].split(" was ")[0].split(". ")[0] if start >= 0 else "a non-tensor object"
-            raise CorruptFile(path, f"it holds {what}, which a safe load refuses to execute") from None
-        raise CorruptFile(path, f"not a torch file: {msg}") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise CorruptFile(path, f"it holds a reference to {found.group(1)}, which a safe load refuses "
+                                    f"to execute") from None
+        raise CorruptFile(path, "malformed: not a torch file of tensors") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError,
             AttributeError, TypeError) as exc:
         return _raise_corrupt(path, exc)
