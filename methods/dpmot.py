@@ -114,9 +114,9 @@ class DPMOT(Method):
         self.data_shape = data.shape
         if data.is_image:
             c, h, w = data.shape
-            side = canvas_side(h, w)
+            mults = (1, 2, 2) if max(h, w) >= 16 else (1, 2)
+            side = canvas_side(h, w, multiple=2 ** (len(mults) - 1))
             self.work_shape = (c, side, side)
-            mults = (1, 2, 2) if side >= 16 else (1, 2)
             self.net = UNet(c, c, base=o["base"], mults=mults,
                             num_res_blocks=o["num_res_blocks"],
                             attention_resolutions=(side // 2,) if o["attention"] else (),

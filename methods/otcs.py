@@ -20,7 +20,8 @@ The algorithm (the paper's Algorithms 1 and 2), top to bottom:
 3. **Resampling-by-compatibility**: a source row uniformly among the rows with a stored entry, then
    a target with probability proportional to H in that row.  Rows with no entry (``empty_rows``)
    are never drawn as conditions; their count is reported.
-4. **Stage II**: a conditional score network (UNet on images padded to a power-of-two canvas,
+4. **Stage II**: a conditional score network (UNet on images padded to the smallest canvas its
+   levels divide, e.g. 28x28 digits unpadded;
    cond_mode "concat" for aligned tasks and "embed" otherwise; ScoreMLP on vectors) trained with
    denoising score matching on the VP-SDE, EMA of the weights.  ``loss_weighting="sigma2"``
    (default) is the authors' training loss, the plain noise-prediction MSE with uniform t;
@@ -116,7 +117,8 @@ class OTCS(Method):
         "unet_base": Option(smoke=16, cpu=32, fast=64, paper=64),
         "unet_mults": [1, 2, 2],
         "unet_blocks": Option(smoke=1, cpu=1, fast=2, paper=2),
-        "unet_attention": Option(smoke=[], cpu=[], fast=[16], paper=[16]),
+        "unet_attention": Option(smoke=[], cpu=[], fast=[1], paper=[1],
+                                 help="UNet levels with self-attention (0 = full resolution, 1 = half, ...)"),
         "mlp_hidden": Option(smoke=128, cpu=256, fast=256, paper=256),
         "mlp_depth": 3,
         "holdout": Option(0.05, help="share of source rows (at most 512) kept out of stage II for J_CSM"),
@@ -201,11 +203,13 @@ class OTCS(Method):
         if data.is_image:
             c, h, w = data.shape
             cs, hs, ws = data.source_shape
-            self.canvas = canvas_side(max(h, hs), max(w, ws))
+            levels = len(o["unet_mults"])
+            self.canvas = canvas_side(max(h, hs), max(w, ws), multiple=2 ** (levels - 1))
+            attention = tuple(self.canvas // 2 ** k for k in o["unet_attention"])
             aligned = bool(data.aligned) and (hs, ws) == (h, w)
             self.score = UNet(c, c, base=o["unet_base"], mults=tuple(o["unet_mults"]),
                               num_res_blocks=o["unet_blocks"],
-                              attention_resolutions=tuple(o["unet_attention"]),
+                              attention_resolutions=attention,
                               cond_mode="concat" if aligned else "embed", cond_channels=cs,
                               image_size=self.canvas)
         else:

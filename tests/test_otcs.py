@@ -158,3 +158,15 @@ def test_stage1_potentials_match_the_exact_pot_plan_on_a_small_problem():
     b = m.bound_terms()
     assert b["bound_marginal_x"] < 0.1 and b["bound_marginal_y"] < 0.1
     assert b["bound_empty_rows"] == 0 and b["bound_ot_n"] == 40
+
+
+def test_digit_sized_images_keep_their_28x28_canvas_and_attention_sits_at_half_resolution():
+    from bench.testing import tiny_images
+    data = tiny_images(side=28)
+    for budget, att in (("cpu", ()), ("fast", (14,))):
+        m = OTCS(budget=budget, unet_base=8, unet_blocks=1)
+        m.setup(data, Run(None, device="cpu", seed=0, budget=budget, progress=False))
+        assert m.canvas == 28
+        assert tuple(sorted({b.res for b in []})) == () and m.score.image_size == 28
+        attn = [mod for mod in m.score.modules() if type(mod).__name__ == "AttnBlock"]
+        assert (len(attn) > 1) == bool(att), budget  # the middle block always has one
