@@ -229,7 +229,9 @@ def test_lock_held_elsewhere_is_reported_then_waited_for(tmp_path):
         Counter.seen_steps.clear()
         with pytest.raises(RunLocked, match=f"pid {os.getpid()}"):
             _run(tmp_path)
-        assert Counter.seen_steps == [] and run_state(rundir)[0] == "running"
+        assert Counter.seen_steps == []
+        state, detail = run_state(rundir)
+        assert state == "running" and f"pid {os.getpid()}" in detail, detail
         threading.Timer(0.5, lock.release).start()
         t0 = time.monotonic()
         row = _run(tmp_path, wait_locked=True)
