@@ -105,6 +105,8 @@ class Method:
     uses_pairs: ClassVar[bool] = False  # reads TaskData.pairs
     paper: ClassVar[str] = ""
     notes: ClassVar[str] = ""  # shown by `bench list`: adaptations, what is ignored
+    # the loop whose progress a learning curve follows (``bench run --probe-every N``); None: no curve
+    probe_loop: ClassVar[str | None] = None
     # name -> value or bench.options.Option (a type and one value per budget); see bench/options.py
     default_options: ClassVar[dict[str, Any]] = {}
 
@@ -273,6 +275,11 @@ class Task:
         ``fid_n``, ``acc``) and their protocol facts (reference split, network sha256).
         """
         raise NotImplementedError
+
+    def probe(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,
+              labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, float] | None:
+        """Cheap metrics for a learning curve during training (no FID); None: not supported."""
+        return None
 
     def info(self, data_root, cache_dir) -> dict[str, Any]:
         """Extra facts for `bench list --tasks` (e.g. the classifier's own accuracy)."""

@@ -114,6 +114,10 @@ def cli():
 @click.option("--batch-size", default=500, show_default=True, help="transport batch size")
 @click.option("--checkpoint-every", default=120.0, show_default=True, help="seconds between checkpoints in a loop")
 @click.option("--progress/--no-progress", default=True, help="progress bars")
+@click.option("--probe-every", default=None, type=int,
+              help="learning curve: every N steps of the method's main loop, transport a fixed subset of "
+                   "the evaluation sources and log the task's cheap metrics (probe stage of log.jsonl)")
+@click.option("--probe-n", default=500, show_default=True, help="sources per learning-curve point")
 @click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray", "slurm"]),
               help="where runs execute: this machine, a Ray cluster, or SLURM jobs (submitit)")
 @click.option("--jobs", "-j", default=1, show_default=True, type=int,
@@ -127,7 +131,7 @@ def cli():
 @click.option("--slurm-cpus", default=1, show_default=True, help="slurm: CPUs per run")
 @click.option("--slurm-local", is_flag=True, help="slurm: run the jobs with submitit's local executor (no cluster)")
 def run(methods, task, seeds, budget, out, data_root, device, bf16, compile_, opts, task_opts, force, retry_failed,
-        wait_locked, batch_size, checkpoint_every, progress, executor, jobs, ray_address, ray_cpus, ray_gpus,
+        wait_locked, batch_size, checkpoint_every, progress, probe_every, probe_n, executor, jobs, ray_address, ray_cpus, ray_gpus,
         slurm_partition, slurm_time, slurm_gpus, slurm_cpus, slurm_local):
     """Train each method on TASK, transport the test set, evaluate and store one row per run.
 
@@ -146,7 +150,7 @@ def run(methods, task, seeds, budget, out, data_root, device, bf16, compile_, op
     settings = Settings(out=Path(out), data_root=_data_root(data_root), cache_dir=_cache_dir(), device=device,
                         bf16=bf16, compile=compile_, force=force, retry_failed=retry_failed,
                         wait_locked=wait_locked, progress=progress and jobs == 1, batch_size=batch_size,
-                        checkpoint_every=checkpoint_every)
+                        checkpoint_every=checkpoint_every, probe_every=probe_every, probe_n=probe_n)
     outcomes = run_grid(specs, settings, executor=executor, jobs=jobs, ray_address=ray_address,
                         ray_cpus=ray_cpus, ray_gpus=ray_gpus, slurm_partition=slurm_partition,
                         slurm_time=slurm_time, slurm_gpus=slurm_gpus, slurm_cpus=slurm_cpus,

@@ -49,6 +49,8 @@ class Settings:
     progress: bool = True
     batch_size: int = 500
     checkpoint_every: float = 120.0
+    probe_every: int | None = None  # learning curve: probe the method's probe_loop every N steps
+    probe_n: int = 500
     threads: int | None = None  # torch threads in the worker (None: leave as is)
     env: dict[str, str] = field(default_factory=dict)  # environment a remote worker needs (BENCH_*)
 
@@ -98,7 +100,7 @@ def execute(spec, settings: Settings, log: Log | None = None) -> Outcome:
                       force=settings.force, retry_failed=settings.retry_failed,
                       wait_locked=settings.wait_locked, progress=settings.progress,
                       batch_size=settings.batch_size, checkpoint_every=settings.checkpoint_every,
-                      log=keep, warn=keep)
+                      probe_every=settings.probe_every, probe_n=settings.probe_n, log=keep, warn=keep)
     except RunLocked as exc:
         return Outcome(spec, "locked", f"skip {spec.label()}: running in {describe_owner(exc.owner)} "
                                        f"(--wait-locked waits for it)", str(rundir))

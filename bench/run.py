@@ -87,6 +87,14 @@ class Run:
         self._fit_t0: float | None = None
         self._last_ckpt = time.monotonic()
         self._log_fh = None
+        # learning curves: the runner sets probe(loop, step) and {loop name: every N steps}; probe
+        # time is kept out of the loop's timing (timings["probe"])
+        self.probe = None
+        self.probe_loops: dict[str, int] = {}
+        # named random streams handed out by generator(name); their states travel in the checkpoint
+        # so a resumed run draws the same numbers as an uninterrupted one
+        self._streams: dict[str, torch.Generator] = {}
+        self._saved_streams: dict[str, torch.Tensor] = {}
 
     # -- randomness and precision ----------------------------------------------------------
     def generator(self, name: str | int = 0, device: torch.device | str | None = None) -> torch.Generator:
@@ -94,6 +102,13 @@ class Run:
         and different names are independent; the one seed formula of the harness."""
         g = torch.Generator(device=device or self.device)
         g.manual_seed(stream_seed(self.seed, name))
+        saved = self._saved_streams.pop(str(name), None)
+        if saved is not None:  # resumed: continue the stream where the checkpoint left it
+            try:
+                g.set_state(saved)
+            except (RuntimeError, TypeError, ValueError):  # another device type: keep the fresh seed
+                pass
+        self._streams[str(name)] = g
         return g
 
     def autocast(self):
@@ -116,9 +131,15 @@ class Run:
                    disable=not self.progress_bars, leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
         try:
+            every = self.probe_loops.get(name) if self.probe is not None else None
             for step in bar:
                 yield step
                 self.progress[name] = step + 1
+                if every and ((step + 1) % every == 0 or step + 1 == total):
+                    self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+                    with self.stage("probe"):
+                        self.probe(name, step + 1)
+                    t0 = time.perf_counter()
                 if self.dir is not None and time.monotonic() - self._last_ckpt > self.checkpoint_every:
                     self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
                     t0 = time.perf_counter()
@@ -157,7 +178,8 @@ class Run:
         if self.dir is None or self.method is None:
             return
         state = {"method": self.method.state_dict(), "progress": dict(self.progress),
-                 "timings": dict(self.timings), "fit_seconds": self.fit_seconds()}
+                 "timings": dict(self.timings), "fit_seconds": self.fit_seconds(),
+                 "streams": {**self._saved_streams, **{k: g.get_state() for k, g in self._streams.items()}}}
         store.torch_save(self.dir / "checkpoint.pt", state)
         self._last_ckpt = time.monotonic()
 
@@ -171,6 +193,7 @@ class Run:
         self.progress = dict(state["progress"])
         self.timings = dict(state.get("timings", {}))
         self.fit_elapsed_before = float(state.get("fit_seconds", 0.0))
+        self._saved_streams = dict(state.get("streams", {}))
         return True
 
     def should_log(self, step: int, every: int = 100) -> bool:

@@ -222,6 +222,28 @@ def prepare(spec: RunSpec, rundir: Path, method: Method, task: Task, *, data_roo
     return Prepared(spec, Path(rundir), task, method, data, run, dev, sources, labels, bool(bf16), bool(compile))
 
 
+def attach_probe(p: Prepared, every: int, n: int, *, cache_dir: Path, data_root: Path, batch_size: int = 500) -> None:
+    """A learning curve: every ``every`` steps of the method's ``probe_loop``, transport a fixed,
+    evenly spread subset of ``n`` evaluation sources (own random stream) and log the task's
+    ``probe`` metrics as stage "probe" of log.jsonl.  Training is not changed by it: the probe
+    draws no number from the training streams, and its time is kept out of the loop's timing."""
+    if not p.method.probe_loop:
+        return
+    idx = torch.linspace(0, len(p.sources) - 1, min(n, len(p.sources))).round().long().unique()
+    src = p.sources[idx]
+    lab = None if p.labels is None else p.labels[idx]
+    ctx = EvalContext(cache_dir=Path(cache_dir), device=p.device, budget=p.run.budget, seed=p.spec.seed,
+                      method=p.method, data_root=data_root)
+
+    def probe(loop: str, step: int) -> None:
+        out = transport_all(p.method, src, p.device, batch_size, p.spec.seed + 2, progress=False)
+        values = p.task.probe(p.data, src, out, lab, ctx)
+        if values is not None:
+            p.run.log("probe", step, loop=loop, **values)
+
+    p.run.probe, p.run.probe_loops = probe, {p.method.probe_loop: int(every)}
+
+
 def restore(p: Prepared, warn: Log) -> str:
     """Load the last checkpoint: 'restored', 'none', or 'corrupt' (moved aside with a warning)."""
     path = p.rundir / CHECKPOINT_FILE
@@ -406,7 +428,8 @@ def _remove(rundir: Path, *names: str) -> None:
 def run_one(spec: RunSpec, *, out: Path, data_root: Path, cache_dir: Path, device: str = "auto",
             bf16: bool = False, compile: bool = False, force: bool = False, retry_failed: bool = False,
             wait_locked: bool = False, progress: bool = True, batch_size: int = 500,
-            checkpoint_every: float = 120.0, log: Log = print, warn: Log | None = None) -> dict[str, Any]:
+            checkpoint_every: float = 120.0, probe_every: int | None = None, probe_n: int = 500,
+            log: Log = print, warn: Log | None = None) -> dict[str, Any]:
     """Run ``spec`` to its row (or skip it when finished) under the directory's lock.
 
     Raises :class:`RunFailed` when the run fails now (``failed.json`` written) or failed before
@@ -445,7 +468,8 @@ def run_one(spec: RunSpec, *, out: Path, data_root: Path, cache_dir: Path, devic
         try:
             return _run_locked(spec, rundir, method, task, data_root=data_root, cache_dir=cache_dir,
                                device=device, bf16=bf16, compile=compile, progress=progress,
-                               batch_size=batch_size, checkpoint_every=checkpoint_every, log=log, warn=warn)
+                               batch_size=batch_size, checkpoint_every=checkpoint_every,
+                               probe_every=probe_every, probe_n=probe_n, log=log, warn=warn)
         except RunFailed as exc:
             record_failure(rundir, spec, method, task, exc)
             raise
@@ -456,13 +480,16 @@ def run_one(spec: RunSpec, *, out: Path, data_root: Path, cache_dir: Path, devic
 
 
 def _run_locked(spec: RunSpec, rundir: Path, method: Method, task: Task, *, data_root, cache_dir, device,
-                bf16, compile, progress, batch_size, checkpoint_every, log: Log, warn: Log) -> dict[str, Any]:
+                bf16, compile, progress, batch_size, checkpoint_every, log: Log, warn: Log,
+                probe_every: int | None = None, probe_n: int = 500) -> dict[str, Any]:
     p = prepare(spec, rundir, method, task, data_root=data_root, device=device, bf16=bf16, compile=compile,
                 progress=progress, checkpoint_every=checkpoint_every)
+    if probe_every:
+        attach_probe(p, probe_every, probe_n, cache_dir=cache_dir, data_root=data_root, batch_size=batch_size)
     store.write_json(rundir / CONFIG_FILE, {
         "method": spec.method, "task": spec.task, "seed": spec.seed, "budget": spec.budget,
         "options": method.options, "task_options": task.options, "device": str(p.device),
-        "bf16": bool(bf16), "compile": bool(compile)})
+        "bf16": bool(bf16), "compile": bool(compile), "probe_every": probe_every})
     state = restore(p, warn)
     saved = None
     if state == "corrupt":  # samples came from a model that can no longer be restored

@@ -332,6 +332,22 @@ class DigitsTask(Task):
                                             data.target_train_labels, ctx.device)
         return row
 
+    def probe(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,
+              labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, Any]:
+        """Acc and Cls-FD of a learning-curve point (no FID: too slow to repeat on the CPU)."""
+        from bench.metrics.classifier import predict
+        from bench.metrics.frechet import feature_stats, frechet_distance
+        root = self._root(ctx.data_root)
+        cache = Path(ctx.cache_dir) if ctx.cache_dir is not None else bdata.cache_dir()
+        net, _ = self._classifier(root, cache, ctx.device)
+        outputs = outputs.detach().float().cpu().clamp(-1, 1)
+        pred, feats = predict(net, outputs)
+        ref, _ = self._reference(root, cache, ctx.budget)
+        _, ref_feats = predict(net, ref)
+        return {"acc": 100.0 * float((pred == labels.cpu().long()).double().mean()),
+                "cfd": frechet_distance(*feature_stats(feats.numpy()), *feature_stats(ref_feats.numpy())),
+                "n": int(len(outputs))}
+
     def info(self, data_root, cache_dir) -> dict[str, Any]:
         root = self._root(data_root)
         cache = Path(cache_dir) if cache_dir is not None else bdata.cache_dir()

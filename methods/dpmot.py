@@ -64,6 +64,7 @@ class DPMOT(Method):
     uses_pairs = False
     paper = ("Li et al., DPM-OT: a new diffusion probabilistic model based on optimal transport, "
              "ICCV 2023")
+    probe_loop = "score"
     notes = ("Translator adaptation: unconditional target score model; semi-discrete OT (Brenier "
              "potential, Adam dual ascent) from diffused SOURCE images at level t_M onto the target "
              "training set diffused to t_M; transport = diffuse to t_M, OT-map to a target latent, M "

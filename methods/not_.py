@@ -51,6 +51,7 @@ class NOT(Method):
     stochastic = False  # per instance: True with cost="weak"
     uses_pairs = False
     paper = "Korotin, Selikhanovych, Burnaev. Neural Optimal Transport. ICLR 2023"
+    probe_loop = "saddle"
     notes = ("unpaired: on semi-paired tasks the guiding pairs are ignored; cost='strong' (deterministic "
              "map, default) or 'weak' (gamma-weak quadratic cost, stochastic map T(x, z)); UNet map and "
              "ResNet potential on images padded to a power-of-two canvas, MLPs on vectors; costs divided by "

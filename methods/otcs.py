@@ -48,6 +48,7 @@ The algorithm (the paper's Algorithms 1 and 2), top to bottom:
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -71,6 +72,7 @@ class OTCS(Method):
     stochastic = True
     uses_pairs = True
     paper = "Gu, Yang, Sun, Xu. Optimal Transport-Guided Conditional Score-Based Diffusion Model. NeurIPS 2023"
+    probe_loop = "otcs-stage2-score"
     notes = ("L2-regularised unsupervised OT (unpaired) or keypoint-guided semi-supervised OT (guiding pairs, "
              "JS of relation vectors, mask) by dual potential networks on pixels/pooled pixels; "
              "resampling-by-compatibility; conditional VP-SDE score model (UNet, g^2 weighting, EMA); reverse "
@@ -264,21 +266,30 @@ class OTCS(Method):
             ry = ot.relation_vectors(fy, self.features(self.ky), self.options["cost"], tau)
         return self._xi(fx, fy, rx, ry)
 
-    # -- fit -----------------------------------------------------------------------------------
+    # -- fit: Algorithm 1, one method per stage ------------------------------------------------
     def fit(self, data: TaskData, run) -> None:
-        o, dev = self.options, run.device
+        self.prepare_ot(data, run)               # the OT problem: sets, features, xi, eps
+        self.fit_potentials(run)                 # stage I: dual potentials u, v
+        H = self.compatibility(run)              # H(x, y) on every training pair, stored sparsely
+        self.fit_score(H, run)                   # stage II: conditional score model on resampled pairs
+        if not run.done("otcs-bounds"):          # Theorem 2's terms
+            with run.stage("otcs-bounds"):
+                self._estimate_bounds(self._prob.xs, self._prob.yt, H, run)
+            run.mark_done("otcs-bounds")
+
+    def prepare_ot(self, data: TaskData, run) -> None:
+        """The OT training sets (guiding pairs appended), their features, the relation vectors (tau),
+        the scale s of xi and eps.  Deterministic from the data and the seed, so it is recomputed in
+        every session; tau, s and eps are kept in ``extra_state`` (they define the problem)."""
+        o, dev, st = self.options, run.device, self.extra_state
         xs, yt, src_key, tgt_key = self._ot_sets(data, run)
         n, m = len(xs), len(yt)
         self.kx = data.pairs[0].to(dev) if self.semi else None
         self.ky = data.pairs[1].to(dev) if self.semi else None
-        fx = self.features(xs.to(dev))
-        fy = self.features(yt.to(dev))
-        st = self.extra_state
+        fx, fy = self.features(xs.to(dev)), self.features(yt.to(dev))
         g0 = run.generator("otcs-probe", device=dev)
-
-        # relation vectors to the keypoints (semi-paired), temperature tau
         rx = ry = None
-        if self.semi:
+        if self.semi:  # relation vectors to the keypoints, temperature tau
             fkx, fky = fx[src_key.to(dev)], fy[tgt_key.to(dev)]
             if "tau" not in st:
                 if o["tau"] is not None:
@@ -291,127 +302,127 @@ class OTCS(Method):
                     st["tau"] = float(0.1 * med.clamp_min(1e-12))
             rx = ot.relation_vectors(fx, fkx, o["cost"], st["tau"])
             ry = ot.relation_vectors(fy, fky, o["cost"], st["tau"])
-
-        # the scale s of xi and eps (u, v and eps are trained in units of s)
-        if "xi_scale" not in st:
+        if "xi_scale" not in st:  # u, v and eps are trained in units of s = mean(xi)
             i = torch.randint(n, (min(n, 512),), generator=g0, device=dev)
             j = torch.randint(m, (min(m, 512),), generator=g0, device=dev)
             xi = self._xi(fx[i], fy[j], None if rx is None else rx[i], None if ry is None else ry[j])
             s = float(xi.mean())
-            if not s > 0:
-                s = 1.0
-            st["xi_scale"] = s
-            st["epsilon"] = float(o["epsilon"]) if o["epsilon"] is not None else float(o["epsilon_rel"]) * s
-            st["epsilon_rel"] = st["epsilon"] / s
+            st["xi_scale"] = s if s > 0 else 1.0
+            st["epsilon"] = float(o["epsilon"]) if o["epsilon"] is not None else float(o["epsilon_rel"]) * st["xi_scale"]
+            st["epsilon_rel"] = st["epsilon"] / st["xi_scale"]
             st["ot_n"], st["ot_m"] = n, m
-        s, eps = st["xi_scale"], st["epsilon"]
-        eps_n = eps / s
+        s = st["xi_scale"]
 
         def xi_block(ii, jj):
             return self._xi(fx[ii], fy[jj], None if rx is None else rx[ii], None if ry is None else ry[jj]) / s
 
-        # ---- stage I: dual potentials -----------------------------------------------------
-        steps1, batch1 = o["ot_steps"], o["ot_batch"]
+        self._prob = SimpleNamespace(xs=xs.to(dev), yt=yt.to(dev), fx=fx, fy=fy, src_key=src_key.to(dev),
+                                     tgt_key=tgt_key.to(dev), n=n, m=m, k=len(src_key), xi_block=xi_block,
+                                     eps_n=st["epsilon"] / s)
+
+    def fit_potentials(self, run) -> None:
+        """Stage I: maximise the L2-regularised dual over u, v by minibatch Adam (float32 on
+        purpose: H = (u + v - xi) / (2 eps) amplifies the rounding of u, v by 1 / eps)."""
+        o, dev, P = self.options, run.device, self._prob
+        steps, batch = o["ot_steps"], o["ot_batch"]
         # eps continuation: start at eps_start_rel (units of s) and decay geometrically to the target
         # eps over the first eps_anneal of the steps (a warm start; the authors keep eps constant)
-        eps0 = max(eps_n, float(o["eps_start_rel"]))
-        ramp = float(o["eps_anneal"]) * steps1
+        eps0, ramp = max(P.eps_n, float(o["eps_start_rel"])), float(o["eps_anneal"]) * steps
 
         def eps_at(step: int) -> float:
-            if ramp <= 0 or eps0 <= eps_n:
-                return eps_n
-            return eps0 * (eps_n / eps0) ** min(1.0, step / ramp)
+            if ramp <= 0 or eps0 <= P.eps_n:
+                return P.eps_n
+            return eps0 * (P.eps_n / eps0) ** min(1.0, step / ramp)
 
         if run.progress.get("otcs-stage1-potentials", 0) == 0:
             with torch.no_grad():  # start from u + v = mean cost (units of s)
                 self.u_net.net[-1].bias.fill_(0.5)
                 self.v_net.net[-1].bias.fill_(0.5)
-        opt1 = self.optimizer("potentials", torch.optim.Adam(
+        opt = self.optimizer("potentials", torch.optim.Adam(
             list(self.u_net.parameters()) + list(self.v_net.parameters()), lr=o["ot_lr"]))
-        g1 = run.generator("otcs-stage1", device=dev)
-        k = len(src_key)
-        n_free, m_free = n - k, m - k
-        for step in run.loop("otcs-stage1-potentials", steps1):
-            ii = torch.randint(n_free, (batch1,), generator=g1, device=dev)
-            jj = torch.randint(m_free, (batch1,), generator=g1, device=dev)
+        g = run.generator("otcs-stage1", device=dev)
+        for step in run.loop("otcs-stage1-potentials", steps):
+            ii = torch.randint(P.n - P.k, (batch,), generator=g, device=dev)
+            jj = torch.randint(P.m - P.k, (batch,), generator=g, device=dev)
             mask = None
-            if k:
-                ii = torch.cat([src_key.to(dev), ii])
-                jj = torch.cat([tgt_key.to(dev), jj])
-                mask = ot.keypoint_mask(ii, jj, src_key.to(dev), tgt_key.to(dev))
-            # float32 on purpose: H = (u + v - xi) / (2 eps) amplifies rounding of u, v by 1 / eps
-            u, v = self.u_net(fx[ii]), self.v_net(fy[jj])
-            loss = -ot.dual_l2_objective(u, v, xi_block(ii, jj), eps_at(step), mask)
-            opt1.zero_grad(set_to_none=True)
+            if P.k:  # the guiding pairs enter every batch, tied by the mask
+                ii, jj = torch.cat([P.src_key, ii]), torch.cat([P.tgt_key, jj])
+                mask = ot.keypoint_mask(ii, jj, P.src_key, P.tgt_key)
+            loss = -ot.dual_l2_objective(self.u_net(P.fx[ii]), self.v_net(P.fy[jj]), P.xi_block(ii, jj),
+                                         eps_at(step), mask)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            for group in opt1.param_groups:
-                group["lr"] = o["ot_lr"] * 0.5 * (1 + math.cos(math.pi * step / steps1))
-            opt1.step()
+            for group in opt.param_groups:
+                group["lr"] = o["ot_lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
+            opt.step()
             if run.should_log(step):
-                run.log("otcs-stage1", step, neg_dual=loss)
+                run.log("otcs-stage1", step, neg_dual=loss, eps_n=eps_at(step))
 
-        # ---- compatibility H (blocks), stored sparsely -----------------------------------
+    @torch.no_grad()
+    def potentials(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """u on every OT source and v on every OT target (units of s)."""
+        P = self._prob
+        us = torch.cat([self.u_net(P.fx[i:i + 4096]).float() for i in range(0, P.n, 4096)]).flatten()
+        vs = torch.cat([self.v_net(P.fy[j:j + 4096]).float() for j in range(0, P.m, 4096)]).flatten()
+        return us, vs
+
+    def compatibility(self, run) -> ot.SparseCompatibility:
+        """H = (u + v - xi)_+ / (2 eps) on every training pair, in row blocks, entries above the
+        threshold stored; the rows held out of stage II (for J_CSM) are drawn here."""
+        o, dev, P, st = self.options, run.device, self._prob, self.extra_state
         if not run.done("otcs-compatibility"):
             with run.stage("otcs-compatibility"), torch.no_grad():
-                us = torch.cat([self.u_net(fx[i:i + 4096]).float() for i in range(0, n, 4096)]).flatten()
-                vs = torch.cat([self.v_net(fy[j:j + 4096]).float() for j in range(0, m, 4096)]).flatten()
-                all_j = torch.arange(m, device=dev)
+                us, vs = self.potentials()
+                all_j = torch.arange(P.m, device=dev)
                 mask_fn = None
-                if k and o["h_mask"]:
+                if P.k and o["h_mask"]:
                     def mask_fn(i0, i1):
-                        return ot.keypoint_mask(torch.arange(i0, i1, device=dev), all_j,
-                                                src_key.to(dev), tgt_key.to(dev))
-                block = o["h_block"] or (2048 if dev.type == "cuda" else 256)
-                H = ot.sparse_compatibility(us, vs, lambda i0, i1: xi_block(torch.arange(i0, i1, device=dev), all_j),
-                                            eps_n, threshold=o["h_threshold"], max_per_row=o["h_max_per_row"],
-                                            block_rows=block, mask_block=mask_fn, max_nnz=o["h_max_nnz"])
+                        return ot.keypoint_mask(torch.arange(i0, i1, device=dev), all_j, P.src_key, P.tgt_key)
+                H = ot.sparse_compatibility(
+                    us, vs, lambda i0, i1: P.xi_block(torch.arange(i0, i1, device=dev), all_j), P.eps_n,
+                    threshold=o["h_threshold"], max_per_row=o["h_max_per_row"],
+                    block_rows=o["h_block"] or (2048 if dev.type == "cuda" else 256), mask_block=mask_fn,
+                    max_nnz=o["h_max_nnz"])
                 self.h_crow, self.h_col, self.h_val = H.crow, H.col, H.val
                 self.h_row_mean, self.h_col_mean = H.row_mean, H.col_mean
                 st["h_kept_mass"] = H.kept_mass
-                empty = H.empty_rows()
-                st["empty_rows"] = int(len(empty))
-                st["h_nnz_per_row"] = float(len(H.col) / max(n, 1))
+                st["empty_rows"] = int(len(H.empty_rows()))
+                st["h_nnz_per_row"] = float(len(H.col) / max(P.n, 1))
                 # rows held out of stage II for the J_CSM estimate (never keypoint rows)
                 gh = run.generator("otcs-holdout", device=dev)
-                nonempty = torch.nonzero(H.row_nnz()[: n - k] > 0).flatten()
+                nonempty = torch.nonzero(H.row_nnz()[: P.n - P.k] > 0).flatten()
                 n_hold = min(512, int(float(o["holdout"]) * len(nonempty)))
                 if len(nonempty) - n_hold < 1:
                     n_hold = 0
-                perm = nonempty[torch.randperm(len(nonempty), generator=gh, device=dev)]
-                self.hold_rows = perm[:n_hold].clone()
-                train_rows = torch.ones(n, dtype=torch.bool, device=dev)
+                self.hold_rows = nonempty[torch.randperm(len(nonempty), generator=gh, device=dev)][:n_hold].clone()
+                train_rows = torch.ones(P.n, dtype=torch.bool, device=dev)
                 train_rows[self.hold_rows] = False
                 self.train_rows = torch.nonzero(train_rows).flatten()
             run.mark_done("otcs-compatibility")
-        H = self._H()
+        return self._H()
 
-        # ---- stage II: conditional score model on resampled pairs ------------------------
+    def fit_score(self, H: ot.SparseCompatibility, run) -> None:
+        """Stage II: denoising score matching of the conditional score on pairs (x_i, y_j) drawn by
+        resampling-by-compatibility, EMA of the weights."""
+        o, dev, P = self.options, run.device, self._prob
         img = self.is_image
-        steps2 = o["steps"] if img else o["toy_steps"]
-        batch2 = o["batch_size"] if img else o["toy_batch_size"]
-        lr2 = o["lr"] if img else o["toy_lr"]
-        opt2 = self.optimizer("score", torch.optim.Adam(self.score.parameters(), lr=lr2))
-        g2 = run.generator("otcs-stage2", device=dev)
-        xs_d, yt_d = xs.to(dev), yt.to(dev)
+        steps = o["steps"] if img else o["toy_steps"]
+        batch = o["batch_size"] if img else o["toy_batch_size"]
+        opt = self.optimizer("score", torch.optim.Adam(self.score.parameters(), lr=o["lr"] if img else o["toy_lr"]))
+        g = run.generator("otcs-stage2", device=dev)
         net = run.maybe_compile(self.score)
-        for step in run.loop("otcs-stage2-score", steps2):
-            i, j = ot.resample_by_compatibility(H, batch2, generator=g2, rows=self.train_rows)
-            cond, y0 = self._cond(xs_d[i]), self._pad(yt_d[j])
+        for step in run.loop("otcs-stage2-score", steps):
+            i, j = ot.resample_by_compatibility(H, batch, generator=g, rows=self.train_rows)
             with run.autocast():
-                loss = dsm_loss(net, y0, self.sde, cond=cond, weighting=o["loss_weighting"], generator=g2)
-            opt2.zero_grad(set_to_none=True)
+                loss = dsm_loss(net, self._pad(P.yt[j]), self.sde, cond=self._cond(P.xs[i]),
+                                weighting=o["loss_weighting"], generator=g)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.score.parameters(), 1.0)
-            opt2.step()
+            opt.step()
             self.ema.update(self.score)
             if run.should_log(step):
                 run.log("otcs-stage2", step, dsm=loss)
-
-        # ---- Theorem 2 terms ---------------------------------------------------------------
-        if not run.done("otcs-bounds"):
-            with run.stage("otcs-bounds"):
-                self._estimate_bounds(xs_d, yt_d, H, run)
-            run.mark_done("otcs-bounds")
 
     def _H(self) -> ot.SparseCompatibility:
         return ot.SparseCompatibility(self.h_crow, self.h_col, self.h_val, self.h_row_mean, self.h_col_mean,

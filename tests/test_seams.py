@@ -89,3 +89,45 @@ def test_budget_values_are_declared_for_every_budget():
     with pytest.raises(TypeError, match="missing"):
         Budget("cpu").pick(smoke=1, fast=2)
     assert Budget("cpu").pick(smoke=1, cpu=3, fast=2, paper=4) == 3
+
+
+def test_named_streams_continue_after_a_resume(tmp_path):
+    """A resumed run draws the same random numbers as an uninterrupted one (bitwise resume)."""
+    from bench.run import Run
+
+    class Holder(Method):
+        name = "holder"
+
+    whole = Run(None, seed=3).generator("stage")
+    expected = torch.rand(10, generator=whole)
+    run = Run(tmp_path, seed=3)
+    run.method = Holder()
+    first = torch.rand(4, generator=run.generator("stage"))
+    run.checkpoint()
+    again = Run(tmp_path, seed=3)
+    again.method = Holder()
+    assert again.restore()
+    rest = torch.rand(6, generator=again.generator("stage"))
+    torch.testing.assert_close(torch.cat([first, rest]), expected, rtol=0, atol=0)
+    assert not torch.equal(torch.rand(3, generator=again.generator("other")), expected[:3])
+
+
+class _Probed(_Spread):
+    name = "probed-task"
+
+    def probe(self, data, sources, outputs, labels, ctx):
+        return {"spread": float(outputs.std()), "n": len(outputs)}
+
+
+def test_learning_curve_probes_log_points_without_changing_training(tmp_path, one_thread):
+    import json
+    register_task(_Probed)
+    rows = []
+    for out, every in ((tmp_path / "plain", None), (tmp_path / "probed", 10)):
+        rows.append(run_one(RunSpec("not", "probed-task", options=TOY_NOT), out=out, data_root=tmp_path,
+                            cache_dir=tmp_path, device="cpu", progress=False, probe_every=every, probe_n=8,
+                            log=lambda *_: None))
+    assert rows[0]["spread"] == rows[1]["spread"]  # the probe drew nothing from the training streams
+    (log,) = (tmp_path / "probed").glob("probed-task/not/*/log.jsonl")
+    points = [json.loads(line) for line in log.read_text().splitlines() if '"stage": "probe"' in line]
+    assert [p["step"] for p in points] == [10, 20, 30] and all(p["n"] == 8 and p["loop"] == "saddle" for p in points)
