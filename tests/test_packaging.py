@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -60,49 +59,21 @@ def test_wheel_install_imports(tmp_path):
     assert "identity" in res.stdout
 
 
-PLUGIN = '''
-"""A throwaway third-party baseline: shift every source by the mean difference of the domains."""
-import torch
-from bench.api import Method, UNPAIRED, SEMI_PAIRED
-
-
-class MeanShift(Method):
-    name = "mean-shift"
-    family = "Toy"
-    settings = (UNPAIRED, SEMI_PAIRED)
-    notes = "third-party test plugin"
-    test_options = {}
-
-    def setup(self, data, run):
-        self.shift = torch.zeros(data.shape)
-
-    def fit(self, data, run):
-        for _ in run.loop("mean", 1):
-            self.shift = data.target_train.mean(0) - data.source_train.mean(0)
-
-    @torch.no_grad()
-    def transport(self, x, generator=None):
-        return x + self.shift.to(x.device)
-'''
+def _readme_blocks(lang: str) -> str:
+    """The first ```lang block under "## Adding a baseline" in the README."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Adding a baseline"):]
+    start = section.index(f"```{lang}\n") + len(lang) + 4
+    return section[start:section.index("```", start)]
 
 
 @pytest.mark.slow
 def test_third_party_plugin_package_runs_through_bench_run(tmp_path):
+    # exactly the README's example: a newcomer copies these two blocks
     pkg = tmp_path / "plugin"
-    (pkg / "otbench_meanshift").mkdir(parents=True)
-    (pkg / "otbench_meanshift" / "__init__.py").write_text(PLUGIN)
-    (pkg / "pyproject.toml").write_text(textwrap.dedent('''
-        [build-system]
-        requires = ["setuptools>=68"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "otbench-meanshift"
-        version = "0.0.1"
-        [project.entry-points."otbench.methods"]
-        mean-shift = "otbench_meanshift:MeanShift"
-        [tool.setuptools]
-        packages = ["otbench_meanshift"]
-    '''))
+    (pkg / "my_baseline").mkdir(parents=True)
+    (pkg / "my_baseline" / "__init__.py").write_text(_readme_blocks("python"))
+    (pkg / "pyproject.toml").write_text(_readme_blocks("toml"))
     target = tmp_path / "site"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
                           "--target", str(target), str(pkg)], capture_output=True, text=True, timeout=600)
@@ -111,12 +82,12 @@ def test_third_party_plugin_package_runs_through_bench_run(tmp_path):
     out = tmp_path / "runs"
     listed = subprocess.run([sys.executable, "-m", "bench.cli", "list", "--methods"], capture_output=True,
                             text=True, env=env, timeout=300)
-    assert "mean-shift" in listed.stdout and "third-party test plugin" in listed.stdout
-    res = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--methods", "mean-shift,identity",
+    assert "linear-map" in listed.stdout and "matches each coordinate" in listed.stdout
+    res = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--methods", "linear-map,identity",
                           "--task", "tiny-vectors", "--out", str(out), "--no-progress"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert len(list((out / "tiny-vectors/mean-shift").glob("smoke-seed0-*/row.json"))) == 1
+    assert len(list((out / "tiny-vectors/linear-map").glob("smoke-seed0-*/row.json"))) == 1
     table = subprocess.run([sys.executable, "-m", "bench.cli", "table", "--task", "tiny-vectors", "--out", str(out)],
                            capture_output=True, text=True, env=env, timeout=300)
-    assert "mean-shift" in table.stdout
+    assert "linear-map" in table.stdout
