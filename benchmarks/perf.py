@@ -44,20 +44,22 @@ def matmul_peak(dev, dtype, n=4096, reps=20) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def unet_step(dev, bf16: bool, batch: int, base: int, compile_: bool, reps: int = 10) -> dict:
+def unet_step(dev, bf16: bool, batch: int, base: int, compile_: bool, reps: int = 10, side: int = 32,
+              blocks: int = 2, channels_last: bool = False) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from bench.diffusion import VPSDE, dsm_loss
     from bench.nn import UNet
 
-    net = UNet(1, 1, base=base, cond_mode="embed", cond_channels=1).to(dev)
-    if dev.type == "cuda":
+    net = UNet(1, 1, base=base, cond_mode="embed", cond_channels=1, num_res_blocks=blocks,
+               attention_resolutions=(), image_size=side).to(dev)
+    if dev.type == "cuda" or channels_last:
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     sde = VPSDE()
-    x = torch.randn(batch, 1, 32, 32, device=dev)
-    c = torch.randn(batch, 1, 32, 32, device=dev)
-    fwd = torch.compile(net) if compile_ and dev.type == "cuda" else net
+    x = torch.randn(batch, 1, side, side, device=dev)
+    c = torch.randn(batch, 1, side, side, device=dev)
+    fwd = torch.compile(net) if compile_ else net
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step():
@@ -78,7 +80,8 @@ def unet_step(dev, bf16: bool, batch: int, base: int, compile_: bool, reps: int 
         step()
     sync(dev)
     dt = (time.perf_counter() - t0) / reps
-    return {"unet_base": base, "batch": batch, "gflop_per_step": flops / 1e9, "steps_per_s": 1 / dt,
+    return {"unet_base": base, "batch": batch, "side": side, "blocks": blocks, "channels_last": channels_last,
+            "ms_per_step": 1000 * dt, "gflop_per_step": flops / 1e9, "steps_per_s": 1 / dt,
             "images_per_s": batch / dt, "achieved_tflops": flops / dt / 1e12}
 
 
@@ -96,23 +99,29 @@ def main(argv=None):
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--unet-base", type=int, default=64)
     ap.add_argument("--unet-batch", type=int, default=128)
+    ap.add_argument("--unet-side", type=int, default=32, help="canvas of the UNet step (28 = unpadded digits)")
+    ap.add_argument("--unet-blocks", type=int, default=2)
+    ap.add_argument("--channels-last", action="store_true", help="UNet step in channels_last (always on CUDA)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads on the CPU (default: cores)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
     dev = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = resolve_root(args.data_root)
     report: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "torch": torch.__version__, "budget": args.budget, "bf16": args.bf16,
-                    "compile": args.compile, "methods": {}}
+                    "compile": args.compile, "threads": torch.get_num_threads(), "methods": {}}
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     report["matmul_peak_tflops"] = matmul_peak(dev, dtype)
     print(f"device {report['device']}: measured {dtype} matmul peak {report['matmul_peak_tflops']:.2f} TFLOP/s")
 
     task = get_task(args.task)()
-    data = task.load(root, 0)
+    data = task.load(root, 0, budget=args.budget)
     for name in [m for m in args.methods.split(",") if m]:
         seed_everything(0)
-        method = get_method(name)()
+        method = get_method(name)(budget=args.budget)
         run = Run(None, device=dev, seed=0, budget=args.budget, bf16=args.bf16, compile=args.compile,
                   progress=False, step_cap=args.steps)
         run.method = method
@@ -156,12 +165,14 @@ def main(argv=None):
     report["fid_features_images_per_s"] = len(imgs) / (time.perf_counter() - t0)
     print(f"\nFID Inception features: {report['fid_features_images_per_s']:.1f} images/s")
 
-    u = unet_step(dev, args.bf16, args.unet_batch, args.unet_base, args.compile)
+    u = unet_step(dev, args.bf16, args.unet_batch, args.unet_base, args.compile, side=args.unet_side,
+                  blocks=args.unet_blocks, channels_last=args.channels_last)
     u["fraction_of_peak"] = u["achieved_tflops"] / report["matmul_peak_tflops"]
     report["unet_train_step"] = u
-    print(f"UNet (base {u['unet_base']}, batch {u['batch']}) DSM train step: {u['gflop_per_step']:.1f} GFLOP, "
-          f"{u['steps_per_s']:.2f} steps/s, {u['images_per_s']:.0f} images/s, "
-          f"{u['achieved_tflops']:.3f} TFLOP/s = {100 * u['fraction_of_peak']:.1f}% of the measured matmul peak")
+    print(f"UNet (base {u['unet_base']}, {u['side']}x{u['side']}, batch {u['batch']}) DSM train step: "
+          f"{u['ms_per_step']:.0f} ms, {u['gflop_per_step']:.2f} GFLOP, {u['images_per_s']:.0f} images/s, "
+          f"{1000 * u['achieved_tflops']:.1f} GFLOP/s = {100 * u['fraction_of_peak']:.1f}% of the measured matmul peak "
+          f"({1000 * report['matmul_peak_tflops']:.1f} GFLOP/s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
