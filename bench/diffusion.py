@@ -222,6 +222,14 @@ def _grid(sde: VPSDE, steps: int, t_start, t_end, device) -> torch.Tensor:
     return torch.linspace(t_start, t_end, steps + 1, device=device, dtype=torch.float64).float()
 
 
+def _prelude(net, shape, sde: VPSDE, steps: int, cond, generator, x_T, t_start, t_end):
+    """What every sampler starts with: the device, the time grid, x at the first time, the batch size."""
+    device = _device_of(net, x_T, cond, generator)
+    ts = _grid(sde, steps, t_start, t_end, device)
+    x = sde.prior(shape, generator=generator, device=device) if x_T is None else x_T.float().clone()
+    return device, ts, x, x.shape[0]
+
+
 @torch.no_grad()
 def sample_sde(net, shape, sde: VPSDE, steps: int, cond=None, generator=None, x_T=None,
                t_start=None, t_end=None, clip_x0: bool = False, denoise: bool = False) -> torch.Tensor:
@@ -233,10 +241,7 @@ def sample_sde(net, shape, sde: VPSDE, steps: int, cond=None, generator=None, x_
     to [-1, 1] (as DDPM samplers for image data do).  ``denoise``: the last step returns that
     (clipped) x0_hat, the posterior mean, instead of an Euler step, so no noise of scale
     sigma(t_eps) is left in the output; NFE is unchanged."""
-    device = _device_of(net, x_T, cond, generator)
-    ts = _grid(sde, steps, t_start, t_end, device)
-    x = sde.prior(shape, generator=generator, device=device) if x_T is None else x_T.float().clone()
-    n = x.shape[0]
+    device, ts, x, n = _prelude(net, shape, sde, steps, cond, generator, x_T, t_start, t_end)
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
         dt = t - t_next
@@ -265,10 +270,7 @@ def sample_ddim(net, shape, sde: VPSDE, steps: int, cond=None, generator=None, x
     x' = alpha' x0_hat + sqrt(sigma'^2 - c^2) eps + c z with c = eta sigma'/sigma sqrt(1 - alpha^2/alpha'^2).
     eta = 0 is deterministic (probability-flow-like), eta = 1 is the DDPM ancestral sampler.
     NFE = steps; the last step adds no noise."""
-    device = _device_of(net, x_T, cond, generator)
-    ts = _grid(sde, steps, t_start, t_end, device)
-    x = sde.prior(shape, generator=generator, device=device) if x_T is None else x_T.float().clone()
-    n = x.shape[0]
+    device, ts, x, n = _prelude(net, shape, sde, steps, cond, generator, x_T, t_start, t_end)
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
         a, s = sde.alpha(t), sde.sigma(t)
