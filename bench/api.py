@@ -206,10 +206,6 @@ class Method:
         """Optional diagnostics reported as columns (e.g. OTCS's Theorem 2 terms)."""
         return None
 
-    def diagnostics(self, data: TaskData, run) -> dict[str, float]:
-        """Optional task-level measurements made after fitting (e.g. against an exact plan)."""
-        return {}
-
 
 @dataclass
 class EvalContext:

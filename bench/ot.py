@@ -280,49 +280,6 @@ def exact_l2_plan(C, eps: float, mask=None, max_iter: int = 20000, tol: float = 
     return np.asarray(G) * n * m, np.asarray(log["alpha"]), np.asarray(log["beta"])
 
 
-def l2_primal_objective(pi: np.ndarray, C: np.ndarray, eps: float) -> float:
-    """<pi, C> + eps * E_{p x q}[(pi / (p q))^2] for uniform p, q (pi sums to 1)."""
-    n, m = pi.shape
-    return float((pi * C).sum() + eps * n * m * (pi ** 2).sum())
-
-
-def solve_l2_primal(C: np.ndarray, eps: float, iters: int = 20000, tol: float = 1e-12) -> np.ndarray:
-    """Reference solver of the primal (no POT): accelerated projected gradient onto the
-    transport polytope, the projection computed by Dykstra's alternating projections.
-    Only for small problems (tests)."""
-    C = np.asarray(C, dtype=np.float64)
-    n, m = C.shape
-    a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
-
-    def project(P, rounds=500):
-        # Dykstra between {row sums = a}, {col sums = b} (affine) and {P >= 0}
-        X = P.copy()
-        q = np.zeros_like(X)
-        for _ in range(rounds):
-            Y = X
-            Y = Y + (a - Y.sum(1))[:, None] / m
-            Y = Y + (b - Y.sum(0))[None, :] / n
-            Z = np.maximum(Y + q, 0.0)
-            q = Y + q - Z
-            if np.abs(Z - X).max() < 1e-15:
-                X = Z
-                break
-            X = Z
-        return X
-
-    L = 2 * eps * n * m
-    P = np.outer(a, b)
-    Pprev = P
-    for k in range(1, iters + 1):
-        Yk = P + (k - 1) / (k + 2) * (P - Pprev)
-        grad = C + 2 * eps * n * m * Yk
-        Pnew = project(Yk - grad / L)
-        Pprev, P = P, Pnew
-        if np.abs(P - Pprev).max() < tol:
-            break
-    return P
-
-
 def conditional_weights(xi_row: torch.Tensor, v: torch.Tensor, eps: float,
                         mask_row: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Extend a fitted dual (v on the m training targets) to a new source x.

@@ -205,21 +205,16 @@ def test_ssim_matches_skimage():
 
 # -- classifier metric pieces ------------------------------------------------------------------
 def test_classifier_accuracy_and_fd_on_a_known_net():
-    from bench.metrics.classifier import ClassifierAccuracy, ClassifierFD, SmallCNN, feature_stats_of
+    from bench.metrics.classifier import SmallCNN, accuracy, feature_stats_of
 
     torch.manual_seed(0)
     net = SmallCNN(10).eval()
     x = torch.rand(50, 1, 28, 28) * 2 - 1
     with torch.no_grad():
         pred = net(x).argmax(1)
-    acc = ClassifierAccuracy(net)
-    acc.update(x[:20], pred[:20])
-    acc.update(x[20:], (pred[20:] + 1) % 10)  # all wrong
-    assert acc.compute() == pytest.approx(100.0 * 20 / 50)
-    fd = ClassifierFD(net, feature_stats_of(net, x))
-    fd.update(x[:25])
-    fd.update(x[25:])
-    assert fd.compute() == pytest.approx(0.0, abs=1e-6)
+    labels = torch.cat([pred[:20], (pred[20:] + 1) % 10])  # the last 30 all wrong
+    assert accuracy(net, x, labels) == pytest.approx(100.0 * 20 / 50)
+    assert frechet_distance(*feature_stats_of(net, x), *feature_stats_of(net, x)) == pytest.approx(0.0, abs=1e-6)
 
 
 _TRAIN_SNIPPET = """

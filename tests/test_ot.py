@@ -67,7 +67,7 @@ def test_pot_plan_solves_the_otcs_primal_and_strong_duality():
     eps = 0.05
     H, u, v = ot.exact_l2_plan(C, eps)
     n, m = C.shape
-    P = ot.solve_l2_primal(C, eps)  # independent solver (projected gradient), no POT
+    P = solve_l2_primal(C, eps)  # independent solver (projected gradient), no POT
     np.testing.assert_allclose(H / (n * m), P, atol=1e-6)
     np.testing.assert_allclose(H.mean(1), 1, atol=1e-5)
     np.testing.assert_allclose(H.mean(0), 1, atol=1e-5)
@@ -76,7 +76,7 @@ def test_pot_plan_solves_the_otcs_primal_and_strong_duality():
     np.testing.assert_allclose(Hc, H, atol=1e-10)
     # the dual objective at the optimum equals the primal value (strong duality)
     dual = float(ot.dual_l2_objective(torch.tensor(u), torch.tensor(v), torch.tensor(C), eps))
-    assert dual == pytest.approx(ot.l2_primal_objective(H / (n * m), C, eps), abs=1e-6)
+    assert dual == pytest.approx(l2_primal_objective(H / (n * m), C, eps), abs=1e-6)
     # any other (u, v) gives a smaller dual value
     assert float(ot.dual_l2_objective(torch.tensor(u) + 0.1, torch.tensor(v), torch.tensor(C), eps)) < dual
 
@@ -181,3 +181,47 @@ def test_w2_helpers_closed_forms():
     # two equally weighted points +-1 in 1-D: variance 1 -> sqrt(a^2 + s^2) - 1
     ys = torch.tensor([[1.0], [-1.0]])
     assert ot.forward_prior_w2(ys, torch.ones(2), a, s) == pytest.approx(abs(math.sqrt(a * a + s * s) - 1), rel=1e-9)
+
+
+# -- a reference solver of the primal, independent of POT (test-only) ---------------------------------
+def l2_primal_objective(pi: np.ndarray, C: np.ndarray, eps: float) -> float:
+    """<pi, C> + eps * E_{p x q}[(pi / (p q))^2] for uniform p, q (pi sums to 1)."""
+    n, m = pi.shape
+    return float((pi * C).sum() + eps * n * m * (pi ** 2).sum())
+
+
+def solve_l2_primal(C: np.ndarray, eps: float, iters: int = 20000, tol: float = 1e-12) -> np.ndarray:
+    """Reference solver of the primal (no POT): accelerated projected gradient onto the
+    transport polytope, the projection computed by Dykstra's alternating projections.
+    Only for small problems (tests)."""
+    C = np.asarray(C, dtype=np.float64)
+    n, m = C.shape
+    a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
+
+    def project(P, rounds=500):
+        # Dykstra between {row sums = a}, {col sums = b} (affine) and {P >= 0}
+        X = P.copy()
+        q = np.zeros_like(X)
+        for _ in range(rounds):
+            Y = X
+            Y = Y + (a - Y.sum(1))[:, None] / m
+            Y = Y + (b - Y.sum(0))[None, :] / n
+            Z = np.maximum(Y + q, 0.0)
+            q = Y + q - Z
+            if np.abs(Z - X).max() < 1e-15:
+                X = Z
+                break
+            X = Z
+        return X
+
+    L = 2 * eps * n * m
+    P = np.outer(a, b)
+    Pprev = P
+    for k in range(1, iters + 1):
+        Yk = P + (k - 1) / (k + 2) * (P - Pprev)
+        grad = C + 2 * eps * n * m * Yk
+        Pnew = project(Yk - grad / L)
+        Pprev, P = P, Pnew
+        if np.abs(P - Pprev).max() < tol:
+            break
+    return P

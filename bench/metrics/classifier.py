@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..api import BenchError
-from .frechet import FeatureStats, frechet_distance
+from .frechet import FeatureStats
 
 ARCH_VERSION = "cnn16-v1"
 
@@ -182,47 +182,6 @@ def load_or_train(cache_dir, key: str, train: Callable[[], tuple[torch.Tensor, t
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
     os.replace(tmp, record_path)
     return net, record
-
-
-class ClassifierAccuracy:
-    """Share (%) of images the classifier assigns to the given labels: ``update(images, labels)``."""
-
-    def __init__(self, net: nn.Module) -> None:
-        self.net = net
-        self.reset()
-
-    def reset(self) -> None:
-        self.correct = 0
-        self.total = 0
-
-    def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        pred, _ = predict(self.net, images)
-        self.correct += int((pred == labels.cpu()).sum())
-        self.total += len(labels)
-
-    def compute(self) -> float:
-        if self.total == 0:
-            raise ValueError("no images were scored")
-        return 100.0 * self.correct / self.total
-
-
-class ClassifierFD:
-    """Frechet distance on the classifier's penultimate features against reference statistics."""
-
-    def __init__(self, net: nn.Module, ref: tuple[np.ndarray, np.ndarray]) -> None:
-        self.net = net
-        self.ref = ref
-        self.stats = FeatureStats()
-
-    def reset(self) -> None:
-        self.stats.reset()
-
-    def update(self, images: torch.Tensor) -> None:
-        self.stats.update(predict(self.net, images)[1])
-
-    def compute(self) -> float:
-        mu, sigma = self.stats.compute()
-        return frechet_distance(mu, sigma, *self.ref)
 
 
 def feature_stats_of(net: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
