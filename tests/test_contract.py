@@ -145,3 +145,16 @@ def test_unpaired_methods_do_not_need_pairs():
     for name, cls in METHODS.items():
         if UNPAIRED in cls.settings:
             assert not (cls.uses_pairs and SEMI_PAIRED not in cls.settings), name
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_option_is_typed_and_a_wrong_type_is_a_one_line_error(name):
+    """Issue 11: option values are validated by their declared type before any work."""
+    from bench.options import declared
+    cls = METHODS[name]
+    for key, opt in declared(cls.default_options).items():
+        assert opt.type is not None, f"{name}.{key} has no declared type"
+        wrong = {"not": "a valid value"} if opt.type is not dict else [1, 2]
+        with pytest.raises(BenchError, match=f"option {key}=") as info:
+            cls(**{key: wrong})
+        assert "\n" not in str(info.value)
