@@ -67,7 +67,7 @@ class KNOT(NOT):
         "gamma": 1.0 / 3.0,     # authors' image setting (warmed up over the first 20% of steps)
         "gamma_warmup": 0.2,
         # n_z = 8 maps per source: batch 8 keeps the 64 UNet evaluations per map step of NOT's batch 64
-        "steps": Option(smoke=3, cpu=300, fast=4000, paper=100_000, help="outer steps"),
+        "steps": Option(smoke=3, cpu=200, fast=4000, paper=100_000, help="outer steps"),
         "batch_size": Option(smoke=4, cpu=8, fast=64, paper=64),
         "distance_per_dim": Option(False, help="divide the distance kernel by sqrt(D) (authors: no)"),
         "noise": Option("cond-norm", choices=("channel", "cond-norm")),

@@ -71,8 +71,9 @@ class NOT(Method):
         **SADDLE_OPTIONS,
         # images (toy_* on vector tasks); smoke: about a minute on a 2-core CPU for 28x28 digits
         # cpu: one outer step = K_T = 10 map steps + 1 critic step of the base-16 UNet / ResNet at 32x32,
-        # batch 64: ~6 s on this machine (from the measured 0.49 s UNet step), so 300 steps ~30 min
-        "steps": Option(smoke=24, cpu=300, fast=4000, paper=100_000, help="outer steps (authors: 100k)"),
+        # batch 64; measured 37 s per outer step on this machine at load ~4.7 (other jobs running), about
+        # 8 s when it is quiet (from the 0.49 s UNet step), so 200 steps ~27 min quiet: not yet timed whole
+        "steps": Option(smoke=24, cpu=200, fast=4000, paper=100_000, help="outer steps (authors: 100k)"),
         "batch_size": Option(smoke=16, cpu=64, fast=64, paper=64),
         "toy_steps": Option(smoke=400, cpu=2000, fast=5000, paper=10_000),
         "toy_batch_size": 64,
