@@ -86,6 +86,7 @@ class SaddleTrainer(nn.Module):
     map_params, critic_params: the parameters of the map (minimised) and the critic.
     steps: outer (critic) steps; the map takes ``steps * inner_steps`` steps.
     inner_steps: K_T, map steps per critic step.
+    critic_steps: critic updates per outer step (W2GAN: 5 discriminator steps per generator step).
     map_lr, critic_lr, betas, weight_decay: Adam settings of the two optimisers.
     lr_schedule, lr_milestones, lr_decay: see :func:`lr_factor`; applied to both optimisers
         per outer step.
@@ -98,15 +99,16 @@ class SaddleTrainer(nn.Module):
                  betas: tuple[float, float] = (0.0, 0.9), weight_decay: float = 0.0,
                  lr_schedule: str = "constant", lr_milestones: Iterable[float] = (), lr_decay: float = 0.5,
                  grad_clip: float | None = None, device: torch.device | str = "cpu", seed: int = 0,
-                 critic_first: bool = False):
+                 critic_first: bool = False, critic_steps: int = 1):
         super().__init__()
-        if steps < 1 or inner_steps < 1:
-            raise BenchError(f"saddle trainer needs steps >= 1 and inner_steps >= 1 (got {steps}, {inner_steps})")
+        if steps < 1 or inner_steps < 1 or critic_steps < 1:
+            raise BenchError(f"saddle trainer needs steps, inner_steps and critic_steps >= 1 "
+                             f"(got {steps}, {inner_steps}, {critic_steps})")
         if lr_schedule not in LR_SCHEDULES:
             raise BenchError(f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         self.map_params = [p for p in map_params]
         self.critic_params = [p for p in critic_params]
-        self.steps, self.inner_steps = int(steps), int(inner_steps)
+        self.steps, self.inner_steps, self.critic_steps = int(steps), int(inner_steps), int(critic_steps)
         self.schedule = (lr_schedule, tuple(float(m) for m in lr_milestones), float(lr_decay))
         self.grad_clip = grad_clip
         self.critic_first = bool(critic_first)
@@ -128,7 +130,8 @@ class SaddleTrainer(nn.Module):
                    betas=tuple(options["betas"]), weight_decay=float(options["weight_decay"]),
                    lr_schedule=options["lr_schedule"], lr_milestones=options["lr_milestones"],
                    lr_decay=float(options["lr_decay"]), grad_clip=options["grad_clip"],
-                   device=run.device, seed=run.seed, critic_first=bool(options.get("critic_first", False)))
+                   device=run.device, seed=run.seed, critic_first=bool(options.get("critic_first", False)),
+                   critic_steps=int(options.get("critic_steps", 1)))
         if method is not None:
             trainer.map_opt = method.optimizer("saddle-map", trainer.map_opt)
             trainer.critic_opt = method.optimizer("saddle-critic", trainer.critic_opt)
@@ -197,7 +200,9 @@ class SaddleTrainer(nn.Module):
     def _critic_step(self, critic_loss: LossFn, step: int, run):
         _set_requires_grad(self.map_params, False)
         _set_requires_grad(self.critic_params, True)
-        return self._update(critic_loss, step, self.critic_opt, self.critic_params, run)
+        for _ in range(self.critic_steps):
+            out = self._update(critic_loss, step, self.critic_opt, self.critic_params, run)
+        return out
 
     def fit(self, run, stage: str, *, map_loss: LossFn, critic_loss: LossFn,
             log_every: int = 100) -> None:

@@ -1,0 +1,127 @@
+"""OTM: generative modeling with optimal transport maps (Rout, Korotin and Burnaev, ICLR 2022).
+
+OTM learns a deterministic map T from P to Q as the solution of the max-min problem
+
+    max_psi  min_T   E_x [ -<Q(x), T(x)> / D + psi(T(x)) ]  -  E_y psi(y)        (their eq. 10),
+
+the quadratic cost ||Q(x) - y||^2 / 2 written as the inner product -<Q(x), y> (the ||y||^2 part
+belongs to the potential), per coordinate as the authors' ``torch.mean(Q(x) * G(x))``.  Q is the
+paper's fixed embedding of the source space into the target space when their dimensions differ
+(:func:`embed`: bicubic resizing and channel repetition for images, as their latent -> 32x32 MNIST
+script; zero padding for vectors), the identity when they agree; T acts on Q(x).
+
+It is the same saddle problem as strong NOT (methods/not_.py) with f = -psi, so this class is NOT
+with three differences, and only those are code here:
+
+- the cost is the inner product -<Q(x), T(x)> / D, not NOT's ||x - T(x)||^2 / D (same optimal map,
+  a different split between cost and potential, so a different function for the critic to learn);
+- the authors' update order and settings: one potential update first, then K_G = 5 map updates
+  (their restoration scripts; 2 in their MNIST generation script), Adam betas (0, 0.9) at lr 1e-4;
+- the optional gradient-optimality penalty on the potential (``lambda_go``; authors: 10 for MNIST
+  generation, 0 for restoration): at the optimum grad_y of the map's objective vanishes at y = T(x),
+  i.e. grad f(T(x)) = -cost_scale Q(x) / D, and the penalty is the norm of the batch mean of the gap.
+
+Networks are NOT's shared UNet map and ResNet critic (the authors use their own ResNet generator
+and NCSN-style critic): the architectural difference is theirs, not a choice of this benchmark.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench.api import BenchError, Method, TaskData
+from bench.nn.icnn import input_gradient
+from bench.options import Option
+
+from .not_ import NOT
+
+
+def embed(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """OTM's embedding Q of source rows into the target space ``shape`` (the identity when it is theirs)."""
+    if tuple(x.shape[1:]) == tuple(shape):
+        return x
+    if x.dim() == 2:  # vectors: zero padding (or truncation) to the target dimension
+        d = shape[0]
+        return F.pad(x, (0, d - x.shape[1])) if d >= x.shape[1] else x[:, :d]
+    c, h, w = shape
+    y = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False) if x.shape[-2:] != (h, w) else x
+    if y.shape[1] != c:
+        y = y.mean(1, keepdim=True) if c == 1 else y.expand(-1, c, -1, -1)
+    return y
+
+
+class OTM(NOT):
+    name = "otm"
+    family = "OT"
+    stochastic = False
+    paper = "Rout, Korotin, Burnaev. Generative Modeling with Optimal Transport Maps. ICLR 2022"
+    notes = ("unpaired: on semi-paired tasks the guiding pairs are ignored; strong NOT's saddle problem with the "
+             "cost as -<Q(x), T(x)>/D, the potential updated first then K_G = 5 map steps, Adam betas (0, 0.9), "
+             "optional gradient-optimality penalty; embedding Q (bicubic / channel repeat / zero pad) when source "
+             "and target shapes differ; NOT's UNet map and ResNet critic instead of the authors' networks; NOT's "
+             "weak-cost options are inert")
+    default_options: dict[str, Any] = {
+        **NOT.default_options,
+        "cost": Option("strong", choices=("strong",), help="a deterministic map (OTM has no weak cost)"),
+        "lambda_go": Option(0.0, help="gradient-optimality penalty (authors: 0 for restoration, 10 for generation)"),
+        "inner_steps": Option(5, help="K_G: map updates per potential update (authors' restoration: 5)"),
+        "critic_first": Option(True, help="the potential is updated first (authors)"),
+        "betas": Option([0.0, 0.9], help="Adam betas (authors: 0, 0.9)"),
+        "weight_decay": 0.0,
+        # one outer step = 1 potential + K_G = 5 map updates of the base-16 UNet / ResNet at 32x32, batch 64:
+        # 2.9 s measured on this busy 2-core machine (one thread), so cpu = 550 steps ~ 27 min; smoke 0.5 s
+        "steps": Option(smoke=24, cpu=550, fast=8000, paper=95_000,
+                        help="potential updates (authors' MNIST script: 101 epochs of 937 batches)"),
+    }
+    test_options: dict[str, Any] = {**NOT.test_options, "steps": 3}
+
+    def check_setting(self, data: TaskData) -> None:
+        Method.check_setting(self, data)  # differing shapes are what Q is for (NOT refuses them)
+        if data.source_train.dim() != data.target_train.dim():
+            raise BenchError(f"{self.name} embeds images into images and vectors into vectors; source "
+                             f"{data.source_shape} and target {data.shape} are not both one kind")
+        if data.is_image and data.source_shape[0] not in (1, data.shape[0]) and data.shape[0] != 1:
+            raise BenchError(f"{self.name}'s embedding repeats one channel or averages to one: source channels "
+                             f"{data.source_shape[0]} cannot become {data.shape[0]}; convert the task's images")
+
+    def _to_canvas(self, x: torch.Tensor) -> torch.Tensor:
+        return super()._to_canvas(embed(x, self.shape))  # targets pass through embed unchanged
+
+    # -- the inner-product form of the quadratic cost -------------------------------------
+    def cost(self, x: torch.Tensor, ys: torch.Tensor, gamma: float) -> torch.Tensor:
+        """-<Q(x), y> / D per source (x already embedded), times ``cost_scale``; ys is (B, 1, ...)."""
+        dot = (ys * x.unsqueeze(1)).flatten(2).mean(2).mean(1)
+        return -float(self.options["cost_scale"]) * dot
+
+    def go_penalty(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """|| mean_x grad f(T(x)) + cost_scale mean_x Q(x) / D ||: the map's optimality condition, batch-averaged."""
+        k = float(self.options["cost_scale"]) / x[0].numel()
+        grad = input_gradient(self.f, t, create_graph=True)
+        return (grad.mean(0) + k * x.mean(0)).norm()
+
+    def fit(self, data: TaskData, run) -> None:
+        lam = float(self.options["lambda_go"])
+        if lam == 0:
+            return super().fit(data, run)  # NOT's two losses, with this cost and these settings
+        # the penalty needs the potential's loss to see the sources; the map's loss is NOT's
+        source = self._to_canvas(data.source_train.to(run.device))
+        target = self._to_canvas(data.target_train.to(run.device))
+        B, saddle = int(self.batch_size), self.saddle
+
+        def potential_loss(step: int):
+            x = saddle.batch(source, B)
+            with torch.no_grad():
+                t = self.map(x)
+            go = self.go_penalty(x, t)
+            return self.f(t).mean() - self.f(saddle.batch(target, B)).mean() + lam * go, {"go": go}
+
+        def map_loss(step: int):
+            x = saddle.batch(source, B)
+            t = self.map(x)
+            c = self.cost(x, t.unsqueeze(1), 0.0).mean()
+            return c - self.f(t).mean(), {"cost": c}
+
+        saddle.fit(run, "saddle", map_loss=map_loss, critic_loss=potential_loss,
+                   log_every=int(self.options["log_every"]))
