@@ -218,7 +218,7 @@ def test_knot_injects_noise_through_conditional_norm_by_default():
     data = tiny_images()
     m = KNOT(**{**KNOT.test_options})
     assert m.options["noise"] == "cond-norm" and m.options["noise_dim"] == 128 and m.options["z_std"] == 1.0
-    assert m.options["distance_per_dim"] is False and m.options["n_z"] == 4
+    assert m.options["distance_per_dim"] is False and KNOT().options["n_z"] == 4
     assert m.options["lr_schedule"] == "multistep" and m.options["lr_milestones"] == [0.15, 0.25, 0.40, 0.55, 0.70]
     m.setup(data, Run(None, progress=False))
     assert m.T.noise_dim == 128 and m.T.in_channels == 1
