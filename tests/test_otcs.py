@@ -171,3 +171,47 @@ def test_digit_sized_images_keep_their_28x28_canvas_and_attention_sits_at_half_r
         assert m.score.image_size == 28
         attn = [mod for mod in m.score.modules() if type(mod).__name__ == "AttnBlock"]
         assert (len(attn) > 1) == bool(att), budget  # the middle block always has one
+
+
+class _MixtureEps(torch.nn.Module):
+    """The exact noise predictor of the noised finite mixture sum_j w_j N(alpha y_j, sigma^2) whose
+    components depend on the condition x (x = 0 -> ys[0], x = 1 -> ys[1])."""
+
+    def __init__(self, sde, ys, ws):
+        super().__init__()
+        self.sde, self.ys, self.ws = sde, ys, ws
+
+    def forward(self, y, t, cond):
+        a, s = self.sde.alpha(t)[:, None], self.sde.sigma(t)[:, None]
+        out = torch.empty_like(y)
+        for r in (0, 1):
+            k = cond[:, 0].round() == r
+            Y, w = self.ys[r], self.ws[r]
+            logits = torch.log(w)[None] - (y[k] - a[k] * Y[None]) ** 2 / (2 * s[k] ** 2)
+            ybar = (torch.softmax(logits, 1) * Y[None]).sum(1, keepdim=True)
+            out[k] = (y[k] - a[k] * ybar) / s[k]
+        return out
+
+
+def test_jcsm_is_measured_against_the_exact_mixture_score():
+    """Issue 8 item 4: bound_jcsm vanishes for the exact conditional score; the DSM value does not."""
+    from bench import ot
+    data = Toy1D().load(None, 0)
+    m = OTCS(**OTCS.test_options)
+    m.setup(data, Run(None, device="cpu", seed=0, budget="smoke", progress=False))
+    xs, yt = torch.tensor([[0.0], [1.0]]), torch.tensor([[-2.0], [1.0], [3.0], [5.0]])
+    # row 0 -> targets 0, 1 (weights 1, 3); row 1 -> targets 2, 3 (weights 2, 2)
+    H = ot.SparseCompatibility(torch.tensor([0, 2, 4]), torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 3.0, 2.0, 2.0]),
+                               torch.ones(2), torch.ones(4), 1.0)
+    ys = [yt[[0, 1], 0], yt[[2, 3], 0]]
+    ws = [torch.tensor([0.25, 0.75]), torch.tensor([0.5, 0.5])]
+    m.ema = _MixtureEps(m.sde, ys, ws)
+    g = torch.Generator().manual_seed(0)
+    exact = m._jcsm_exact(xs, yt, H, torch.tensor([0, 1]), 4000, g)
+    assert exact == pytest.approx(0.0, abs=1e-6)
+    m.ema = _ExactEps(m.sde, 1.0)  # a wrong score: a Gaussian N(x + 8, 1)
+    assert m._jcsm_exact(xs, yt, H, torch.tensor([0, 1]), 4000, g) > 1.0
+    from bench.diffusion import dsm_eval
+    m.ema = _MixtureEps(m.sde, ys, ws)
+    i, j = ot.resample_by_compatibility(H, 2000, generator=g)
+    assert dsm_eval(m.ema, yt[j], m.sde, cond=xs[i], n_t=4, generator=g) > 0.5  # J_CSM + a constant
