@@ -180,15 +180,7 @@ def run_local(specs: list, settings: Settings, *, jobs: int = 1, log: Log = _pri
 
     threads = max(1, cores() // jobs)
     worker_settings = replace(settings, progress=False, threads=threads)
-    outcomes = []
-    todo = []
-    for spec in specs:
-        pre = settled(spec, settings)
-        if pre is not None:
-            log(pre.message)
-            outcomes.append(pre)
-        else:
-            todo.append(spec)
+    outcomes, todo = pending(specs, settings, log)
     if not todo:
         return outcomes
     with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn"),
@@ -200,6 +192,19 @@ def run_local(specs: list, settings: Settings, *, jobs: int = 1, log: Log = _pri
                 log(outcome.message)
             outcomes.append(outcome)
     return outcomes
+
+
+def pending(specs: list, settings: Settings, log: Log) -> tuple[list[Outcome], list]:
+    """The outcomes of runs already settled (finished, failed earlier: logged) and the specs still to run."""
+    outcomes, todo = [], []
+    for spec in specs:
+        pre = settled(spec, settings)
+        if pre is not None:
+            log(pre.message)
+            outcomes.append(pre)
+        else:
+            todo.append(spec)
+    return outcomes, todo
 
 
 # -- Ray ----------------------------------------------------------------------------------------
@@ -219,14 +224,7 @@ def run_ray(specs: list, settings: Settings, *, address: str | None = None, cpus
     ray = _require("ray", "ray", "--executor ray")
     if gpus_per_run is None:
         gpus_per_run = 1.0 if str(settings.device).startswith("cuda") else 0.0
-    outcomes, todo = [], []
-    for spec in specs:
-        pre = settled(spec, settings)
-        if pre is not None:
-            log(pre.message)
-            outcomes.append(pre)
-        else:
-            todo.append(spec)
+    outcomes, todo = pending(specs, settings, log)
     if not todo:
         return outcomes
     started_here = not ray.is_initialized()
