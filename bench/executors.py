@@ -244,10 +244,10 @@ def run_ray(specs: list, settings: Settings, *, address: str | None = None, cpus
     worker_settings = replace(settings, progress=False, threads=max(1, int(cpus_per_run)))
     remote = ray.remote(_ray_execute).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
     refs = {remote.remote(spec, worker_settings): spec for spec in todo}
-    pending = list(refs)
+    waiting = list(refs)
     try:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
             for ref in ready:
                 spec = refs[ref]
                 try:
