@@ -139,3 +139,17 @@ def test_evaluate_label_consistent_vs_noise(task, data, ctx):
     assert row["classifier_test_acc"] >= 98.0 and row["cfd_ref"] == row["fid_ref"]
     # a full-size reference is recorded as such
     assert task.fid_ref_sizes["fast"] == 2000 and task.eval_sizes["smoke"] == 256
+
+
+def test_preprocessing_default_is_the_papers_plain_resize_and_the_variant_is_an_option():
+    """Issue 8 item 11: the paper resizes the 64x64 images; our MNIST-style recipe is a named variant."""
+    import numpy as np
+    from bench.api import BenchError
+    from bench.datasets.digits import DigitsTask, plain_resize
+    assert DigitsTask().options["prep"] == "plain" and DigitsTask(prep="mnist-style").prep == "mnist-style"
+    with pytest.raises(BenchError, match="prep"):
+        DigitsTask(prep="sharpen")
+    img = np.zeros((64, 64), np.uint8)
+    img[16:48, 30:34] = 200
+    out = plain_resize(img)
+    assert out.shape == (28, 28) and 0.6 < out.max() <= 200 / 255 + 1e-6 and out[:5].max() == 0
