@@ -90,12 +90,21 @@ class VPSDE:
     def g2_icdf(self, u: torch.Tensor) -> torch.Tensor:
         """Inverse CDF of q (float64 inside for accuracy near t_eps)."""
         b = torch.nn.functional.softplus(self._L0 + u.double() * self._Z)
+        return self._time_of_B(b).clamp(self.t_eps, self.T).to(u.dtype)
+
+    def _time_of_B(self, b: torch.Tensor) -> torch.Tensor:
+        """The t with int_0^t beta = b (the positive root of b0 t + (b1 - b0) t^2 / 2 = b)."""
         d = self.beta_max - self.beta_min
         if d == 0:
-            t = b / self.beta_min
-        else:
-            t = (torch.sqrt(self.beta_min ** 2 + 2.0 * d * b) - self.beta_min) / d
-        return t.clamp(self.t_eps, self.T).to(u.dtype)
+            return b / self.beta_min
+        return (torch.sqrt(self.beta_min ** 2 + 2.0 * d * b) - self.beta_min) / d
+
+    def ve_time(self, sigma_ve: torch.Tensor) -> torch.Tensor:
+        """The time t whose noise-to-signal ratio sigma(t) / alpha(t) is ``sigma_ve``: x_t / alpha(t) is
+        then a variance-exploding sample x_0 + sigma_ve z (NCSN's noise levels on this schedule); its
+        score is -eps(x_t, t) / sigma_ve.  sigma_ve must lie in [sigma/alpha at t_eps, at T]."""
+        s = torch.as_tensor(sigma_ve, dtype=torch.float64)
+        return self._time_of_B(torch.log1p(s * s)).float()
 
     def sample_t(self, n: int, weighting: str, generator=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Times and the per-sample weight multiplying mean(||eps_hat - z||^2) for an unbiased

@@ -127,6 +127,23 @@ def dual_l2_objective(u: torch.Tensor, v: torch.Tensor, xi: torch.Tensor, eps: f
     return u.mean() + v.mean() - pen.mean() / (4.0 * eps)
 
 
+def dual_entropic_objective(u: torch.Tensor, v: torch.Tensor, xi: torch.Tensor, eps: float) -> torch.Tensor:
+    """Minibatch estimate of the entropic (KL) dual  E u + E v - eps E_{p x q}[exp((u + v - xi) / eps - 1)]
+    (to maximise; SCONES, Daniels et al. 2021).  Its optimal density is H = exp((u + v - xi) / eps - 1)
+    (``entropic_log_compatibility``), the plan of min E_pi[xi] + eps KL(pi | p x q)."""
+    return u.mean() + v.mean() - eps * torch.exp(entropic_log_compatibility(u, v, xi, eps)).mean()
+
+
+def entropic_log_compatibility(u: torch.Tensor, v: torch.Tensor, xi: torch.Tensor, eps: float) -> torch.Tensor:
+    """log H(x, y) = (u(x) + v(y) - xi(x, y)) / eps - 1 for the entropic dual; ``xi`` (N, M) with
+    u (N,) and v (M,), or all three (N,) for aligned pairs."""
+    if xi.dim() == 2:
+        u, v = u.reshape(-1, 1), v.reshape(1, -1)
+    else:
+        u, v = u.reshape(xi.shape), v.reshape(xi.shape)
+    return (u + v - xi) / eps - 1.0
+
+
 def compatibility(u: torch.Tensor, v: torch.Tensor, xi: torch.Tensor, eps: float,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """H(x, y) = I (u(x) + v(y) - xi(x, y))_+ / (2 eps), the density of pi_hat w.r.t. p x q."""

@@ -43,17 +43,17 @@ def network_options(base: Option | None = None, blocks: Option | None = None,
     }
 
 
-def training_options(prefix: str, steps: Option, toy_steps: Option, batch: Option | None = None,
+def training_options(prefix: str, steps: Option, toy_steps: Option | None = None, batch: Option | None = None,
                      lr: float = 2e-4, warmup: int = 200, ema: float = 0.999) -> dict[str, Option]:
     """Training of one network: ``{prefix}_steps`` etc. on images, ``toy_{prefix}_*`` on vectors."""
     return {
         f"{prefix}_steps": steps,
-        f"{prefix}_batch": batch or Option(smoke=32, cpu=64, fast=128, paper=128),
+        f"{prefix}_batch": batch or Option(smoke=16, cpu=64, fast=128, paper=128),
         f"{prefix}_lr": Option(lr),
         f"{prefix}_warmup": Option(warmup, help="linear learning-rate warm-up steps"),
         f"{prefix}_grad_clip": Option(1.0, type=float, help="gradient-norm clip (0: none)"),
         f"{prefix}_ema": Option(ema, help="EMA decay of the weights used for sampling"),
-        f"toy_{prefix}_steps": toy_steps,
+        f"toy_{prefix}_steps": toy_steps or Option(smoke=2000, cpu=4000, fast=10_000, paper=10_000),
         f"toy_{prefix}_batch": Option(256),
         f"toy_{prefix}_lr": Option(1e-3),
     }
@@ -66,6 +66,21 @@ def diffusion_options() -> dict[str, Option]:
         "beta_min": Option(0.1),
         "beta_max": Option(20.0),
     }
+
+
+def tiny_options(*prefixes: str) -> dict[str, Any]:
+    """Networks and training runs small enough for the shared contract test (``test_options``)."""
+    out: dict[str, Any] = {"unet_base": 8, "unet_mults": [1, 2], "mlp_hidden": 16, "mlp_depth": 2}
+    for p in prefixes:
+        out.update({f"{p}_steps": 4, f"{p}_batch": 8, f"toy_{p}_steps": 4, f"toy_{p}_batch": 8, f"{p}_warmup": 1})
+    return out
+
+
+def check_same_shape(method, data, why: str) -> None:
+    """A one-line error when a method that needs one space for both domains gets two shapes."""
+    if data.source_shape != data.shape:
+        raise BenchError(f"{method.name} {why}, so source and target need one shape; got {data.source_shape} "
+                         f"and {data.shape}: resize the task's sources")
 
 
 def setting(o: dict[str, Any], prefix: str, key: str, image: bool) -> Any:
@@ -105,21 +120,27 @@ def from_canvas(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 # -- the shared training loop -------------------------------------------------------------------
 def fit_network(method, run, net: nn.Module, ema: EMA | None, loss_fn: Callable, *, loop: str, stream: str,
-                optimizer: str, steps: int, lr: float, warmup: int = 0, grad_clip: float | None = None) -> None:
-    """Minimise ``loss_fn(net, generator)`` by Adam in the resumable loop ``loop``.
+                optimizer: str, steps: int, lr: float, warmup: int = 0, grad_clip: float | None = None,
+                weight_decay: float = 0.0, anneal: bool = False) -> None:
+    """Minimise ``loss_fn(net, generator)`` by Adam (AdamW with ``weight_decay``) in the resumable
+    loop ``loop``.
 
-    The learning rate rises linearly over ``warmup`` steps, gradients are clipped to ``grad_clip``
-    (0/None: not clipped), ``ema`` (if any) follows the weights; the loss is logged every 100 steps
-    under the loop's name (a NaN stops the run).  ``optimizer`` names the Adam state in the
-    method's checkpoint, ``stream`` the random stream the loss draws from."""
-    opt = method.optimizer(optimizer, torch.optim.Adam(net.parameters(), lr=lr))
+    The learning rate rises linearly over ``warmup`` steps (and, with ``anneal``, decays linearly to
+    0 over the loop), gradients are clipped to ``grad_clip`` (0/None: not clipped), ``ema`` (if any)
+    follows the weights; the loss is logged every 100 steps under the loop's name (a NaN stops the
+    run).  ``optimizer`` names the optimizer state in the method's checkpoint, ``stream`` the random
+    stream the loss draws from."""
+    params = list(net.parameters())
+    adam = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay
+            else torch.optim.Adam(params, lr=lr))
+    opt = method.optimizer(optimizer, adam)
     g = run.generator(stream)
     compiled = run.maybe_compile(net)
     warm = max(1, int(warmup))
     net.train()
     for step in run.loop(loop, steps):
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warm)
+            group["lr"] = lr * min(1.0, (step + 1) / warm) * ((1.0 - step / steps) if anneal else 1.0)
         with run.autocast():
             loss = loss_fn(compiled, g)
         opt.zero_grad(set_to_none=True)

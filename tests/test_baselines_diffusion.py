@@ -1,0 +1,239 @@
+"""The diffusion and flow rows of Table 1 (issue 13): ReFlow, DDIB, EGSDE and SCONES.
+
+Each is checked on the toy tasks against what its paper claims there, then all four run on the
+digits task through `bench run` (smoke budget, tiny options).  The shared plugin contract
+(tests/test_contract.py) covers shapes, determinism, save/load and resume for all four.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import ot as pot
+import pytest
+import torch
+
+from bench import ot
+from bench.datasets.toy import SRC_CENTRES, TGT_CENTRES, Toy1D, Toy2D
+from bench.registry import methods
+from bench.run import Run
+
+# small networks and short runs: every fit below takes seconds on one CPU thread
+TOY = {"mlp_hidden": 128, "mlp_depth": 3, "toy_score_steps": 1000, "toy_score_batch": 256, "score_warmup": 50}
+
+
+def _fit(name, data, **options):
+    """Fit on the CPU in this process (seed 0, smoke budget, no run directory)."""
+    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    torch.manual_seed(0)
+    run.method = m = methods()[name](**options)
+    m.check_setting(data)
+    m.setup(data, run)
+    m.fit(data, run)
+    return m
+
+
+def _transport(m, x, seed=1):
+    return m.transport(x, generator=torch.Generator().manual_seed(seed))
+
+
+def _at_minus4(m, n=1000):
+    return _transport(m, torch.full((n, 1), -4.0))
+
+
+def _modes(y):
+    """(share within 1.0 of a target centre, index of the nearest centre: 0 right, 1 left)."""
+    d = torch.cdist(y.float(), TGT_CENTRES)
+    return float((d.min(1).values < 1.0).float().mean()), d.argmin(1)
+
+
+def _upper(x):
+    return torch.cdist(x.float(), SRC_CENTRES).argmin(1) == 0
+
+
+# -- bench/ot.py: the entropic dual SCONES maximises --------------------------------------------------
+def test_entropic_dual_recovers_the_sinkhorn_plan():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 2, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64) + 1
+    C, eps = ot.cost_matrix(x, y), 0.3
+    u = torch.zeros(7, dtype=torch.float64, requires_grad=True)
+    v = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([u, v], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -ot.dual_entropic_objective(u, v, C, eps)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    H = ot.entropic_log_compatibility(u, v, C, eps).exp().detach()
+    # pi = H p q is the plan of min <C, pi> + eps KL(pi | p q), POT's sinkhorn with reg = eps
+    plan = pot.sinkhorn(np.full(7, 1 / 7), np.full(5, 1 / 5), C.numpy(), eps, stopThr=1e-13, numItermax=100_000)
+    np.testing.assert_allclose(H.numpy() / 35, plan, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(H.mean(1).numpy(), 1.0, atol=1e-6)  # the x-marginal of H p q is p
+    # aligned pairs: log H on the diagonal
+    diag = ot.entropic_log_compatibility(u[:5], v, torch.diagonal(C[:5]), eps)
+    torch.testing.assert_close(diag, torch.diagonal(ot.entropic_log_compatibility(u, v, C, eps)[:5]))
+
+
+# -- ReFlow -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_reflow_toy1d_moves_minus4_to_4_and_reflow_straightens_the_paths(one_thread):
+    data = Toy1D().load(None, 0)
+    m = _fit("reflow", data, reflow=1, toy_flow_steps=1200, toy_ode_steps=50, mlp_hidden=128,
+             straightness_n=256, reflow_pairs=1000)
+    assert abs(float(_at_minus4(m).mean()) - 4.0) < 0.5
+    assert ot.w2_empirical(_transport(m, data.source_test), data.target_test) < 0.3
+    b = m.bound_terms()
+    # Liu et al.: rectification straightens the flow (S of the 2-rectified flow far below the 1-rectified one)
+    assert b["straightness_round1"] < 0.1 * b["straightness_round0"] and b["straightness"] == b["straightness_round1"]
+    assert m.nfe == 50 and b["reflow_rounds"] == 1
+    assert len(m.pair_x0) == 0  # the generated pairs do not stay in the checkpoint
+
+
+@pytest.mark.slow
+def test_reflow_toy2d_lands_in_the_target_modes_with_a_cheaper_coupling(one_thread):
+    data = Toy2D().load(None, 0)  # semi-paired: the pairs are ignored
+    m = _fit("reflow", data, toy_flow_steps=1500, toy_ode_steps=50, mlp_hidden=128)
+    y = _transport(m, data.source_test)
+    near, _ = _modes(y)
+    assert near > 0.85
+    # the rectified coupling is no costlier than the independent one it was trained on (their Theorem 3.5)
+    cost_rectified = float((y - data.source_test).pow(2).sum(1).mean())
+    cost_independent = float(torch.cdist(data.source_test, data.target_test).pow(2).mean())
+    assert cost_rectified < cost_independent
+
+
+# -- DDIB ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ddib_toy1d_bridges_minus4_to_4_and_is_cycle_consistent(one_thread):
+    data = Toy1D().load(None, 0)
+    m = _fit("ddib", data, **TOY, toy_ddim_steps=200, cycle_n=256)
+    assert abs(float(_at_minus4(m).mean()) - 4.0) < 0.5
+    assert ot.w2_empirical(_transport(m, data.source_test), data.target_test) < 0.3
+    b = m.bound_terms()
+    assert b["cycle_rmse"] < 0.05 and b["translation_cycle_rmse"] < 0.1
+    assert m.nfe == 400
+    y1, y2 = _transport(m, data.source_test[:50], 1), _transport(m, data.source_test[:50], 2)
+    assert torch.equal(y1, y2)  # deterministic: the generator is not used
+
+
+@pytest.mark.slow
+def test_ddib_toy2d_decodes_into_the_target_modes(one_thread):
+    data = Toy2D().load(None, 0)
+    m = _fit("ddib", data, **TOY, encoder="pf-heun", toy_ddim_steps=50, cycle_n=256)
+    near, _ = _modes(_transport(m, data.source_test))
+    assert near > 0.85
+    assert m.bound_terms()["cycle_rmse"] < 0.05 and m.nfe == 200
+
+
+# -- EGSDE --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_egsde_toy1d_realism_guidance_reaches_the_target_marginal(one_thread):
+    data = Toy1D().load(None, 0)
+    # in 1-D the low-pass filter is the identity, so the faithfulness energy only pulls back to the
+    # source (lambda_i = 0 here); the authors' lambda_s = 500 is for 256-px feature maps, 5 is the toy scale
+    m = _fit("egsde", data, **TOY, toy_cls_steps=800, toy_sde_steps=100, lambda_s=5.0, lambda_i=0.0)
+    w2_guided = ot.w2_empirical(_transport(m, data.source_test), data.target_test)
+    assert w2_guided < 0.3
+    m.options.update(lambda_s=0.0)  # the same model without the energy: SDEdit from t0 = 0.5
+    w2_plain = ot.w2_empirical(_transport(m, data.source_test), data.target_test)
+    assert w2_guided < w2_plain - 0.2
+    # the domain classifier separates noisy source from noisy target at moderate noise
+    t = torch.full((500,), 0.2)
+    sde = m.target_model.sde
+    xs = sde.perturb(data.source_test, t, torch.randn(500, 1))
+    yt = sde.perturb(data.target_test, t, torch.randn(500, 1))
+    with torch.no_grad():
+        acc = (m.classifier(xs, t).argmax(1) == 0).float().mean() + (m.classifier(yt, t).argmax(1) == 1).float().mean()
+    assert float(acc) / 2 > 0.95
+
+
+@pytest.mark.slow
+def test_egsde_toy2d_faithfulness_keeps_the_output_near_its_source(one_thread):
+    data = Toy2D().load(None, 0)
+    m = _fit("egsde", data, **TOY, toy_cls_steps=800, toy_sde_steps=100, lambda_s=0.0, lambda_i=0.0)
+    x, up = data.source_test, _upper(data.source_test)
+    y0 = _transport(m, x)
+    near0, mode0 = _modes(y0)
+    assert near0 > 0.9  # from t0 = 0.5 the target model alone lands in the target modes, either one
+    # the faithfulness energy ||LowPass(y_t) - LowPass(x_t)||^2 (identity low-pass on vectors; 1 is the
+    # toy scale of the authors' lambda_i = 2 at 256 px) keeps each output nearer its own source
+    m.options.update(lambda_i=1.0)
+    y1 = _transport(m, x)
+    near1, mode1 = _modes(y1)
+    assert float((y1 - x).norm(dim=1).mean()) < float((y0 - x).norm(dim=1).mean()) - 0.3
+    assert near1 > 0.7
+    # ... so the upper source mode goes more often to the target mode nearer to it (right)
+    assert float((mode1[up] == 0).float().mean()) > float((mode0[up] == 0).float().mean()) + 0.1
+
+
+# -- SCONES -------------------------------------------------------------------------------------------
+SCONES_TOY = {**TOY, "ot_steps": 1500, "ot_lr": 1e-3, "potential_hidden": 128, "n_steps_each": 2}
+
+
+@pytest.mark.slow
+def test_scones_toy1d_samples_the_entropic_plan(one_thread):
+    data = Toy1D().load(None, 0)
+    m = _fit("scones", data, **SCONES_TOY)
+    assert ot.w2_empirical(_transport(m, data.source_test), data.target_test) < 0.3
+    # pi(.|x) of the entropic plan between N(-4, 1) and N(4, 1) is centred on x + 8
+    assert abs(float(_at_minus4(m).mean()) - 4.0) < 0.5
+    b = m.bound_terms()
+    assert b["marginal_x"] < 0.1 and b["epsilon"] == pytest.approx(0.1 * m.extra_state["xi_scale"])
+    assert m.nfe == 50 * 2 + 1
+
+
+def _exact_entropic_split(data, eps_rel):
+    """P(right target mode | upper source mode) and P(left | lower) of POT's entropic plan on the training sets."""
+    X, Y = data.source_train.double(), data.target_train.double()
+    C = ot.cost_matrix(X, Y).numpy()
+    P = pot.sinkhorn(np.full(len(X), 1 / len(X)), np.full(len(Y), 1 / len(Y)), C, eps_rel * C.mean(),
+                     numItermax=100_000, stopThr=1e-10)
+    up, right = _upper(X).numpy(), (Y[:, 0] > 0).numpy()
+    return P[up][:, right].sum() / P[up].sum(), P[~up][:, ~right].sum() / P[~up].sum()
+
+
+@pytest.mark.slow
+def test_scones_toy2d_samples_the_plans_mode_split(one_thread):
+    data = Toy2D().load(None, 0)  # the guiding pairs (which cross the plan) are ignored
+    m = _fit("scones", data, **SCONES_TOY)
+    x = data.source_test
+    near, mode = _modes(_transport(m, x))
+    assert near > 0.9
+    up = _upper(x)
+    # the exact entropic plan sends ~81 % of the upper mode right and ~84 % of the lower mode left (the
+    # rest because the sampled modes are not exactly balanced); the Langevin samples follow it
+    p_up, p_low = _exact_entropic_split(data, 0.1)
+    assert abs(float((mode[up] == 0).float().mean()) - p_up) < 0.2
+    assert abs(float((mode[~up] == 1).float().mean()) - p_low) < 0.2
+
+
+# -- all four on digits through `bench run` ------------------------------------------------------------
+TINY_DIGITS = {  # seconds of training each: a plumbing check of the whole pipeline, not a quality run
+    "reflow": ["flow_steps=3", "flow_batch=8", "ode_steps=2", "straightness_n=8"],
+    "ddib": ["score_steps=3", "score_batch=8", "ddim_steps=2", "cycle_n=8"],
+    "egsde": ["score_steps=3", "score_batch=8", "cls_steps=3", "cls_batch=8", "cls_width=8", "sde_steps=2"],
+    "scones": ["score_steps=3", "score_batch=8", "ot_steps=3", "potential_hidden=32", "levels=2",
+               "n_steps_each=1"],
+}
+
+
+@pytest.mark.slow
+def test_all_four_run_on_digits_through_bench_run(tmp_path, data_root, bench_cache):
+    out = tmp_path / "runs"
+    opts = ["--opt", "unet_base=8"] + [a for name, kv in TINY_DIGITS.items() for o in kv for a in ("--opt", f"{name}.{o}")]
+    env = {**os.environ, "BENCH_DATA": str(data_root), "BENCH_CACHE": str(bench_cache)}
+    res = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--methods", "reflow,ddib,egsde,scones",
+                          "--task", "digits", "--budget", "smoke", "--out", str(out), "--no-progress", *opts],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name, key in [("reflow", "bound_straightness"), ("ddib", "bound_cycle_rmse"),
+                      ("egsde", None), ("scones", "bound_marginal_x")]:
+        row = json.loads(next((out / "digits" / name).glob("smoke-seed0*/row.json")).read_text())
+        assert row["fid_n"] == 250 and 0.0 <= row["acc"] <= 100.0 and row["nfe"] >= 1, name
+        assert key is None or key in row, (name, sorted(row))
