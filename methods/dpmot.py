@@ -37,7 +37,8 @@ import torch
 
 from bench.options import Option
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
-from bench.diffusion import EMA, VPSDE, dsm_loss, sample_ddim, sample_sde
+from bench.diffusion import EMA, VPSDE, sample_ddim, sample_sde
+from bench.scoremodel import dsm_batches, fit_network
 from bench.nn import canvas_side, ScoreMLP, UNet, crop_to, pad_to
 from bench.semidiscrete import SemiDiscreteOT
 
@@ -159,28 +160,10 @@ class DPMOT(Method):
             self.ema.module.to(memory_format=torch.channels_last)
             target = target.contiguous(memory_format=torch.channels_last)
 
-        # 1. unconditional score model of the target domain
-        steps, bs = o["score_steps"], o["batch_size"]
-        opt = self.optimizer("score", torch.optim.Adam(self.net.parameters(), lr=o["lr"]))
-        g = run.generator("dpmot-score")
-        net = run.maybe_compile(self.net)
-        warm = max(1, int(o["warmup"]))
-        self.net.train()
-        for step in run.loop("score", steps):
-            for group in opt.param_groups:
-                group["lr"] = o["lr"] * min(1.0, (step + 1) / warm)
-            x0 = target[torch.randint(0, len(target), (bs,), generator=g, device=dev)]
-            with run.autocast():
-                loss = dsm_loss(net, x0, sde, weighting=o["weighting"], generator=g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if o["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(self.net.parameters(), o["grad_clip"])
-            opt.step()
-            self.ema.update(self.net)
-            if run.should_log(step):
-                run.log("score", step, loss=loss)
-        self.net.eval()
+        # 1. unconditional score model of the target domain (the shared EMA training loop)
+        fit_network(self, run, self.net, self.ema, dsm_batches(target, sde, o["batch_size"], o["weighting"]),
+                    loop="score", stream="dpmot-score", optimizer="score", steps=o["score_steps"], lr=o["lr"],
+                    warmup=o["warmup"], grad_clip=o["grad_clip"])
 
         # 2. the discrete latent set: target training images diffused once to t_M
         if not run.done("latents"):

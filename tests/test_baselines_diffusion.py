@@ -230,7 +230,7 @@ def test_all_four_run_on_digits_through_bench_run(tmp_path, data_root, bench_cac
     env = {**os.environ, "BENCH_DATA": str(data_root), "BENCH_CACHE": str(bench_cache)}
     res = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--methods", "reflow,ddib,egsde,scones",
                           "--task", "digits", "--budget", "smoke", "--out", str(out), "--no-progress", *opts],
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, env=env, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     for name, key in [("reflow", "bound_straightness"), ("ddib", "bound_cycle_rmse"),
                       ("egsde", None), ("scones", "bound_marginal_x")]:
