@@ -74,6 +74,8 @@ class OTM(NOT):
         # 2.9 s measured on this busy 2-core machine (one thread), so cpu = 550 steps ~ 27 min; smoke 0.5 s
         "steps": Option(smoke=24, cpu=550, fast=8000, paper=95_000,
                         help="potential updates (authors' MNIST script: 101 epochs of 937 batches)"),
+        # vectors: the inner-product cost converges more slowly than NOT's on toy1d (300 steps: T(-4) = 3.1)
+        "toy_steps": Option(smoke=1000, cpu=3000, fast=5000, paper=10_000),
     }
     test_options: dict[str, Any] = {**NOT.test_options, "steps": 3}
 

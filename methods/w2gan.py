@@ -57,10 +57,11 @@ def transport_cost(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class Residual(nn.Module):
     """G(x) = x + scale * squash(net((x - centre) / spread)): the identity at initialisation when net's
-    output is zero.  On vectors the net works in standardised units (``centre`` / ``spread`` and
-    ``scale`` = ``spread``: the pooled mean and std of both domains), so that its features do not
-    favour the points farthest from the origin (on N(-4, 1) an unstandardised MLP moved the left tail
-    fastest and folded the map over) and one step moves points by the data's own scale."""
+    output is zero.  On vectors the net sees the source standardised (``centre`` / ``spread``: its mean
+    and std) and its output is in units of the pooled std of both domains (``scale``), so that its
+    features do not favour the points farthest from the origin (on N(-4, 1) an MLP on the raw or only
+    pooled-standardised input moved the left tail fastest and folded the map over) and one step moves
+    points by the data's own scale."""
 
     def __init__(self, net: nn.Module, scale: torch.Tensor | float = 2.0, squash: bool = True,
                  centre: torch.Tensor | float = 0.0, spread: torch.Tensor | float = 1.0):
@@ -131,7 +132,7 @@ class W2GAN(Method):
         "betas": Option([0.0, 0.9], help="Adam betas (authors: 0, 0.9)"),
         "weight_decay": 0.0,
         "batch_size": Option(smoke=16, cpu=64, fast=64, paper=64),
-        "toy_steps": Option(smoke=600, cpu=3000, fast=5000, paper=5000, help="vectors (authors' 2-D: 5000)"),
+        "toy_steps": Option(smoke=1000, cpu=3000, fast=5000, paper=5000, help="vectors (authors' 2-D: 5000)"),
         "toy_batch_size": 64,
         "toy_lr": Option(1e-3, help="vectors: the potentials' lr"),
         "toy_map_lr": Option(3e-4, help="vectors: the generator's lr (slower than the potentials, which must track it)"),
@@ -178,7 +179,8 @@ class W2GAN(Method):
             nn.init.zeros_(net.net[-1].bias)
             both = torch.cat([data.source_train, data.target_train]).float()
             centre, spread = both.mean(0), both.std(0).clamp(min=1e-6)
-            self.G = Residual(net, spread, squash=False, centre=centre, spread=spread)
+            src = data.source_train.float()
+            self.G = Residual(net, spread, squash=False, centre=src.mean(0), spread=src.std(0).clamp(min=1e-6))
             scale = self._cost_scale(data)
             self.u, self.e = (Potential(MLP(dim, 1, hidden=o["mlp_hidden"], depth=o["mlp_depth"]), scale,
                                         centre, spread) for _ in range(2))

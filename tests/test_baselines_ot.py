@@ -30,9 +30,9 @@ from bench.testing import tiny_images, tiny_vectors
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = dict(mlp_hidden=64, mlp_depth=2)
-# measured settings (seeds 0-3 within 0.3 of the answer): W2GAN's default vector lrs; OT-ICNN and OTM
-# with a cosine decay that settles the last oscillations
-TOY1D = {W2GAN: dict(toy_steps=600, **SMALL),
+# measured settings (seeds 0-3 within 0.3 of the answer, slopes 0.9-1.1): W2GAN's default vector lrs;
+# OT-ICNN and OTM with a cosine decay that settles the last oscillations
+TOY1D = {W2GAN: dict(toy_steps=1000, **SMALL),
          OTICNN: dict(toy_steps=200, toy_lr=1e-2, lr_schedule="cosine"),
          OTM: dict(toy_steps=1000, lr_schedule="cosine", **SMALL)}
 TOY2D = {W2GAN: dict(toy_steps=400, **SMALL),
@@ -65,7 +65,7 @@ def test_icnn_is_convex_and_its_gradient_is_autograd():
         net.convex[0].weight[0, 0] = -2.0
     assert float(net.negativity().detach()) == pytest.approx(4.0)
     net.clamp_()
-    assert float(net.negativity().detach()) == 0.0 and float(net.convex[0].weight[0, 0]) == 0.0
+    assert float(net.negativity().detach()) == 0.0 and float(net.convex[0].weight[0, 0].detach()) == 0.0
     x = torch.randn(5, 3)
     eps, e0 = 1e-3, torch.tensor([1.0, 0.0, 0.0])
     fd = (net(x + eps * e0) - net(x - eps * e0)) / (2 * eps)
