@@ -107,6 +107,33 @@ def test_w2gan_cost_penalties_and_identity_start():
         torch.testing.assert_close(m.transport(data.source_test), data.source_test)
 
 
+def test_w2gan_variants_train_resnet_potentials_and_entropic_dual():
+    m = _fit(W2GAN, tiny_images(), **{**W2GAN.test_options, "potential_net": "resnet", "steps": 2})
+    assert type(m.u.net).__name__ == "ResNetCritic" and m.canvas == 8
+    assert torch.isfinite(m.transport(tiny_images().source_test)).all()
+    ent = _fit(W2GAN, tiny_vectors(), **{**W2GAN.test_options, "reg": "entropy", "toy_lambda_eq": 1.0})
+    assert torch.isfinite(ent.transport(tiny_vectors().source_test)).all()
+
+
+# -- OT-ICNN -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("lambda_cvx", [0.1, 0.0])
+def test_ot_icnn_keeps_f_convex_by_clamping_and_g_by_penalty_or_clamping(lambda_cvx):
+    data = tiny_vectors()
+    m = OTICNN(**{**OTICNN.test_options, "toy_steps": 20, "lambda_cvx": lambda_cvx, "toy_lr": 0.05})
+    m.setup(data, Run(None, progress=False))
+    with torch.no_grad():  # start both with negative weights: the updates must bring f (and g) back
+        for w in m.f.convex_weights() + m.g.convex_weights():
+            w.fill_(-0.1)
+    run = Run(None, progress=False)
+    run.method = m
+    m.fit(data, run)
+    assert float(m.f.negativity().detach()) == 0.0  # clamped after every update of f (authors)
+    if lambda_cvx == 0:
+        assert float(m.g.negativity().detach()) == 0.0
+    else:  # only penalised: the penalty pulls g's weights up without clamping them
+        assert 0.0 < float(m.g.negativity().detach()) < 0.1 ** 2 * sum(w.numel() for w in m.g.convex_weights())
+
+
 # -- OTM ---------------------------------------------------------------------------------------
 def test_otm_embedding_cost_and_differing_shapes():
     x = torch.rand(2, 1, 8, 8) * 2 - 1
