@@ -16,7 +16,8 @@ needs their hidden-to-hidden and output weights non-negative.  As the authors do
 to [0, inf) after every update of f, while g's are only penalised, lambda_cvx sum relu(-W)^2
 (``lambda_cvx=0`` clamps g's too).  Each outer step makes ``inner_steps`` updates of g (the inner
 max; authors: 16 in 784 dimensions, 10 in 2-D) and then one update of f, with Adam at the authors'
-betas (0.5, 0.99), lr 1e-4 and weight decay 1e-5.  The loop is
+betas (0.5, 0.99), lr 1e-4 and weight decay 1e-5, both lrs halved every 2000 updates of f (the
+authors' 2 epochs of 1000 batches; images only).  The loop is
 :class:`bench.saddle.SaddleTrainer` (map = g, critic = f).  Images are flattened: the ICNN has no
 convolutions, as in the paper's 784-dimensional experiments.
 """
@@ -53,6 +54,10 @@ class OTICNN(Method):
                         help="updates of f (authors, 784-d: 40 epochs of 1000 batches)"),
         "inner_steps": Option(16, help="updates of g per update of f (authors, 784-d: 16)"),
         "batch_size": Option(smoke=32, cpu=60, fast=60, paper=60, help="authors: 60"),
+        "map_lr": Option(1e-4, help="g's lr (authors: 1e-4)"),
+        "critic_lr": Option(1e-4, help="f's lr (authors: 1e-4)"),
+        "lr_halve_every": Option(2000, help="images: halve both lrs every this many updates of f (authors: every "
+                                            "2 epochs of 1000 batches); 0 = lr_schedule decides"),
         "betas": Option([0.5, 0.99], help="Adam betas (authors: 0.5, 0.99)"),
         "weight_decay": Option(1e-5, help="Adam weight decay (authors: 1e-5)"),
         "lambda_cvx": Option(0.1, help="g's penalty on negative weights (authors: 0.1); 0 = clamp g after every update"),
@@ -62,6 +67,7 @@ class OTICNN(Method):
         "toy_inner_steps": Option(10, help="vectors: updates of g per update of f (authors' 2-D: 10)"),
         "toy_batch_size": 64,
         "toy_lr": Option(3e-3, help="vectors: lr of f and g (toy1d: 1e-3 had not converged after 300 steps)"),
+        "toy_lr_schedule": Option("constant", choices=("constant", "multistep", "cosine"), help="vectors"),
         "toy_hidden": 64,
     }
     test_options: dict[str, Any] = {"steps": 3, "toy_steps": 3, "inner_steps": 2, "toy_inner_steps": 2,
@@ -82,8 +88,12 @@ class OTICNN(Method):
         hidden = o["hidden"] if image else o["toy_hidden"]
         self.f, self.g = ICNN(dim, hidden, o["depth"]), ICNN(dim, hidden, o["depth"])
         self.batch_size = o["batch_size"] if image else o["toy_batch_size"]
-        resolved = dict(o) if image else {**o, "steps": o["toy_steps"], "inner_steps": o["toy_inner_steps"],
-                                          "map_lr": o["toy_lr"], "critic_lr": o["toy_lr"]}
+        every = int(o["lr_halve_every"])
+        halvings = {"lr_schedule": "multistep", "lr_decay": 0.5,  # as fractions of the steps, for the trainer
+                    "lr_milestones": [k * every / o["steps"] for k in range(1, -(-o["steps"] // every))]} if every else {}
+        resolved = {**o, **halvings} if image else {**o, "steps": o["toy_steps"], "inner_steps": o["toy_inner_steps"],
+                                                    "map_lr": o["toy_lr"], "critic_lr": o["toy_lr"],
+                                                    "lr_schedule": o["toy_lr_schedule"]}
         self.saddle = SaddleTrainer.from_options(self.g.parameters(), self.f.parameters(), resolved, run, method=self)
         # f and g work in standardised coordinates z = (x - m) / s with one common shift m and one scalar
         # scale s for both domains (pooled mean and std), under which the quadratic-cost OT map is

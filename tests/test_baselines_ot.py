@@ -33,10 +33,10 @@ SMALL = dict(mlp_hidden=64, mlp_depth=2)
 # measured settings (seeds 0-3 within 0.3 of the answer, slopes 0.9-1.1): W2GAN's default vector lrs;
 # OT-ICNN and OTM with a cosine decay that settles the last oscillations
 TOY1D = {W2GAN: dict(toy_steps=1000, **SMALL),
-         OTICNN: dict(toy_steps=200, toy_lr=1e-2, lr_schedule="cosine"),
+         OTICNN: dict(toy_steps=200, toy_lr=1e-2, toy_lr_schedule="cosine"),
          OTM: dict(toy_steps=1000, lr_schedule="cosine", **SMALL)}
 TOY2D = {W2GAN: dict(toy_steps=400, **SMALL),
-         OTICNN: dict(toy_steps=200, toy_lr=1e-2, lr_schedule="cosine"),
+         OTICNN: dict(toy_steps=200, toy_lr=1e-2, toy_lr_schedule="cosine"),
          OTM: dict(toy_steps=600, lr_schedule="cosine", **SMALL)}
 
 
