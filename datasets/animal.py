@@ -337,8 +337,7 @@ class AnimalTask(Task):
     def evaluate(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,
                  labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, Any]:
         from bench.metrics.classifier import predict
-        from bench.metrics.fid import fid_features, reference_stats
-        from bench.metrics.frechet import feature_stats, frechet_distance
+        from bench.metrics.fid import fid_against
 
         n = len(outputs)
         if outputs.shape[1:] != data.target_test.shape[1:]:
@@ -346,8 +345,6 @@ class AnimalTask(Task):
                              f"got {tuple(outputs.shape)}")
         if labels is None:
             raise BenchError("animal evaluation needs the source species of the test sources")
-        if n < 2:
-            raise BenchError("FID needs at least 2 translated images; the val split is too small")
         outputs = outputs.detach().float().cpu().clamp(-1, 1)
         labels = labels.cpu().long()[:n]
         net, record = self.classifier(data, ctx.cache_dir)
@@ -360,16 +357,9 @@ class AnimalTask(Task):
         row.update({"classifier_test_acc": record["test_acc"], "classifier_sha256": record["sha256"],
                     "classifier_input": f"{min(data.extra['resolution'], CLASSIFIER_RES)}px"})
 
-        cache = Path(ctx.cache_dir) if ctx.cache_dir is not None else bdata.cache_dir()
-        root = Path(ctx.data_root) if ctx.data_root is not None else None
-        x = data.extra
-        ref = data.target_test
-        mu_r, sig_r, sha = reference_stats(
-            f"animal_{x['resolution']}px_p{PREP_VERSION}_{x['target_val_sha256'][:12]}", "val-target", ref, len(ref),
-            cache, ctx.device, root)
-        mu, sig = feature_stats(fid_features(outputs, ctx.device, data_root=root, cache_dir=cache))
-        row.update({"fid": frechet_distance(mu, sig, mu_r, sig_r), "fid_n": n,
-                    "fid_ref": f"afhq:val:lion+tiger+wolf:{len(ref)}", "fid_net_sha256": sha})
+        x, ref = data.extra, data.target_test
+        row.update(fid_against(outputs, ref, f"animal_{x['resolution']}px_p{PREP_VERSION}_{x['target_val_sha256'][:12]}",
+                               "val-target", f"afhq:val:lion+tiger+wolf:{len(ref)}", ctx))
         row.update({k: x[k] for k in ("resolution", "prep_version", "train_n_source", "train_n_target", "test_n",
                                       "pairs")})
         return row

@@ -319,29 +319,19 @@ class CelebASR(Task):
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,
                  labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, Any]:
-        from bench.metrics.fid import fid_features, reference_stats
-        from bench.metrics.frechet import feature_stats, frechet_distance
+        from bench.metrics.fid import fid_against
         from bench.metrics.ssim import ssim
 
         n = len(outputs)
         if outputs.shape[1:] != data.target_test.shape[1:]:
             raise BenchError(f"celeba-sr outputs must be (N,{','.join(map(str, data.target_test.shape[1:]))}), "
                              f"got {tuple(outputs.shape)}")
-        if n < 2:
-            raise BenchError("FID needs at least 2 translated images; the test split is too small")
         outputs = outputs.detach().float().cpu().clamp(-1, 1)
         truth = data.target_test[:n]
-        cache = Path(ctx.cache_dir) if ctx.cache_dir is not None else bdata.cache_dir()
-        root = Path(ctx.data_root) if ctx.data_root is not None else None
-        ref = data.target_test
-        ref_name = f"celeba:test-hr:{len(ref)}"
-        x = data.extra
-        mu_r, sig_r, sha = reference_stats(
-            f"celeba_{x['resolution']}px_p{PREP_VERSION}_{x['test_list_sha256'][:12]}", "test-hr", ref, len(ref),
-            cache, ctx.device, root)
-        mu, sig = feature_stats(fid_features(outputs, ctx.device, data_root=root, cache_dir=cache))
-        return {"fid": frechet_distance(mu, sig, mu_r, sig_r), "fid_n": n, "fid_ref": ref_name,
-                "fid_net_sha256": sha,
+        x, ref = data.extra, data.target_test
+        fid = fid_against(outputs, ref, f"celeba_{x['resolution']}px_p{PREP_VERSION}_{x['test_list_sha256'][:12]}",
+                          "test-hr", f"celeba:test-hr:{len(ref)}", ctx)
+        return {**fid,
                 "ssim": ssim(outputs, truth), "ssim_ref": "ground-truth high-resolution test image",
                 "ssim_src": ssim(outputs, sources.detach().float().cpu()),
                 **{k: x[k] for k in ("resolution", "lr_resolution", "crop", "prep_version", "train_n_source",

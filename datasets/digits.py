@@ -293,18 +293,11 @@ class DigitsTask(Task):
 
     def fid(self, outputs: torch.Tensor, ctx: EvalContext) -> dict[str, Any]:
         """Clean-mode FID of ``outputs`` vs the Chinese-MNIST test reference for ``ctx.budget``."""
-        from bench.metrics.fid import fid_features, reference_stats
-        from bench.metrics.frechet import feature_stats, frechet_distance
-        if len(outputs) < 2:
-            raise BenchError("FID needs at least 2 generated images; raise the evaluation size")
+        from bench.metrics.fid import fid_against
         root = self._root(ctx.data_root)
         cache = Path(ctx.cache_dir) if ctx.cache_dir is not None else bdata.cache_dir()
         ref, ref_name = self._reference(root, cache, ctx.budget)
-        mu_r, sig_r, sha = reference_stats(f"digits_{prep_tag(self.prep)}", ref_name.replace(":", "_"), ref,
-                                           len(ref), cache, ctx.device, root)
-        mu, sig = feature_stats(fid_features(outputs, ctx.device, data_root=root, cache_dir=cache))
-        return {"fid": frechet_distance(mu, sig, mu_r, sig_r), "fid_n": int(len(outputs)),
-                "fid_ref": ref_name, "fid_net_sha256": sha}
+        return fid_against(outputs, ref, f"digits_{prep_tag(self.prep)}", ref_name.replace(":", "_"), ref_name, ctx)
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from bench.api import SEMI_PAIRED, EvalContext
 from bench.budgets import Budget
-from bench.datasets.digits import PREP_VERSION, TEST_SUITES, TRAIN_SUITES, DigitsTask, mnistify
+from bench.datasets.digits import TEST_SUITES, TRAIN_SUITES, DigitsTask, mnistify
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def task():
 
 @pytest.fixture(scope="module")
 def data(task, data_root, bench_cache):
-    return task.load(data_root, seed=0, cache_dir=bench_cache)
+    return task.load(data_root, seed=0, budget="fast", cache_dir=bench_cache)  # all 10,000 test sources
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,18 @@ def test_guiding_pairs_one_per_class_chosen_by_seed(data, task, data_root, bench
     assert again.extra["pair_indices"] == data.extra["pair_indices"]
     assert other.extra["pair_indices"] != data.extra["pair_indices"]
     assert data_root.joinpath("chinese_mnist").is_dir()
-    assert list(bench_cache.glob(f"digits/chinese_mnist_*_prep{PREP_VERSION}.npz"))  # preprocessing cached
+    assert list(bench_cache.glob("digits/chinese_mnist_*_plain.npz"))  # preprocessing cached per variant
 
 
-def test_target_looks_like_mnist(data):
-    """Polarity (white strokes on black), stroke intensity, ink amount and centring match MNIST's."""
+@pytest.fixture(scope="module")
+def mnist_style(data_root, bench_cache):
+    return DigitsTask(prep="mnist-style").load(data_root, seed=0, budget="fast", cache_dir=bench_cache)
+
+
+def test_target_looks_like_mnist(mnist_style):
+    """The mnist-style variant: polarity (white strokes on black), stroke intensity, ink amount and
+    centring match MNIST's."""
+    data = mnist_style
     def stats(x):
         u = (x[:, 0].numpy() + 1) / 2  # [0, 1]
         border = np.concatenate([u[:, :2].ravel(), u[:, -2:].ravel(), u[:, :, :2].ravel(), u[:, :, -2:].ravel()])
@@ -97,7 +104,7 @@ def test_mnistify_on_a_synthetic_faint_stroke():
 @pytest.mark.slow
 def test_classifier_accuracy_and_record(task, data, data_root, bench_cache, ctx):
     info = task.info(data_root, bench_cache)
-    assert info["classifier_test_acc"] >= 98.0
+    assert info["classifier_test_acc"] >= 95.0  # plain prep (default): 95.9 % measured; mnist-style 98.85 %
     assert len(info["classifier_sha256"]) == 64
     net = task.classifier(ctx)
     with torch.no_grad():
@@ -111,8 +118,14 @@ def test_classifier_accuracy_and_record(task, data, data_root, bench_cache, ctx)
     key = weights.name.split("_cnn")[0]
     raw = weights.read_bytes()
     try:
-        weights.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+        state = torch.load(weights, weights_only=True)
+        first = next(iter(state))
+        state[first] = state[first] + 1e-3  # changed weights, same file format
+        torch.save(state, weights)
         with pytest.raises(BenchError, match="sha256"):
+            load_or_train(bench_cache, key, None, None)
+        weights.write_bytes(b"not a checkpoint")
+        with pytest.raises(BenchError, match="cannot be read"):
             load_or_train(bench_cache, key, None, None)
     finally:
         weights.write_bytes(raw)
@@ -133,12 +146,20 @@ def test_evaluate_label_consistent_vs_noise(task, data, ctx):
         bad = task.evaluate(data, data.source_test[:16], noise, labels, ctx)
     finally:
         del task.fid_ref_sizes
-    assert row["acc"] >= 90.0 and bad["acc"] <= 40.0
+    assert row["acc"] >= 80.0 and bad["acc"] <= 40.0
     assert row["cfd"] < bad["cfd"] and row["fid"] < bad["fid"]
     assert row["fid_n"] == 16 and row["fid_ref"] == "chinese_mnist:test:16" and len(row["fid_net_sha256"]) == 64
-    assert row["classifier_test_acc"] >= 98.0 and row["cfd_ref"] == row["fid_ref"]
+    assert row["classifier_test_acc"] >= 95.0 and row["cfd_ref"] == row["fid_ref"]
     # a full-size reference is recorded as such
-    assert task.fid_ref_sizes["fast"] == 2000 and task.eval_sizes["smoke"] == 256
+    assert task.fid_ref_sizes["fast"] == 2000 and task.fid_ref_sizes["cpu"] == 2000
+
+
+def test_evaluation_subsets_are_class_balanced_fixed_and_seed_independent(task, data_root, bench_cache):
+    for budget, n in (("smoke", 250), ("cpu", 2000)):
+        a = task.load(data_root, seed=0, budget=budget, cache_dir=bench_cache)
+        b = task.load(data_root, seed=3, budget=budget, cache_dir=bench_cache)
+        assert len(a.source_test) == n and torch.bincount(a.source_test_labels).tolist() == [n // 10] * 10
+        assert torch.equal(a.source_test, b.source_test) and a.extra["source_test_indices"] == b.extra["source_test_indices"]
 
 
 def test_preprocessing_default_is_the_papers_plain_resize_and_the_variant_is_an_option():

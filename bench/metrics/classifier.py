@@ -159,7 +159,11 @@ def load_or_train(cache_dir, key: str, train: Callable[[], tuple[torch.Tensor, t
     record_path = weights.with_suffix(".json")
     if weights.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BenchError(f"classifier weights {weights} cannot be read ({type(exc).__name__}); "
+                             f"delete it and its .json record to retrain") from None
         got = weights_sha256(state)
         if got != record.get("sha256"):
             raise BenchError(f"classifier weights {weights} do not match their recorded sha256 "

@@ -197,3 +197,20 @@ def reference_stats(name: str, split: str, images: Callable[[], torch.Tensor] | 
     np.savez(tmp, mu=mu, sigma=sigma)
     os.replace(tmp, path)
     return mu, sigma, sha
+
+
+def fid_against(outputs: torch.Tensor, ref: torch.Tensor, name: str, split: str, label: str, ctx) -> dict:
+    """The FID columns of a row: ``outputs`` against ``ref`` (reference statistics cached under
+    ``name``/``split``), with ``fid_n``, the reference's ``label`` and the network's sha256.
+    ``ctx`` is the task's EvalContext (device, cache and data roots)."""
+    if len(outputs) < 2:
+        raise BenchError("FID needs at least 2 translated images; raise the evaluation size")
+    from ..data import cache_dir as default_cache
+    cache = Path(ctx.cache_dir) if ctx.cache_dir is not None else default_cache()
+    root = Path(ctx.data_root) if ctx.data_root is not None else None
+    mu_r, sig_r, sha = reference_stats(name, split, ref, len(ref), cache, ctx.device, root)
+    mu, sig = FeatureStats(), None
+    mu.update(fid_features(outputs, ctx.device, data_root=root, cache_dir=cache))
+    mu, sig = mu.compute()
+    return {"fid": frechet_distance(mu, sig, mu_r, sig_r), "fid_n": int(len(outputs)), "fid_ref": label,
+            "fid_net_sha256": sha}
