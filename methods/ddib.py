@@ -48,11 +48,12 @@ class DDIB(Method):
     default_options: dict[str, Any] = {
         **network_options(),
         **diffusion_options(),
-        # cpu: two models, 0.30 s per step each (base-16 UNet, 28x28, batch 64, measured here): 2 x 2500 steps
-        # ~25 min, plus 2 x 25 DDIM steps over 2000 sources (2.24 s per 500-image forward) ~7.5 min.
+        # cpu, measured on this 2-core machine (1 thread): a step of the base-16 UNet at 28x28, batch 64, takes
+        # 0.30 s at load 2.8 and 0.50 s at load 7; 2 x 25 DDIM steps over 500 sources 127 s at load 7, the
+        # cycle errors 53 s. 2 x 2000 steps + transporting 2000 sources: ~28 min quiet, ~43 min loaded.
         # paper: the authors train with guided-diffusion's loop (lr 1e-4, EMA 0.9999) and publish no
         # iteration count; 300k per model is this project's choice
-        **training_options("score", steps=Option(smoke=60, cpu=2500, fast=10_000, paper=300_000)),
+        **training_options("score", steps=Option(smoke=60, cpu=2000, fast=10_000, paper=300_000)),
         "encoder": Option("ddim", choices=ode.ENCODERS, help="deterministic encoder/decoder (authors: ddim)"),
         # paper: the authors run DDIM over all 1000 steps of their chain (no respacing)
         "ddim_steps": Option(smoke=8, cpu=25, fast=100, paper=1000, help="steps of each ODE on images"),

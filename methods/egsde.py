@@ -120,14 +120,14 @@ class EGSDE(Method):
     default_options: dict[str, Any] = {
         **network_options(),
         **diffusion_options(),
-        # cpu: 0.30 s per step of the base-16 UNet at 28x28, batch 64 (measured here): 4000 steps ~20 min,
-        # the classifier ~2 min, 40 guided steps over 2000 sources ~8 min (a forward of the UNet on 500
-        # images 2.24 s, plus the classifier's forward/backward). paper: the authors use a pretrained
-        # model (ILVR's afhq_dog_4m, 4M iterations); 300k here is this project's choice
-        **training_options("score", steps=Option(smoke=60, cpu=4000, fast=10_000, paper=300_000)),
+        # cpu, measured on this 2-core machine (1 thread, load 7): 0.51 s per step of the base-16 UNet at 28x28,
+        # batch 64 (0.30 s at load 2.8), 0.27 s per classifier step, 40 guided steps over 500 sources 213 s.
+        # 3000 + 1000 steps and 30 guided steps over 2000 sources: ~25 min quiet, ~40 min loaded.
+        # paper: the authors use a pretrained model (ILVR's afhq_dog_4m); 300k here is this project's choice
+        **training_options("score", steps=Option(smoke=60, cpu=3000, fast=10_000, paper=300_000)),
         # the domain classifier (authors: 5000 iterations, batch 32, AdamW lr 3e-4, weight decay 0.05,
         # linear decay; width 128 at 256 px)
-        "cls_steps": Option(smoke=60, cpu=1500, fast=5000, paper=5000),
+        "cls_steps": Option(smoke=60, cpu=1000, fast=5000, paper=5000),
         "toy_cls_steps": Option(smoke=1000, cpu=2000, fast=2000, paper=2000),
         "cls_batch": Option(smoke=16, cpu=32, fast=32, paper=32, help="noisy images per domain per step"),
         "toy_cls_batch": Option(256, help="noisy samples per domain per step on vector tasks"),
@@ -140,7 +140,7 @@ class EGSDE(Method):
         "lambda_i": Option(2.0, help="weight of the faithfulness energy"),
         "realism": Option("cosine", choices=REALISM),
         "lowpass_side": Option(8, help="the low-pass image's side in pixels (authors: 256 / 32 = 8)"),
-        "sde_steps": Option(smoke=10, cpu=40, fast=500, paper=500, help="reverse-SDE steps from t0 (NFE)"),
+        "sde_steps": Option(smoke=10, cpu=30, fast=500, paper=500, help="reverse-SDE steps from t0 (NFE)"),
         "toy_sde_steps": Option(200),
     }
     test_options: dict[str, Any] = {**tiny_options("score"), "cls_steps": 4, "toy_cls_steps": 4, "cls_batch": 8,

@@ -49,15 +49,17 @@ class ReFlow(Method):
              "field with EMA")
     default_options: dict[str, Any] = {
         **network_options(),
-        # cpu: 0.30 s per step of the base-16 UNet at 28x28, batch 64 (measured here, 1 thread, load 2.8):
-        # 5000 steps ~25 min, plus 40 Euler steps over 2000 sources (2.24 s per 500-image forward) ~6 min.
+        # cpu, measured on this 2-core machine (1 thread): a step of the base-16 UNet at 28x28, batch 64, takes
+        # 0.30 s at load 2.8 and 0.59 s at load 7; 40 Euler steps over 500 sources 90 s at load 7. 3500 steps
+        # + transporting 2000 sources + the straightness: ~25 min quiet, ~42 min loaded.
         # paper: the authors' CIFAR-10 config (1.3M iterations, batch 128, lr 2e-4, warm-up 5000, EMA 0.9999)
-        **training_options("flow", steps=Option(smoke=60, cpu=5000, fast=20_000, paper=1_300_000)),
+        **training_options("flow", steps=Option(smoke=60, cpu=3500, fast=20_000, paper=1_300_000)),
         "reflow": Option(0, help="extra rectification rounds on generated pairs (0: the 1-rectified flow)"),
         "reflow_pairs": Option(smoke=256, cpu=2000, fast=None, paper=None, type=int,
                                help="source samples pushed through the flow per reflow round (null: all)"),
         "ode_method": Option("euler", choices=ode.METHODS),
-        "ode_steps": Option(smoke=8, cpu=40, fast=100, paper=100, help="ODE steps on images (NFE)"),
+        "ode_steps": Option(smoke=8, cpu=40, fast=100, paper=100,
+                            help="ODE steps on images (NFE); the authors sample with adaptive RK45"),
         "toy_ode_steps": Option(100, help="ODE steps on vector tasks"),
         "straightness_n": Option(smoke=64, cpu=256, fast=1000, paper=1000,
                                  help="held source samples the straightness is measured on"),

@@ -80,10 +80,11 @@ class SCONES(Method):
     default_options: dict[str, Any] = {
         **network_options(),
         **diffusion_options(),
-        # cpu: 0.30 s per step of the base-16 UNet at 28x28, batch 64 (measured here): 4000 steps ~20 min;
-        # the potentials ~2 min; 10 levels x 5 Langevin steps over 2000 sources (2.24 s per 500-image
-        # forward) ~8 min. paper: the authors use a pretrained NCSN; 300k here is this project's choice
-        **training_options("score", steps=Option(smoke=60, cpu=4000, fast=10_000, paper=300_000)),
+        # cpu, measured on this 2-core machine (1 thread, load 7): 0.49 s per step of the base-16 UNet at 28x28,
+        # batch 64 (0.30 s at load 2.8), 0.044 s per potential step, 10 x 5 Langevin steps over 500 sources 77 s.
+        # 3500 + 5000 steps and 2000 sources: ~25 min quiet, ~37 min loaded.
+        # paper: the authors use a pretrained NCSN; 300k here is this project's choice
+        **training_options("score", steps=Option(smoke=60, cpu=3500, fast=10_000, paper=300_000)),
         # stage I (authors, MNIST->USPS: entropic eps 0.01 on [0, 1] pixels, FCN 1024 x 2, Adam lr 1e-5,
         # batch 1000, 5001 iterations; CelebA: eps 0.005, FCN 2048 x 8)
         "epsilon_rel": Option(0.1, help="entropic eps relative to the mean cost of a probe batch"),
