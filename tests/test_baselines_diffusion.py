@@ -217,6 +217,56 @@ def test_scones_toy2d_samples_the_plans_mode_split(one_thread):
     assert abs(up_right - p_up) < 0.25 and abs(low_left - p_low) < 0.25
 
 
+# -- every stage resumes -----------------------------------------------------------------------------
+class _Killed(Exception):
+    pass
+
+
+RESUMABLE = {  # a few steps in every loop, on the 2-D task
+    "reflow": {"reflow": 1, "toy_flow_steps": 12, "reflow_pairs": 64},
+    "ddib": {"toy_score_steps": 12, "toy_ddim_steps": 5},
+    "egsde": {"toy_score_steps": 12, "toy_cls_steps": 12, "toy_sde_steps": 5},
+    "scones": {"toy_score_steps": 12, "ot_steps": 12, "toy_levels": 3},
+}
+
+
+def _fit_in(directory, name, data, kill_after=None):
+    """Fit with a checkpoint after every step; with ``kill_after``, stop right after that many checkpoints
+    (as a kill would) and return None."""
+    run = Run(directory, device="cpu", seed=0, budget="smoke", progress=False, checkpoint_every=0.0)
+    torch.manual_seed(0)
+    run.method = m = methods()[name](**{**methods()[name].test_options, **RESUMABLE[name]})
+    m.setup(data, run)
+    run.restore()
+    saved, count = run.checkpoint, [0]
+
+    def checkpoint():
+        saved()
+        count[0] += 1
+        if kill_after is not None and count[0] >= kill_after:
+            raise _Killed
+    run.checkpoint = checkpoint
+    try:
+        m.fit(data, run)
+    except _Killed:
+        return None
+    return m
+
+
+@pytest.mark.parametrize("name", list(RESUMABLE))
+def test_a_fit_killed_in_any_stage_resumes_to_the_same_model(name, tmp_path, one_thread):
+    data = Toy2D().load(None, 0)
+    whole = _fit_in(tmp_path / "whole", name, data)
+    x = data.source_test[:16]
+    expected = _transport(whole, x)
+    for cut in (5, 17, 30):  # early in the first loop, in a later loop, past the last one
+        d = tmp_path / f"cut{cut}"
+        assert _fit_in(d, name, data, kill_after=cut) is None or cut >= 30
+        resumed = _fit_in(d, name, data)
+        torch.testing.assert_close(_transport(resumed, x), expected, rtol=0, atol=0)
+        assert resumed.bound_terms() == whole.bound_terms()
+
+
 # -- all four on digits through `bench run` ------------------------------------------------------------
 TINY_DIGITS = {  # seconds of training each: a plumbing check of the whole pipeline, not a quality run
     "reflow": ["flow_steps=3", "flow_batch=8", "ode_steps=2", "straightness_n=8"],

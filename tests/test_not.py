@@ -158,7 +158,7 @@ def test_digit_sized_images_use_a_32x32_canvas():
     y = m.transport(data.source_test)
     assert y.shape == (4, 1, 28, 28) and y.min() >= -1 and y.max() <= 1
     state = m.state_dict()
-    assert state["saddle"]["map_opt"]["state"] and state["saddle"]["critic_opt"]["state"]
+    assert state["__optim__"]["saddle-map"]["state"] and state["__optim__"]["saddle-critic"]["state"]
 
 
 # -- toy problems with known answers -------------------------------------------------------
