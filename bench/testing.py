@@ -97,3 +97,17 @@ class TinyVectorsTask(_TinyTask):
 
 register_task(TinyImagesTask)
 register_task(TinyVectorsTask)
+
+
+def fit_in_memory(cls, data: TaskData, seed: int = 0, **options):
+    """Construct ``cls(**options)`` and fit it on ``data`` on the CPU with a throwaway run (smoke budget,
+    no run directory): the plugin's own check_setting / setup / fit, as the runner calls them."""
+    from bench.run import Run
+    torch.manual_seed(seed)
+    m = cls(**options)
+    m.check_setting(data)
+    run = Run(None, device="cpu", seed=seed, budget="smoke", progress=False)
+    run.method = m
+    m.setup(data, run)
+    m.fit(data, run)
+    return m

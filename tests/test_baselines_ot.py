@@ -25,7 +25,7 @@ from bench.methods.w2gan import W2GAN, transport_cost
 from bench.nn.icnn import ICNN, input_gradient
 from bench.run import Run
 from bench.saddle import SaddleTrainer
-from bench.testing import tiny_images, tiny_vectors
+from bench.testing import fit_in_memory, tiny_images, tiny_vectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,15 +40,7 @@ TOY2D = {W2GAN: dict(toy_steps=400, **SMALL),
          OTM: dict(toy_steps=600, lr_schedule="cosine", **SMALL)}
 
 
-def _fit(cls, data, seed=0, **options):
-    torch.manual_seed(seed)
-    m = cls(**options)
-    m.check_setting(data)
-    run = Run(None, device="cpu", seed=seed, budget="smoke", progress=False)
-    run.method = m
-    m.setup(data, run)
-    m.fit(data, run)
-    return m
+_fit = fit_in_memory
 
 
 # -- the ICNN block ----------------------------------------------------------------------------

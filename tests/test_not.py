@@ -11,7 +11,7 @@ from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, TaskData
 from bench.methods.knot import KNOT
 from bench.methods.not_ import NOT
 from bench.run import Run
-from bench.testing import tiny_images, tiny_vectors
+from bench.testing import fit_in_memory, tiny_images, tiny_vectors
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,15 +27,7 @@ def _gaussians(src_mean, src_std, tgt_mean, tgt_std, n=4096, seed=0) -> TaskData
                     draw(src_mean, src_std, 256), draw(tgt_mean, tgt_std, 256))
 
 
-def _fit(cls, data, seed=0, **options):
-    torch.manual_seed(seed)
-    m = cls(**options)
-    m.check_setting(data)
-    run = Run(None, device="cpu", seed=seed, budget="smoke", progress=False)
-    run.method = m
-    m.setup(data, run)
-    m.fit(data, run)
-    return m
+_fit = fit_in_memory
 
 
 def _samples(m, x0: float, n: int = 4000, seed: int = 1) -> torch.Tensor:
