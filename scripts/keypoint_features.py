@@ -10,7 +10,10 @@ minutes per thousand images on this CPU; the run that printed results/digits/PRO
 
     BENCH_DATA=../shared/data python scripts/keypoint_features.py
 """
-import sys, time, torch, numpy as np
+import time
+
+import numpy as np
+import torch
 torch.set_num_threads(1)
 from bench import ot
 from bench.data import resolve_root

@@ -10,7 +10,6 @@ import torch
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, TaskData
 from bench.methods.knot import KNOT
 from bench.methods.not_ import NOT
-from bench.run import Run
 from bench.testing import fit_in_memory, tiny_images, tiny_vectors
 
 
