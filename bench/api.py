@@ -272,6 +272,14 @@ class Task:
         """
         raise NotImplementedError
 
+    def images_to_score(self, data: TaskData, outputs: torch.Tensor) -> torch.Tensor:
+        """``outputs`` as float32 CPU images clamped to [-1, 1], after checking that they have the target test
+        images' shape (a one-line error naming both shapes otherwise)."""
+        want = tuple(data.target_test.shape[1:])
+        if tuple(outputs.shape[1:]) != want:
+            raise BenchError(f"{self.name} outputs must be (N,{','.join(map(str, want))}), got {tuple(outputs.shape)}")
+        return outputs.detach().float().cpu().clamp(-1, 1)
+
     def probe(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,
               labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, float] | None:
         """Cheap metrics for a learning curve during training (no FID); None: not supported."""

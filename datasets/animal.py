@@ -340,12 +340,9 @@ class AnimalTask(Task):
         from bench.metrics.fid import fid_against
 
         n = len(outputs)
-        if outputs.shape[1:] != data.target_test.shape[1:]:
-            raise BenchError(f"animal outputs must be (N,{','.join(map(str, data.target_test.shape[1:]))}), "
-                             f"got {tuple(outputs.shape)}")
         if labels is None:
             raise BenchError("animal evaluation needs the source species of the test sources")
-        outputs = outputs.detach().float().cpu().clamp(-1, 1)
+        outputs = self.images_to_score(data, outputs)
         labels = labels.cpu().long()[:n]
         net, record = self.classifier(data, ctx.cache_dir)
         pred, _ = predict(net.cpu(), classifier_view(outputs))

@@ -323,10 +323,7 @@ class CelebASR(Task):
         from bench.metrics.ssim import ssim
 
         n = len(outputs)
-        if outputs.shape[1:] != data.target_test.shape[1:]:
-            raise BenchError(f"celeba-sr outputs must be (N,{','.join(map(str, data.target_test.shape[1:]))}), "
-                             f"got {tuple(outputs.shape)}")
-        outputs = outputs.detach().float().cpu().clamp(-1, 1)
+        outputs = self.images_to_score(data, outputs)
         truth = data.target_test[:n]
         x, ref = data.extra, data.target_test
         fid = fid_against(outputs, ref, f"celeba_{x['resolution']}px_p{PREP_VERSION}_{x['test_list_sha256'][:12]}",

@@ -304,11 +304,9 @@ class DigitsTask(Task):
                  labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, Any]:
         from bench.metrics.classifier import predict
         from bench.metrics.frechet import feature_stats, frechet_distance
-        if outputs.shape[1:] != (1, 28, 28):
-            raise BenchError(f"digits outputs must be (N,1,28,28), got {tuple(outputs.shape)}")
         if labels is None:
             raise BenchError("digits evaluation needs the source labels (MNIST test labels)")
-        outputs = outputs.detach().float().cpu().clamp(-1, 1)
+        outputs = self.images_to_score(data, outputs)
         root = self._root(ctx.data_root)
         cache = Path(ctx.cache_dir) if ctx.cache_dir is not None else bdata.cache_dir()
         net, record = self._classifier(root, cache, ctx.device)

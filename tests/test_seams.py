@@ -131,3 +131,18 @@ def test_learning_curve_probes_log_points_without_changing_training(tmp_path, on
     (log,) = (tmp_path / "probed").glob("probed-task/not/*/log.jsonl")
     points = [json.loads(line) for line in log.read_text().splitlines() if '"stage": "probe"' in line]
     assert [p["step"] for p in points] == [10, 20, 30] and all(p["n"] == 8 and p["loop"] == "saddle" for p in points)
+
+
+def test_every_image_task_rejects_outputs_of_the_wrong_shape_in_one_line():
+    from bench.datasets.animal import AnimalTask
+    from bench.datasets.celeba import CelebASR
+    from bench.datasets.digits import DigitsTask
+    for task, shape in ((DigitsTask(), (1, 28, 28)), (CelebASR(), (3, 16, 16)), (AnimalTask(), (3, 32, 32))):
+        data = TaskData(task.name, task.setting, torch.zeros(2, *shape), torch.zeros(2, *shape),
+                        torch.zeros(2, *shape), torch.zeros(2, *shape))
+        with pytest.raises(BenchError) as info:
+            task.images_to_score(data, torch.zeros(2, 3, 7, 7))
+        msg = str(info.value)
+        assert "\n" not in msg and f"{task.name} outputs must be (N,{','.join(map(str, shape))})" in msg
+        ok = task.images_to_score(data, torch.full((2, *shape), 3.0, dtype=torch.float64))
+        assert ok.dtype == torch.float32 and ok.max() == 1.0
