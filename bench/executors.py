@@ -298,13 +298,9 @@ def run_slurm(specs: list, settings: Settings, *, partition: str | None = None, 
         gpus = 1 if str(settings.device).startswith("cuda") else 0
     minutes = parse_minutes(time)
     worker_settings = replace(settings, progress=False, threads=max(1, int(cpus)))
-    outcomes, jobs = [], []
-    for spec in specs:
-        pre = settled(spec, settings)
-        if pre is not None:
-            log(pre.message)
-            outcomes.append(pre)
-            continue
+    outcomes, todo = pending(specs, settings, log)
+    jobs = []
+    for spec in todo:
         method, task = spec.build()
         rundir = run_directory(settings.out, spec.task, spec.method, spec.budget, spec.seed, method.options,
                                task.options)
