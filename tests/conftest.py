@@ -40,3 +40,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """An empty BENCH_CACHE for one test (derived artefacts are rebuilt inside it)."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("BENCH_CACHE", str(path))
+    return path

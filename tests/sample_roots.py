@@ -92,3 +92,17 @@ def build_afhq_root(root: Path, species_file: bool = True) -> Path:
         (root / "afhq" / "species.csv").write_text("\n".join(lines) + "\n")
     link_inception(root)
     return root
+
+
+def one_line_error(fn, *match: str) -> str:
+    """Call ``fn``, expect a BenchError whose message is one line containing every ``match``; return it."""
+    import pytest
+
+    from bench.api import BenchError
+    with pytest.raises(BenchError) as info:
+        fn()
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for m in match:
+        assert m in msg, msg
+    return msg

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import sample_roots as sr
-from bench.api import BenchError, EvalContext
+from bench.api import EvalContext
 from bench.datasets import animal as A
 
 pytestmark = pytest.mark.skipif(not sr.have_samples(), reason="sample images not found (set BENCH_DATA)")
@@ -32,21 +32,7 @@ def root(tmp_path) -> Path:
     return sr.build_afhq_root(tmp_path / "data")
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "cache"
-    monkeypatch.setenv("BENCH_CACHE", str(path))
-    return path
-
-
-def _one_line_error(fn, *match: str) -> str:
-    with pytest.raises(BenchError) as info:
-        fn()
-    msg = str(info.value)
-    assert "\n" not in msg, msg
-    for m in match:
-        assert m in msg, msg
-    return msg
+_one_line_error = sr.one_line_error
 
 
 def _edit_species(root: Path, fn) -> None:

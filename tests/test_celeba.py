@@ -30,21 +30,7 @@ def root(tmp_path) -> Path:
     return sr.build_celeba_root(tmp_path / "data")
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "cache"
-    monkeypatch.setenv("BENCH_CACHE", str(path))
-    return path
-
-
-def _one_line_error(fn, *match: str) -> str:
-    with pytest.raises(BenchError) as info:
-        fn()
-    msg = str(info.value)
-    assert "\n" not in msg, msg
-    for m in match:
-        assert m in msg, msg
-    return msg
+_one_line_error = sr.one_line_error
 
 
 # -- layout and split ------------------------------------------------------------------------
