@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -173,6 +174,12 @@ class SparseCompatibility:
     def row_nnz(self) -> torch.Tensor:
         return self.crow[1:] - self.crow[:-1]
 
+    @cached_property
+    def cumulative(self) -> torch.Tensor:
+        """Running sum of ``val`` in float64, computed once: drawing j within a row is an inverse-CDF lookup
+        in it (recomputing it per batch cost ~0.6 s a step with ~1e8 stored entries on the CPU)."""
+        return torch.cumsum(self.val.double(), 0)
+
     def empty_rows(self) -> torch.Tensor:
         return torch.nonzero(self.row_nnz() == 0).flatten()
 
@@ -255,7 +262,7 @@ def resample_by_compatibility(H: SparseCompatibility, n: int, generator: torch.G
     gen_dev = generator.device if generator is not None else dev
     pick = torch.randint(len(rows), (n,), generator=generator, device=gen_dev).to(dev)
     i = rows[pick]
-    cum = torch.cumsum(H.val.double(), 0)
+    cum = H.cumulative
     start, end = H.crow[i], H.crow[i + 1]
     base = torch.where(start > 0, cum[(start - 1).clamp_min(0)], torch.zeros_like(cum[start]))
     row_total = cum[end - 1] - base
