@@ -110,8 +110,10 @@ class OTCS(Method):
         # stage II: conditional score model (images; the toy_* options apply to vector tasks)
         "loss_weighting": Option("sigma2", choices=("sigma2", "g2"),
                                  help="sigma2: plain eps-MSE, uniform t (authors); g2: likelihood weighting"),
-        # cpu: ~0.35 s per step of the base-16 UNet at 28x28, batch 64 (measured, 1 thread): 3000 steps ~18 min
-        "steps": Option(smoke=150, cpu=3000, fast=12_000, paper=100_000),
+        # cpu, measured on the first cpu run (2026-11-25): 3000 steps left the score model unable to generate
+        # (Acc 10 %, faint strokes; results/digits/PROTOCOL.md); a step costs 0.22 s, and stage I + H + bounds +
+        # transport + evaluation took 21 min, so 6000 steps (~22 min) keep the whole run near 45 min
+        "steps": Option(smoke=150, cpu=6000, fast=12_000, paper=100_000),
         "batch_size": Option(smoke=16, cpu=64, fast=128, paper=128),
         "lr": 2e-4,
         "toy_steps": Option(smoke=2000, cpu=4000, fast=10_000, paper=10_000),
