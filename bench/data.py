@@ -20,9 +20,10 @@ import os
 import shutil
 import tempfile
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from .api import BenchError
 
@@ -47,6 +48,26 @@ def cache_dir() -> Path:
     """Where derived artefacts live (classifier weights, FID statistics): ``$BENCH_CACHE`` or ~/.cache/otbench."""
     env = os.environ.get("BENCH_CACHE")
     return Path(env).expanduser() if env else _user_cache() / "otbench"
+
+
+def cached_images(path: Path, n: int, decode_one: Callable[[int], None], assemble: Callable[[], Any]) -> Any:
+    """Decoded images cached as one tensor file: load ``path`` if it reads, else run ``decode_one(i)`` for
+    i < n on a few threads (PIL releases the GIL while decoding), ``assemble()`` the tensor and write it
+    atomically. An unreadable cache file (a truncated write, another torch) is rebuilt."""
+    import torch
+
+    from . import store
+    path = Path(path)
+    if path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            path.unlink(missing_ok=True)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        list(pool.map(decode_one, range(n)))
+    out = assemble()
+    store.torch_save(path, out)
+    return out
 
 
 # -- the manifest --------------------------------------------------------------------------

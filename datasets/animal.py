@@ -46,7 +46,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -188,24 +187,12 @@ def load_images(folder: Path, rels: list[str], res: int, cache: Path) -> torch.T
     """uint8 (N, 3, res, res) for the relative paths ``rels``, decoded once and cached in ``cache/animal/``."""
     key = _list_hash(folder, rels)
     path = Path(cache) / "animal" / f"{res}px_p{PREP_VERSION}_n{len(rels)}_{key[:16]}.pt"
-    if path.is_file():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a truncated cache file is rebuilt
-            path.unlink(missing_ok=True)
     out = np.empty((len(rels), 3, res, res), np.uint8)
 
     def work(i: int) -> None:
         out[i] = decode(folder / rels[i], res)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        list(pool.map(work, range(len(rels))))
-    t = torch.from_numpy(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(t, tmp)
-    os.replace(tmp, path)
-    return t
+    return bdata.cached_images(path, len(rels), work, lambda: torch.from_numpy(out))
 
 
 def _domain(lists: dict[str, list[str]], species: tuple[str, ...]) -> tuple[list[str], np.ndarray]:

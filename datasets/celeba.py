@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -188,11 +187,6 @@ def load_images(folder: Path, names: list[str], hr: int, want: str, cache: Path)
     Decoded once (threads: PIL releases the GIL while decoding) and cached in ``cache/celeba/``."""
     key = _list_hash(folder, names)
     path = Path(cache) / "celeba" / f"{want}_{hr}px_p{PREP_VERSION}_n{len(names)}_{key[:16]}.pt"
-    if path.is_file():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a truncated cache file is rebuilt
-            path.unlink(missing_ok=True)
     n = len(names)
     high = np.empty((n, 3, hr, hr), np.uint8) if want in ("high", "both") else None
     low = np.empty((n, 3, hr, hr), np.uint8) if want in ("low", "both") else None
@@ -204,17 +198,12 @@ def load_images(folder: Path, names: list[str], hr: int, want: str, cache: Path)
         if low is not None:
             low[i] = lo
 
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        list(pool.map(work, range(n)))
-    if want == "both":
-        out = torch.from_numpy(np.stack([high, low]))
-    else:
-        out = torch.from_numpy(high if want == "high" else low)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(out, tmp)
-    os.replace(tmp, path)
-    return out
+    def assemble() -> torch.Tensor:
+        if want == "both":
+            return torch.from_numpy(np.stack([high, low]))
+        return torch.from_numpy(high if want == "high" else low)
+
+    return bdata.cached_images(path, n, work, assemble)
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
