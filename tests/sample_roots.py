@@ -106,3 +106,21 @@ def one_line_error(fn, *match: str) -> str:
     for m in match:
         assert m in msg, msg
     return msg
+
+
+def bench_cli(*args, root, cache, timeout=600):
+    """``python -m bench.cli ARGS`` in a subprocess on a sample data root and its own cache, one thread."""
+    import subprocess
+    import sys
+    env = {**os.environ, "BENCH_DATA": str(root), "BENCH_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+# OTCS shrunk to seconds on the sample images (a pipeline check, not a quality run)
+TINY_OTCS = ["--opt", "otcs.ot_steps=30", "--opt", "otcs.ot_batch=8", "--opt", "otcs.potential_hidden=16",
+             "--opt", "otcs.potential_depth=2", "--opt", "otcs.steps=4", "--opt", "otcs.batch_size=8",
+             "--opt", "otcs.unet_base=8", "--opt", "otcs.unet_mults=[1,2]", "--opt", "otcs.unet_blocks=1",
+             "--opt", "otcs.unet_attention=[]", "--opt", "otcs.sde_steps=3", "--opt", "otcs.h_threshold=0.0",
+             "--opt", "otcs.epsilon_rel=0.1"]

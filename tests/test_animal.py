@@ -9,9 +9,6 @@ translating real lions.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -206,18 +203,7 @@ def test_missing_pieces_give_one_line_errors(tmp_path, root):
 
 
 # -- end to end --------------------------------------------------------------------------------
-def _bench(*args, root, cache, timeout=600):
-    env = {**os.environ, "BENCH_DATA": str(root), "BENCH_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-
-
-TINY_OTCS = ["--opt", "otcs.ot_steps=30", "--opt", "otcs.ot_batch=8", "--opt", "otcs.potential_hidden=16",
-             "--opt", "otcs.potential_depth=2", "--opt", "otcs.steps=4", "--opt", "otcs.batch_size=8",
-             "--opt", "otcs.unet_base=8", "--opt", "otcs.unet_mults=[1,2]", "--opt", "otcs.unet_blocks=1",
-             "--opt", "otcs.unet_attention=[]", "--opt", "otcs.sde_steps=3", "--opt", "otcs.h_threshold=0.0",
-             "--opt", "otcs.epsilon_rel=0.1"]
+_bench, TINY_OTCS = sr.bench_cli, sr.TINY_OTCS
 
 
 def test_bench_data_reports_and_refuses(root, tmp_path):
