@@ -1,16 +1,34 @@
 #!/usr/bin/env bash
 # Regenerate the digits `cpu` rows one method at a time (one heavy job on a 2-core machine);
-# each finished run is resumable and skipped when run again. Usage: bash scripts/cpu_table.sh [methods...]
+# each finished run is resumable and skipped when run again. After each method, its row.json and grid
+# are copied to results/digits/rows/<method>-cpu-seed<S>.{json,png}, its probe curve (if any) to
+# results/digits/curves/, and results/digits/table_cpu.md is regenerated.
+# Usage: SEEDS="0 1 2" bash scripts/cpu_table.sh [methods...]   (default seeds: 0)
 set -u
 cd "$(dirname "$0")/.."
 export BENCH_DATA="${BENCH_DATA:-$(cd .. && pwd)/shared/data}"
 BENCH=bench; [ -x .venv/bin/bench ] && BENCH=.venv/bin/bench
+PY=python; [ -x .venv/bin/python ] && PY=.venv/bin/python
 methods=("$@")
 [ ${#methods[@]} -eq 0 ] && methods=(otcs not tcr reflow scones ddib egsde w2gan otm ot-icnn knot dpmot)
-for m in "${methods[@]}"; do
-  probe=()
-  case "$m" in otcs|not|knot|w2gan|otm|ot-icnn|tcr|reflow) probe=(--probe-every 500 --probe-n 200);; esac
-  [ "$m" = not ] && probe=(--probe-every 20 --probe-n 500)
-  [ "$m" = otcs ] && probe=(--probe-every 1000 --probe-n 200)
-  "$BENCH" run --methods "$m" --task digits --budget cpu --out runs --no-progress "${probe[@]}" || echo "$m failed"
+for seed in ${SEEDS:-0}; do
+  for m in "${methods[@]}"; do
+    probe=()
+    case "$m" in otcs|not|knot|w2gan|otm|ot-icnn|tcr|reflow) probe=(--probe-every 500 --probe-n 200);; esac
+    [ "$m" = not ] && probe=(--probe-every 20 --probe-n 500)
+    [ "$m" = otcs ] && probe=(--probe-every 1000 --probe-n 200)
+    "$BENCH" run --methods "$m" --task digits --budget cpu --seeds "$seed" --out runs --no-progress "${probe[@]}" \
+      || { echo "$m seed $seed failed"; continue; }
+    # the newest finished run of this method and seed
+    dir=$(ls -td runs/digits/"$m"/cpu-seed"$seed"-*/ 2>/dev/null | while read -r d; do
+            [ -f "$d/row.json" ] && { echo "$d"; break; }; done)
+    [ -n "$dir" ] || continue
+    mkdir -p results/digits/rows results/digits/curves
+    cp "$dir/row.json" results/digits/rows/"$m"-cpu-seed"$seed".json
+    [ -f "$dir/grid.png" ] && cp "$dir/grid.png" results/digits/rows/"$m"-cpu-seed"$seed".png
+    if [ ${#probe[@]} -gt 0 ]; then
+      "$PY" scripts/plot_curves.py "$dir" --out results/digits/curves/"$m"-cpu-seed"$seed".png || true
+    fi
+    "$BENCH" table --task digits --out runs --budget cpu --save results/digits/table_cpu.md > /dev/null || true
+  done
 done
