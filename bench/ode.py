@@ -111,9 +111,11 @@ def ddim_encode(net, x0: torch.Tensor, sde: VPSDE, steps: int, cond=None, t_end:
 
 
 @torch.no_grad()
-def ddim_decode(net, x_T: torch.Tensor, sde: VPSDE, steps: int, cond=None, t_start: float | None = None) -> torch.Tensor:
-    """x_T -> data by deterministic DDIM from ``t_start`` (default T) down to t_eps (NFE = steps)."""
-    return sample_ddim(net, x_T.shape, sde, steps, cond=cond, x_T=x_T, t_start=t_start, eta=0.0)
+def ddim_decode(net, x_T: torch.Tensor, sde: VPSDE, steps: int, cond=None, t_start: float | None = None,
+                clip_x0: bool = False) -> torch.Tensor:
+    """x_T -> data by deterministic DDIM from ``t_start`` (default T) down to t_eps (NFE = steps);
+    ``clip_x0`` clips the data prediction to [-1, 1] at every step (images)."""
+    return sample_ddim(net, x_T.shape, sde, steps, cond=cond, x_T=x_T, t_start=t_start, eta=0.0, clip_x0=clip_x0)
 
 
 def pf_velocity(net, sde: VPSDE, cond=None) -> Callable:
@@ -155,9 +157,11 @@ def encode(net, x0: torch.Tensor, sde: VPSDE, steps: int, encoder: str = "ddim",
     return pf_encode(net, x0, sde, steps, encoder[3:], cond)
 
 
-def decode(net, x_T: torch.Tensor, sde: VPSDE, steps: int, encoder: str = "ddim", cond=None) -> torch.Tensor:
-    """Latent x_T -> data with the deterministic sampler matching ``encode``'s encoder."""
+def decode(net, x_T: torch.Tensor, sde: VPSDE, steps: int, encoder: str = "ddim", cond=None,
+           clip_x0: bool = False) -> torch.Tensor:
+    """Latent x_T -> data with the deterministic sampler matching ``encode``'s encoder (``clip_x0``:
+    DDIM only, see ``bench.diffusion.sample_ddim``)."""
     encoder_evaluations(encoder, steps)
     if encoder == "ddim":
-        return ddim_decode(net, x_T, sde, steps, cond)
+        return ddim_decode(net, x_T, sde, steps, cond, clip_x0=clip_x0)
     return pf_decode(net, x_T, sde, steps, encoder[3:], cond)

@@ -17,7 +17,8 @@ The algorithm, top to bottom:
    coordinate; ``bound_translation_cycle_rmse`` goes the whole way (source -> target -> source
    through both models), the paper's cycle-consistency claim.
 
-The authors' encoder and decoder are DDIM (``encoder="ddim"``); the probability-flow ODE with
+The authors' encoder and decoder are DDIM (``encoder="ddim"``), the decoder clipping its data prediction to
+[-1, 1] on images (``clip_x0``) and the encoder not; the probability-flow ODE with
 Heun or Euler steps is an option.  Guiding pairs are unused; source and target must have one shape.
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ class DDIB(Method):
     probe_loop = "target-score"
     notes = ("two unconditional VP-SDE noise-prediction models (source, target) trained independently; "
              "deterministic DDIM encoding with the source model to x_T, DDIM decoding with the target model "
+             "(x0 prediction clipped to [-1, 1] on images, as the authors) "
              "(NFE = 2 x ddim_steps); reports the source->latent->source and source->target->source cycle "
              "errors. Guiding pairs unused. Networks are this project's UNet/MLP, not the authors' ADM")
     default_options: dict[str, Any] = {
@@ -58,6 +60,8 @@ class DDIB(Method):
         # paper: the authors run DDIM over all 1000 steps of their chain (no respacing)
         "ddim_steps": Option(smoke=8, cpu=25, fast=100, paper=1000, help="steps of each ODE on images"),
         "toy_ddim_steps": Option(200, help="steps of each ODE on vector tasks"),
+        # authors: the DDIM decoder clips x0_hat to [-1, 1] (guided-diffusion's clip_denoised), the encoder does not
+        "clip_x0": Option(True, help="clip the x0 prediction to [-1, 1] while DDIM-decoding images (authors)"),
         "cycle_n": Option(smoke=32, cpu=128, fast=1000, paper=1000, help="held source samples for the cycle errors"),
     }
     test_options: dict[str, Any] = {**tiny_options("score"), "ddim_steps": 3, "toy_ddim_steps": 3, "cycle_n": 8}
@@ -89,7 +93,8 @@ class DDIB(Method):
         return ode.encode(model, model.prep(x), model.sde, self.steps, self.options["encoder"])
 
     def _decode(self, model: ScoreModel, z: torch.Tensor) -> torch.Tensor:
-        return model.unprep(ode.decode(model, z, model.sde, self.steps, self.options["encoder"]))
+        clip = bool(self.options["clip_x0"]) and model.image
+        return model.unprep(ode.decode(model, z, model.sde, self.steps, self.options["encoder"], clip_x0=clip))
 
     # -- fit --------------------------------------------------------------------------------------
     def fit(self, data: TaskData, run) -> None:

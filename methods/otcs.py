@@ -520,7 +520,8 @@ class OTCS(Method):
                                clip_x0=clip, denoise=bool(self.options["denoise"]))
             else:
                 y = sample_ddim(self.ema, shape, self.sde, int(self.options["ddim_steps"]), cond=cond,
-                                generator=generator, eta=float(self.options["ddim_eta"]))
+                                generator=generator, eta=float(self.options["ddim_eta"]),
+                                clip_x0=bool(self.options["clip_x0"]) and self.is_image)
         if self.is_image:
             y = crop_to(y, self.shape[1], self.shape[2]).clamp(-1, 1)
         return y.float()

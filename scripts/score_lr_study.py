@@ -10,7 +10,8 @@ script measures how fast that network learns at several learning rates, on data 
   warm-up, gradient clip, EMA, eps-MSE weighting) is trained for ``--steps`` steps, and every ``--every`` steps
   the EMA weights are scored by the held-out eps-MSE (t uniform on [t_eps, T], the DSM loss a sampler relies on;
   fixed noise draws, so every lr and step sees the same validation problem);
-* at the end, 16 DDIM-25 samples per lr are written to a grid (rows = lrs) for a look.
+* at the end, 16 DDIM-25 samples per lr are written to a grid for a look: two rows per lr (in the order
+  given), the first without x0 clipping, the second with it (same latents).
 
 The rule (results/digits/PROTOCOL.md): the lr with the lowest held-out eps-MSE at the last step is the `cpu`
 default of every VP-SDE score model.
@@ -85,9 +86,10 @@ def main(argv=None) -> int:
 
         run.probe, run.probe_loops = probe, {"target-score": a.every}
         model.fit(m, run, y_fit, m.options, "target-score")
-        g = torch.Generator().manual_seed(7)
-        x = sample_ddim(model, (16, *model.work_shape), model.sde, 25, generator=g)
-        samples.append(model.unprep(x))
+        for clip in (False, True):  # DDIM-25 from the same latents, without and with x0 clipping
+            g = torch.Generator().manual_seed(7)
+            x = sample_ddim(model, (16, *model.work_shape), model.sde, 25, generator=g, clip_x0=clip)
+            samples.append(model.unprep(x))
 
     with open(a.out / "curve.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

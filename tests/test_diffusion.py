@@ -203,3 +203,20 @@ def test_ddim_deterministic_and_partial_start():
     out2 = sample_sde(net, xt.shape, sde, steps=50, x_T=xt, t_start=0.5, generator=g)
     assert float(out2.mean()) == pytest.approx(m, abs=0.02)
     assert float(out2.std()) == pytest.approx(s, abs=0.03)
+
+
+def test_ddim_clip_x0_keeps_a_wrong_model_in_range_and_an_exact_one_unchanged():
+    """x0_hat = (x - sigma eps) / alpha divides by alpha(T) ~ 7e-3, so a noise model that is wrong near T
+    (here the extreme case eps = 0) sends unclipped DDIM far outside the data range; with clip_x0 every x0_hat is
+    in [-1, 1] and so is the output, up to the last step's sigma(t_eps) eps.  For the exact model of data well
+    inside [-1, 1] (N(0, 0.25^2)) clipping changes almost nothing."""
+    sde = VPSDE()
+    exact = _gaussian_eps(sde, 0.0, 0.25)
+    xT = torch.randn(2000, 1, generator=torch.Generator().manual_seed(5))
+    wild = sample_ddim(lambda x, t: torch.zeros_like(x), xT.shape, sde, steps=25, x_T=xT)
+    tame = sample_ddim(lambda x, t: torch.zeros_like(x), xT.shape, sde, steps=25, x_T=xT, clip_x0=True)
+    assert float(wild.abs().max()) > 10.0
+    assert float(tame.abs().max()) <= 1.0 + 4 * float(sde.sigma(torch.tensor(sde.t_eps)))
+    a = sample_ddim(exact, xT.shape, sde, steps=25, x_T=xT, clip_x0=True)
+    b = sample_ddim(exact, xT.shape, sde, steps=25, x_T=xT)
+    assert float((a - b).abs().max()) < 0.01
