@@ -203,13 +203,17 @@ def status(task, methods, seeds, budget, opts, task_opts, out):
 @click.option("--budget", default=None, help="only rows of this budget")
 @click.option("--save", default=None, type=click.Path(path_type=Path), help="also write the table to this file")
 @click.option("--paper-rows/--no-paper-rows", default=True, help="list paper-only methods too")
-def table(task, out, fmt, budget, save, paper_rows):
+@click.option("--rows", "rows_dir", default=None, type=click.Path(path_type=Path, file_okay=False),
+              help="read the collected row files DIR/*.json (e.g. results/digits/rows) instead of --out")
+def table(task, out, fmt, budget, save, paper_rows, rows_dir):
     """Render Table 1 for TASK from the stored rows."""
     from . import store
     from .registry import get_task
     from .tables import render
 
-    text = render(out, get_task(task), fmt=fmt, budget=budget, paper_rows=paper_rows)
+    if rows_dir is not None and not rows_dir.is_dir():
+        raise click.UsageError(f"--rows {rows_dir}: no such directory; pass the folder that holds the *.json rows")
+    text = render(out, get_task(task), fmt=fmt, budget=budget, paper_rows=paper_rows, rows_dir=rows_dir)
     click.echo(text)
     if save:
         store.write_bytes(save, (text + "\n").encode())

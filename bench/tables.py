@@ -25,16 +25,25 @@ def task_metrics(task_cls) -> list[Metric]:
     return [m if isinstance(m, Metric) else Metric(m) for m in task_cls.metrics]
 
 
-def load_rows(out: Path, task: str | None = None) -> pd.DataFrame:
-    out = Path(out)
-    pattern = f"{task}/*/*/row.json" if task else "*/*/*/row.json"
+def load_rows(out: Path, task: str | None = None, rows_dir: Path | None = None) -> pd.DataFrame:
+    """The finished rows under ``out``'s run directories, or, with ``rows_dir``, the collected row
+    files ``rows_dir/*.json`` (copies of row.json kept in the repository, e.g. results/digits/rows)."""
+    if rows_dir is not None:
+        paths = sorted(Path(rows_dir).glob("*.json"))
+    else:
+        pattern = f"{task}/*/*/row.json" if task else "*/*/*/row.json"
+        paths = sorted(Path(out).glob(pattern))
     rows = []
-    for path in sorted(out.glob(pattern)):
+    for path in paths:
         try:
             row = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise BenchError(f"cannot read result row {path} ({exc}); delete it and re-run that run") from None
-        row["run_dir"] = str(path.parent)
+        if not isinstance(row, dict) or "method" not in row or "budget" not in row:
+            raise BenchError(f"{path} is not a result row (no method/budget); remove it from {path.parent}")
+        if task and row.get("task", task) != task:
+            continue
+        row["run_dir"] = str(path.parent if rows_dir is None else path)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -78,10 +87,12 @@ def summarise(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 
 def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None,
-           paper_rows: bool = True) -> str:
+           paper_rows: bool = True, rows_dir: Path | None = None) -> str:
     if fmt not in ("markdown", "latex", "csv"):
         raise BenchError(f"unknown table format {fmt!r}; use markdown, latex or csv")
-    df = load_rows(out, task_cls.name)
+    df = load_rows(out, task_cls.name, rows_dir)
+    if rows_dir is not None:
+        out = rows_dir
     if df.empty:
         raise BenchError(f"no finished runs for task {task_cls.name!r} under {out}; "
                          f"run `bench run --task {task_cls.name} --methods ...` first (or pass --out)")

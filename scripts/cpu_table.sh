@@ -29,6 +29,6 @@ for seed in ${SEEDS:-0}; do
     if [ ${#probe[@]} -gt 0 ]; then
       "$PY" scripts/plot_curves.py "$dir" --out results/digits/curves/"$m"-cpu-seed"$seed".png || true
     fi
-    "$BENCH" table --task digits --out runs --budget cpu --save results/digits/table_cpu.md > /dev/null || true
+    "$BENCH" table --task digits --rows results/digits/rows --budget cpu --save results/digits/table_cpu.md > /dev/null || true
   done
 done

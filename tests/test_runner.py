@@ -269,6 +269,24 @@ def test_table_marks_best_and_second(tmp_path):
     assert csv.splitlines()[0].startswith("method,variant,budget,w2_mean,w2_std") and len(csv.splitlines()) == 4
 
 
+def test_table_from_collected_row_files(tmp_path):
+    """`bench table --rows DIR` renders the copies of row.json kept in the repository (runs/ is not
+    committed), the same table as from the run directories; a non-row file is a clear error."""
+    for steps in (40, 3):
+        spec = RunSpec("test-counter", "tiny-vectors", 0, "smoke", {"steps": steps})
+        run_one(spec, out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path,
+                device="cpu", progress=False, log=lambda *_: None)
+    collected = tmp_path / "rows"
+    collected.mkdir()
+    for i, path in enumerate(sorted((tmp_path / "runs").rglob("row.json"))):
+        (collected / f"test-counter-smoke-{i}.json").write_text(path.read_text())
+    task = get_task("tiny-vectors")
+    assert render(tmp_path / "elsewhere", task, rows_dir=collected) == render(tmp_path / "runs", task)
+    (collected / "notes.json").write_text("[1, 2]")
+    with pytest.raises(BenchError, match="not a result row"):
+        render(tmp_path / "elsewhere", task, rows_dir=collected)
+
+
 def _bench(*args, env=None, cwd=None):
     full_env = {**os.environ, "BENCH_PLUGINS": "bench.testing", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True,
