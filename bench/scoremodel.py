@@ -43,13 +43,22 @@ def network_options(base: Option | None = None, blocks: Option | None = None,
     }
 
 
+# The `cpu` learning rate of the unconditional VP-SDE score models (base-16 UNet, batch 64, warm-up 200, clip 1,
+# EMA 0.999): the lr with the lowest held-out eps-MSE after 2,000 steps among 2e-4, 1e-3 and 2e-3, measured on
+# Chinese-MNIST training writers of suites 71-80 (scripts/score_lr_study.py, results/digits/score_lr_study_2000/,
+# 2026-11-30: 0.0075 / 0.0060 / 0.0058). fast / paper keep 2e-4 (the authors' DDPM/ADM-style rate).
+CPU_SCORE_LR = 2e-3
+
+
 def training_options(prefix: str, steps: Option, toy_steps: Option | None = None, batch: Option | None = None,
-                     lr: float = 2e-4, warmup: int = 200, ema: float = 0.999) -> dict[str, Option]:
-    """Training of one network: ``{prefix}_steps`` etc. on images, ``toy_{prefix}_*`` on vectors."""
+                     lr: float = 2e-4, warmup: int = 200, ema: float = 0.999,
+                     cpu_lr: float | None = None) -> dict[str, Option]:
+    """Training of one network: ``{prefix}_steps`` etc. on images, ``toy_{prefix}_*`` on vectors.
+    ``cpu_lr``: a measured `cpu`-budget learning rate, where it differs from ``lr``."""
     return {
         f"{prefix}_steps": steps,
         f"{prefix}_batch": batch or Option(smoke=16, cpu=64, fast=128, paper=128),
-        f"{prefix}_lr": Option(lr),
+        f"{prefix}_lr": Option(lr) if cpu_lr is None else Option(lr, cpu=cpu_lr),
         f"{prefix}_warmup": Option(warmup, help="linear learning-rate warm-up steps"),
         f"{prefix}_grad_clip": Option(1.0, type=float, help="gradient-norm clip (0: none)"),
         f"{prefix}_ema": Option(ema, help="EMA decay of the weights used for sampling"),

@@ -40,7 +40,7 @@ from bench.nn import MLP, timestep_embedding
 from bench.nn.unet import Downsample, ResBlock, _norm
 from bench.options import Option
 from bench.scoremodel import (ScoreModel, check_same_shape, diffusion_options, fit_network, network_options,
-                              tiny_options, training_options)
+                              tiny_options, training_options, CPU_SCORE_LR)
 
 REALISM = ("cosine", "neg_l2")
 
@@ -124,7 +124,8 @@ class EGSDE(Method):
         # batch 64 (0.30 s at load 2.8), 0.27 s per classifier step, 40 guided steps over 500 sources 213 s.
         # 3000 + 1000 steps and 30 guided steps over 2000 sources: ~25 min quiet, ~40 min loaded.
         # paper: the authors use a pretrained model (ILVR's afhq_dog_4m); 300k here is this project's choice
-        **training_options("score", steps=Option(smoke=60, cpu=3000, fast=10_000, paper=300_000)),
+        **training_options("score", steps=Option(smoke=60, cpu=3000, fast=10_000, paper=300_000),
+                            cpu_lr=CPU_SCORE_LR),
         # the domain classifier (authors: 5000 iterations, batch 32, AdamW lr 3e-4, weight decay 0.05,
         # linear decay; width 128 at 256 px)
         "cls_steps": Option(smoke=60, cpu=1000, fast=5000, paper=5000),

@@ -291,3 +291,22 @@ def test_all_four_run_on_digits_through_bench_run(tmp_path, data_root, bench_cac
         row = json.loads(next((out / "digits" / name).glob("smoke-seed0*/row.json")).read_text())
         assert row["fid_n"] == 250 and 0.0 <= row["acc"] <= 100.0 and row["nfe"] >= 1, name
         assert key is None or key in row, (name, sorted(row))
+
+
+def test_cpu_score_lr_is_the_measured_winner_and_only_on_cpu():
+    """The `cpu` lr of the unconditional score models is the lowest held-out eps-MSE of the committed study."""
+    import csv
+    from pathlib import Path
+
+    from bench.registry import get_method
+    from bench.scoremodel import CPU_SCORE_LR
+
+    rows = list(csv.DictReader(open(Path(__file__).parents[1] / "results/digits/score_lr_study_2000/curve.csv")))
+    last = max(int(r["step"]) for r in rows)
+    best = min((r for r in rows if int(r["step"]) == last), key=lambda r: float(r["held_out_mse"]))
+    assert float(best["lr"]) == CPU_SCORE_LR
+    for name, key in (("ddib", "score_lr"), ("egsde", "score_lr"), ("scones", "score_lr"), ("dpmot", "lr")):
+        cls = get_method(name)
+        assert cls.resolve_options("cpu", {})[key] == CPU_SCORE_LR, name
+        for budget in ("smoke", "fast", "paper"):
+            assert cls.resolve_options(budget, {})[key] == 2e-4, (name, budget)
