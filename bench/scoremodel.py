@@ -50,15 +50,18 @@ def network_options(base: Option | None = None, blocks: Option | None = None,
 CPU_SCORE_LR = 2e-3
 
 
+def score_lr() -> Option:
+    """The Adam lr of an unconditional VP-SDE score model: 2e-4, and the measured CPU_SCORE_LR on `cpu`."""
+    return Option(2e-4, cpu=CPU_SCORE_LR, help="Adam lr of the score model (cpu: measured, bench.scoremodel)")
+
+
 def training_options(prefix: str, steps: Option, toy_steps: Option | None = None, batch: Option | None = None,
-                     lr: float = 2e-4, warmup: int = 200, ema: float = 0.999,
-                     cpu_lr: float | None = None) -> dict[str, Option]:
-    """Training of one network: ``{prefix}_steps`` etc. on images, ``toy_{prefix}_*`` on vectors.
-    ``cpu_lr``: a measured `cpu`-budget learning rate, where it differs from ``lr``."""
+                     lr: float | Option = 2e-4, warmup: int = 200, ema: float = 0.999) -> dict[str, Option]:
+    """Training of one network: ``{prefix}_steps`` etc. on images, ``toy_{prefix}_*`` on vectors."""
     return {
         f"{prefix}_steps": steps,
         f"{prefix}_batch": batch or Option(smoke=16, cpu=64, fast=128, paper=128),
-        f"{prefix}_lr": Option(lr) if cpu_lr is None else Option(lr, cpu=cpu_lr),
+        f"{prefix}_lr": lr if isinstance(lr, Option) else Option(lr),
         f"{prefix}_warmup": Option(warmup, help="linear learning-rate warm-up steps"),
         f"{prefix}_grad_clip": Option(1.0, type=float, help="gradient-norm clip (0: none)"),
         f"{prefix}_ema": Option(ema, help="EMA decay of the weights used for sampling"),

@@ -31,7 +31,7 @@ from bench import ode
 from bench.api import SEMI_PAIRED, UNPAIRED, Method, TaskData
 from bench.options import Option
 from bench.scoremodel import (ScoreModel, check_same_shape, diffusion_options, network_options, tiny_options,
-                              training_options, CPU_SCORE_LR)
+                              score_lr, training_options)
 
 
 class DDIB(Method):
@@ -56,7 +56,7 @@ class DDIB(Method):
         # paper: the authors train with guided-diffusion's loop (lr 1e-4, EMA 0.9999) and publish no
         # iteration count; 300k per model is this project's choice
         **training_options("score", steps=Option(smoke=60, cpu=2000, fast=10_000, paper=300_000),
-                            cpu_lr=CPU_SCORE_LR),
+                            lr=score_lr()),
         "encoder": Option("ddim", choices=ode.ENCODERS, help="deterministic encoder/decoder (authors: ddim)"),
         # paper: the authors run DDIM over all 1000 steps of their chain (no respacing)
         "ddim_steps": Option(smoke=8, cpu=25, fast=100, paper=1000, help="steps of each ODE on images"),

@@ -38,7 +38,7 @@ import torch
 from bench.options import Option
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
 from bench.diffusion import EMA, VPSDE, sample_ddim, sample_sde
-from bench.scoremodel import CPU_SCORE_LR, dsm_batches, fit_network
+from bench.scoremodel import dsm_batches, fit_network, score_lr
 from bench.nn import canvas_side, ScoreMLP, UNet, crop_to, pad_to
 from bench.semidiscrete import SemiDiscreteOT
 
@@ -75,7 +75,7 @@ class DPMOT(Method):
         # score model (target domain, unconditional)
         "score_steps": Option(smoke=100, cpu=4000, fast=8000, paper=300_000),
         "batch_size": Option(smoke=32, cpu=64, fast=128, paper=128),
-        "lr": Option(2e-4, cpu=CPU_SCORE_LR, help="Adam lr of the score model (cpu: measured, bench.scoremodel)"),
+        "lr": score_lr(),
         "warmup": 200,
         "grad_clip": Option(1.0, type=float),
         "ema_decay": 0.999,

@@ -40,7 +40,7 @@ from bench.nn import MLP, timestep_embedding
 from bench.nn.unet import Downsample, ResBlock, _norm
 from bench.options import Option
 from bench.scoremodel import (ScoreModel, check_same_shape, diffusion_options, fit_network, network_options,
-                              tiny_options, training_options, CPU_SCORE_LR)
+                              tiny_options, score_lr, training_options)
 
 REALISM = ("cosine", "neg_l2")
 
@@ -125,7 +125,7 @@ class EGSDE(Method):
         # 3000 + 1000 steps and 30 guided steps over 2000 sources: ~25 min quiet, ~40 min loaded.
         # paper: the authors use a pretrained model (ILVR's afhq_dog_4m); 300k here is this project's choice
         **training_options("score", steps=Option(smoke=60, cpu=3000, fast=10_000, paper=300_000),
-                            cpu_lr=CPU_SCORE_LR),
+                            lr=score_lr()),
         # the domain classifier (authors: 5000 iterations, batch 32, AdamW lr 3e-4, weight decay 0.05,
         # linear decay; width 128 at 256 px)
         "cls_steps": Option(smoke=60, cpu=1000, fast=5000, paper=5000),

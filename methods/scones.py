@@ -44,7 +44,7 @@ from bench.diffusion import VPSDE
 from bench.nn import MLP, crop_to
 from bench.options import Option
 from bench.scoremodel import (ScoreModel, check_same_shape, diffusion_options, fit_network, network_options,
-                              tiny_options, training_options, CPU_SCORE_LR)
+                              tiny_options, score_lr, training_options)
 
 
 class Potentials(nn.Module):
@@ -85,7 +85,7 @@ class SCONES(Method):
         # 3500 + 5000 steps and 2000 sources: ~25 min quiet, ~37 min loaded.
         # paper: the authors use a pretrained NCSN; 300k here is this project's choice
         **training_options("score", steps=Option(smoke=60, cpu=3500, fast=10_000, paper=300_000),
-                            cpu_lr=CPU_SCORE_LR),
+                            lr=score_lr()),
         # stage I (authors, MNIST->USPS: entropic eps 0.01 on [0, 1] pixels, FCN 1024 x 2, Adam lr 1e-5,
         # batch 1000, 5001 iterations; CelebA: eps 0.005, FCN 2048 x 8)
         "epsilon_rel": Option(0.1, help="entropic eps relative to the mean cost of a probe batch"),

@@ -301,6 +301,7 @@ def _bench(*args, env=None, cwd=None):
     (["run", "--methods", "keypoint-nn", "--task", "tiny-vectors"], "does not support the unpaired setting"),
     (["run", "--methods", "identity", "--task", "tiny-vectors", "--executor", "nope"], "'nope' is not one of"),
     (["run", "--methods", "identity", "--task", "tiny-vectors", "--jobs", "0"], "--jobs 0"),
+    (["table", "--task", "tiny-vectors", "--rows", "no-such-rows-dir"], "--rows no-such-rows-dir: no such directory"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, needle):
     res = _bench(*args, "--out", str(tmp_path / "runs"))
