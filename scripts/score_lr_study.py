@@ -51,15 +51,7 @@ def held_out_mse(model, y: torch.Tensor, repeats: int = 4, batch: int = 500) -> 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lrs", default="2e-4,5e-4,1e-3,2e-3")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--every", type=int, default=250)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, required=True, help="folder: curve.csv, samples.png")
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    a.out.mkdir(parents=True, exist_ok=True)
+    a = study_args(argv, __doc__, lrs="2e-4,5e-4,1e-3,2e-3", steps=1000, every=250, outputs="curve.csv, samples.png")
 
     data = DigitsTask().load(resolve_root(None), 0, budget="cpu")
     suites = data.extra["target_train_suites"]
@@ -91,16 +83,40 @@ def main(argv=None) -> int:
             x = sample_ddim(model, (16, *model.work_shape), model.sde, 25, generator=g, clip_x0=clip)
             samples.append(model.unprep(x))
 
-    with open(a.out / "curve.csv", "w", newline="") as f:
+    grid = torchvision.utils.make_grid(torch.cat(samples), nrow=16, normalize=True, value_range=(-1, 1), pad_value=1)
+    torchvision.utils.save_image(grid, a.out / "samples.png")
+    write_curve(rows, a.out, a.steps)
+    return 0
+
+
+def study_args(argv, doc: str, lrs: str, steps: int, every: int, outputs: str, extra=None) -> argparse.Namespace:
+    """The command line every lr study shares (``extra(parser)`` adds a study's own options); sets the thread
+    count and creates the output folder."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lrs", default=lrs)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--every", type=int, default=every)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, required=True, help=f"folder: {outputs}")
+    if extra is not None:
+        extra(p)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    return a
+
+
+def write_curve(rows: list[dict], out: Path, steps: int) -> float:
+    """Write the probe rows to out/curve.csv and print (and return) the lr with the lowest held-out eps-MSE
+    at the last step: the study's rule."""
+    with open(out / "curve.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    grid = torchvision.utils.make_grid(torch.cat(samples), nrow=16, normalize=True, value_range=(-1, 1), pad_value=1)
-    torchvision.utils.save_image(grid, a.out / "samples.png")
-    last = {r["lr"]: r["held_out_mse"] for r in rows if r["step"] == a.steps}
+    last = {r["lr"]: r["held_out_mse"] for r in rows if r["step"] == steps}
     best = min(last, key=last.get)
-    print(f"lowest held-out eps-MSE at step {a.steps}: lr {best:g} ({last[best]:.4f})")
-    return 0
+    print(f"lowest held-out eps-MSE at step {steps}: lr {best:g} ({last[best]:.4f})")
+    return best
 
 
 if __name__ == "__main__":

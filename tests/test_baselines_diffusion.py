@@ -294,18 +294,21 @@ def test_all_four_run_on_digits_through_bench_run(tmp_path, data_root, bench_cac
 
 
 def test_cpu_score_lr_is_the_measured_winner_and_only_on_cpu():
-    """The `cpu` lr of the unconditional score models is the lowest held-out eps-MSE of the committed study."""
+    """The `cpu` lr of the score models (and OTCS's stage II) is the lowest held-out eps-MSE of the committed studies."""
     import csv
     from pathlib import Path
 
     from bench.registry import get_method
     from bench.scoremodel import CPU_SCORE_LR
 
-    rows = list(csv.DictReader(open(Path(__file__).parents[1] / "results/digits/score_lr_study_2000/curve.csv")))
-    last = max(int(r["step"]) for r in rows)
-    best = min((r for r in rows if int(r["step"]) == last), key=lambda r: float(r["held_out_mse"]))
-    assert float(best["lr"]) == CPU_SCORE_LR
-    for name, key in (("ddib", "score_lr"), ("egsde", "score_lr"), ("scones", "score_lr"), ("dpmot", "lr")):
+    # the unconditional score models' study, and OTCS's own for its conditional stage II (scripts/otcs_lr_study.py)
+    for study in ("score_lr_study_2000", "otcs_lr_study"):
+        rows = list(csv.DictReader(open(Path(__file__).parents[1] / "results/digits" / study / "curve.csv")))
+        last = max(int(r["step"]) for r in rows)
+        best = min((r for r in rows if int(r["step"]) == last), key=lambda r: float(r["held_out_mse"]))
+        assert float(best["lr"]) == CPU_SCORE_LR, study
+    for name, key in (("ddib", "score_lr"), ("egsde", "score_lr"), ("scones", "score_lr"), ("dpmot", "lr"),
+                      ("otcs", "lr")):
         cls = get_method(name)
         assert cls.resolve_options("cpu", {})[key] == CPU_SCORE_LR, name
         for budget in ("smoke", "fast", "paper"):
