@@ -14,7 +14,7 @@ methods=("$@")
 for seed in ${SEEDS:-0}; do
   for m in "${methods[@]}"; do
     probe=()
-    case "$m" in otcs|not|knot|w2gan|ot-icnn|tcr|reflow) probe=(--probe-every 500 --probe-n 200);; otm) probe=(--probe-every 100 --probe-n 200);; esac
+    case "$m" in otcs|not|w2gan|ot-icnn|tcr|reflow) probe=(--probe-every 500 --probe-n 200);; otm) probe=(--probe-every 100 --probe-n 200);; knot) probe=(--probe-every 20 --probe-n 200);; esac
     [ "$m" = not ] && probe=(--probe-every 20 --probe-n 500)
     [ "$m" = otcs ] && probe=(--probe-every 1000 --probe-n 200)
     "$BENCH" run --methods "$m" --task digits --budget cpu --seeds "$seed" --out runs --no-progress "${probe[@]}" \
