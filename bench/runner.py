@@ -515,6 +515,31 @@ def _run_locked(spec: RunSpec, rundir: Path, method: Method, task: Task, *, data
     return row
 
 
+RUN_DIR_HINT = (f"pass a run directory under your --out tree (one with {CONFIG_FILE} and {SAMPLES_FILE}), "
+                f"e.g. runs/digits/identity/smoke-seed0-1a2b3c4d")
+
+
+def read_spec(rundir: Path) -> RunSpec:
+    """The RunSpec a run directory was made from (its config.json); a one-line error if it has none."""
+    if not (Path(rundir) / CONFIG_FILE).exists():
+        raise BenchError(f"{rundir} is not a run directory (no {CONFIG_FILE}); {RUN_DIR_HINT}")
+    config = store.read_json(Path(rundir) / CONFIG_FILE)
+    return RunSpec(config["method"], config["task"], int(config["seed"]), config["budget"],
+                   dict(config.get("options") or {}), dict(config.get("task_options") or {}))
+
+
+def load_run(rundir: Path, *, data_root: Path, device: str = "cpu") -> Prepared:
+    """A trained run's method, set up on its task's data with the run's own options and restored from its
+    checkpoint: for scripts that inspect or re-sample a run.  A one-line error when there is no checkpoint."""
+    rundir = Path(rundir)
+    spec = read_spec(rundir)
+    method, task = spec.build()
+    p = prepare(spec, rundir, method, task, data_root=data_root, device=device, progress=False)
+    if not p.run.restore():
+        raise BenchError(f"{rundir} has no {CHECKPOINT_FILE}; run `bench run` to train it first")
+    return p
+
+
 def evaluate_dir(rundir: Path, *, data_root: Path, cache_dir: Path, device: str = "auto",
                  batch_size: int = 500, progress: bool = True, log: Log = print,
                  warn: Log | None = None) -> dict[str, Any]:
@@ -525,19 +550,13 @@ def evaluate_dir(rundir: Path, *, data_root: Path, cache_dir: Path, device: str 
     """
     warn = warn or log
     rundir = Path(rundir)
-    hint = (f"pass a run directory under your --out tree (one with {CONFIG_FILE} and {SAMPLES_FILE}), "
-            f"e.g. runs/digits/identity/smoke-seed0-1a2b3c4d")
-    if not (rundir / CONFIG_FILE).exists():
-        raise BenchError(f"{rundir} is not a run directory (no {CONFIG_FILE}); {hint}")
-    config = store.read_json(rundir / CONFIG_FILE)
-    spec = RunSpec(config["method"], config["task"], int(config["seed"]), config["budget"],
-                   dict(config.get("options") or {}), dict(config.get("task_options") or {}))
+    spec = read_spec(rundir)
     method, task = spec.build()
     old_row = finished_row(rundir, warn) or {}
     has_samples = (rundir / SAMPLES_FILE).exists()
     if not has_samples and not (old_row and (rundir / CHECKPOINT_FILE).exists()):
         raise BenchError(f"{rundir} is not a finished run (no {SAMPLES_FILE}); run `bench run` to finish it, "
-                         f"or {hint}")
+                         f"or {RUN_DIR_HINT}")
     with RunLock(rundir, wait=False):
         p = prepare(spec, rundir, method, task, data_root=data_root, device=device, progress=progress)
         try:

@@ -59,7 +59,7 @@ from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
 from bench.diffusion import EMA, VPSDE, dsm_eval, dsm_loss, sample_ddim, sample_sde
 from bench.nn import canvas_side, MLP, ScoreMLP, UNet, crop_to, pad_to
 from bench.options import Option
-from bench.scoremodel import CPU_SCORE_LR
+from bench.scoremodel import score_lr
 
 FEATURES = ("auto", "flatten", "pool")
 SAMPLERS = ("sde", "ddim")
@@ -118,7 +118,7 @@ class OTCS(Method):
         "batch_size": Option(smoke=16, cpu=64, fast=128, paper=128),
         # lr: the authors' 2e-4; on `cpu` the lr measured by scripts/otcs_lr_study.py (held-out conditional eps-MSE
         # on held-out training rows after 2,000 steps: 0.0087 at 2e-4, 0.0069 at 2e-3; results/digits/otcs_lr_study)
-        "lr": Option(2e-4, cpu=CPU_SCORE_LR, help="Adam lr of stage II (cpu: measured, results/digits/otcs_lr_study)"),
+        "lr": score_lr(),
         "toy_steps": Option(smoke=2000, cpu=4000, fast=10_000, paper=10_000),
         "toy_batch_size": Option(smoke=256, cpu=256, fast=512, paper=512),
         "toy_lr": 1e-3,

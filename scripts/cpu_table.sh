@@ -13,10 +13,15 @@ methods=("$@")
 [ ${#methods[@]} -eq 0 ] && methods=(otcs not tcr reflow scones ddib egsde w2gan otm ot-icnn knot dpmot)
 for seed in ${SEEDS:-0}; do
   for m in "${methods[@]}"; do
-    probe=()
-    case "$m" in otcs|not|w2gan|ot-icnn|tcr|reflow) probe=(--probe-every 500 --probe-n 200);; otm) probe=(--probe-every 100 --probe-n 200);; knot) probe=(--probe-every 20 --probe-n 200);; esac
-    [ "$m" = not ] && probe=(--probe-every 20 --probe-n 500)
-    [ "$m" = otcs ] && probe=(--probe-every 1000 --probe-n 200)
+    # learning curves: a few points over each method's `cpu` loop (steps / probe-every), cheap sources
+    case "$m" in
+      otcs) probe=(--probe-every 1000 --probe-n 200);;
+      not) probe=(--probe-every 20 --probe-n 500);;
+      knot) probe=(--probe-every 20 --probe-n 200);;
+      otm) probe=(--probe-every 100 --probe-n 200);;
+      w2gan|ot-icnn|tcr|reflow) probe=(--probe-every 500 --probe-n 200);;
+      *) probe=();;
+    esac
     "$BENCH" run --methods "$m" --task digits --budget cpu --seeds "$seed" --out runs --no-progress "${probe[@]}" \
       || { echo "$m seed $seed failed"; continue; }
     # the newest finished run of this method and seed

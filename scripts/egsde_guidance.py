@@ -12,16 +12,14 @@ and writes a grid: sources, one row per setting, then 16 target test images.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torchvision
 
 from bench.data import resolve_root
-from bench.datasets.digits import DigitsTask
 from bench.methods.egsde import EGSDE
-from bench.run import Run
+from bench.runner import load_run
 
 
 def background(y: torch.Tensor) -> float:
@@ -35,14 +33,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    cfg = json.loads((a.run_dir / "config.json").read_text())
-    data = DigitsTask(**cfg.get("task_options", {})).load(resolve_root(None), cfg["seed"], budget=cfg["budget"])
-    m = EGSDE(budget=cfg["budget"], **cfg["options"])
-    run = Run(a.run_dir, device="cpu", seed=cfg["seed"], budget=cfg["budget"], progress=False)
-    run.method = m
-    m.setup(data, run)
-    if not run.restore():
-        raise SystemExit(f"no checkpoint in {a.run_dir}")
+    loaded = load_run(a.run_dir, data_root=resolve_root(None))
+    m, data = loaded.method, loaded.data
+    if not isinstance(m, EGSDE):
+        raise SystemExit(f"{a.run_dir} is a {m.name} run; this script reads egsde runs")
     o = dict(m.options)
     x = data.source_test[:16]
     settings = [("run's own", {}), ("no guidance (SDEdit)", {"lambda_s": 0.0, "lambda_i": 0.0}),

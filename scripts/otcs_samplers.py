@@ -13,7 +13,6 @@ then 16 target test images.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,10 +20,9 @@ import torch
 import torchvision
 
 from bench.data import resolve_root
-from bench.datasets.digits import DigitsTask
 from bench.diffusion import sample_ddim, sample_sde
 from bench.methods.otcs import OTCS
-from bench.run import Run
+from bench.runner import load_run
 
 
 def main(argv=None) -> int:
@@ -34,14 +32,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    cfg = json.loads((a.run_dir / "config.json").read_text())
-    data = DigitsTask(**cfg.get("task_options", {})).load(resolve_root(None), cfg["seed"], budget=cfg["budget"])
-    m = OTCS(budget=cfg["budget"], **cfg["options"])
-    run = Run(a.run_dir, device="cpu", seed=cfg["seed"], budget=cfg["budget"], progress=False)
-    run.method = m
-    m.setup(data, run)
-    if not run.restore():
-        raise SystemExit(f"no checkpoint in {a.run_dir}")
+    loaded = load_run(a.run_dir, data_root=resolve_root(None))
+    m, data = loaded.method, loaded.data
+    if not isinstance(m, OTCS):
+        raise SystemExit(f"{a.run_dir} is a {m.name} run; this script reads otcs runs")
     x = data.source_test[:16]
     cond, shape = m._cond(x), (16, *data.shape)
     g = torch.Generator().manual_seed(1)

@@ -11,16 +11,14 @@ steps along. An eps error that is small in absolute terms near T is multiplied b
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from bench import ot
 from bench.data import resolve_root
-from bench.datasets.digits import DigitsTask
 from bench.methods.otcs import OTCS
-from bench.run import Run
+from bench.runner import load_run
 
 TIMES = (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)
 
@@ -32,14 +30,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    cfg = json.loads((a.run_dir / "config.json").read_text())
-    data = DigitsTask(**cfg.get("task_options", {})).load(resolve_root(None), cfg["seed"], budget=cfg["budget"])
-    m = OTCS(budget=cfg["budget"], **cfg["options"])
-    run = Run(a.run_dir, device="cpu", seed=cfg["seed"], budget=cfg["budget"], progress=False)
-    run.method = m
-    m.setup(data, run)
-    if not run.restore():
-        raise SystemExit(f"no checkpoint in {a.run_dir}")
+    loaded = load_run(a.run_dir, data_root=resolve_root(None))
+    m, data, run = loaded.method, loaded.data, loaded.run
+    if not isinstance(m, OTCS):
+        raise SystemExit(f"{a.run_dir} is a {m.name} run; this script reads otcs runs")
     m.prepare_ot(data, run)
     g = torch.Generator().manual_seed(0)
     i, j = ot.resample_by_compatibility(m._H(), a.pairs, generator=g, rows=m.train_rows)

@@ -294,7 +294,8 @@ def test_all_four_run_on_digits_through_bench_run(tmp_path, data_root, bench_cac
 
 
 def test_cpu_score_lr_is_the_measured_winner_and_only_on_cpu():
-    """The `cpu` lr of the score models (and OTCS's stage II) is the lowest held-out eps-MSE of the committed studies."""
+    """The `cpu` lr of the score models (OTCS's stage II too) is the lowest held-out eps-MSE of the committed
+    studies, and only the `cpu` budget uses it."""
     import csv
     from pathlib import Path
 

@@ -16,7 +16,7 @@ from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Metric, Method, Task
 from bench.locks import RunLock, RunLocked
 from bench.registry import get_task, register_method, register_task
 from bench.run import RunFailed
-from bench.runner import (FAILED_FILE, ROW_FILE, RunSpec, check_metrics, check_samples, evaluate_dir,
+from bench.runner import (FAILED_FILE, ROW_FILE, RunSpec, check_metrics, check_samples, evaluate_dir, load_run,
                           metric_range, run_one, run_state)
 from bench.tables import render
 from bench.testing import tiny_vectors
@@ -248,6 +248,21 @@ def test_one_run_path_eval_reproduces_the_row(tmp_path):
                          log=lambda *_: None)
     skip = {"finished_at", "eval_s"}
     assert {k: v for k, v in again.items() if k not in skip} == {k: v for k, v in row.items() if k not in skip}
+
+
+def test_load_run_restores_the_trained_method(tmp_path):
+    """load_run gives scripts the trained method of a run directory: same options, restored weights."""
+    _run(tmp_path, spec=_spec(steps=7))
+    rundir = _spec(steps=7).directory(tmp_path / "runs")
+    loaded = load_run(rundir, data_root=tmp_path)
+    assert loaded.spec.method == "test-counter" and loaded.method.options["steps"] == 7
+    saved = torch.load(rundir / "samples.pt", weights_only=False)["outputs"]
+    assert torch.allclose(loaded.method.transport(loaded.sources), saved), "the restored weights transport as stored"
+    (rundir / "checkpoint.pt").unlink()
+    with pytest.raises(BenchError, match="no checkpoint.pt"):
+        load_run(rundir, data_root=tmp_path)
+    with pytest.raises(BenchError, match="not a run directory"):
+        load_run(tmp_path, data_root=tmp_path)
 
 
 def test_table_marks_best_and_second(tmp_path):
