@@ -17,7 +17,7 @@ for seed in ${SEEDS:-0}; do
     case "$m" in
       otcs) probe=(--probe-every 1000 --probe-n 200);;
       not) probe=(--probe-every 20 --probe-n 500);;
-      knot) probe=(--probe-every 20 --probe-n 200);;
+      knot) probe=(--probe-every 50 --probe-n 200);;
       otm) probe=(--probe-every 100 --probe-n 200);;
       w2gan|ot-icnn|tcr|reflow) probe=(--probe-every 500 --probe-n 200);;
       *) probe=();;

@@ -210,7 +210,10 @@ def test_knot_injects_noise_through_conditional_norm_by_default():
     m = KNOT(**{**KNOT.test_options})
     assert m.options["noise"] == "cond-norm" and m.options["noise_dim"] == 128 and m.options["z_std"] == 1.0
     assert m.options["distance_per_dim"] is False and KNOT().options["n_z"] == 4
-    assert m.options["lr_schedule"] == "multistep" and m.options["lr_milestones"] == [0.15, 0.25, 0.40, 0.55, 0.70]
+    assert m.options["lr_milestones"] == [0.15, 0.25, 0.40, 0.55, 0.70]
+    # the authors halve the lrs from step 15k of 100k: only the paper budget reaches a milestone
+    assert KNOT(budget="paper").options["lr_schedule"] == "multistep"
+    assert {KNOT(budget=b).options["lr_schedule"] for b in ("smoke", "cpu", "fast")} == {"constant"}
     m.setup(data, Run(None, progress=False))
     assert m.T.noise_dim == 128 and m.T.in_channels == 1
     for mod in m.T.modules():  # residual branches and the output conv start at zero
