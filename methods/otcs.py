@@ -100,6 +100,11 @@ class OTCS(Method):
                            help="potential steps (paper: the authors' 3e5)"),
         "ot_batch": Option(smoke=256, cpu=256, fast=512, paper=512),
         "ot_lr": Option(3e-3, help="peak Adam lr, cosine decay to 0 (authors: 1e-6 constant)"),
+        # digits cpu seed 1 (2026-11-30): the potentials' gradient norm, 0.4-0.9 per batch, spiked to 12 and then
+        # 5e8 at step ~2,050 and the dual never recovered (H empty after 10,000 steps); clipped at 5 the same
+        # seed ran on smoothly. The authors' lr (1e-6) needs no clip; ours (3e-3) does
+        "ot_grad_clip": Option(5.0, type=float, nullable=True,
+                               help="clip the potentials' gradient norm to this before each Adam step (null: off)"),
         "eps_anneal": Option(0.5, help="share of the potential steps over which eps decays geometrically "
                                        "from eps_start_rel to eps (0: constant eps, as the authors)"),
         "eps_start_rel": Option(0.01, help="starting eps of the continuation, relative to mean(xi)"),
@@ -347,8 +352,8 @@ class OTCS(Method):
             with torch.no_grad():  # start from u + v = mean cost (units of s)
                 self.u_net.net[-1].bias.fill_(0.5)
                 self.v_net.net[-1].bias.fill_(0.5)
-        opt = self.optimizer("potentials", torch.optim.Adam(
-            list(self.u_net.parameters()) + list(self.v_net.parameters()), lr=o["ot_lr"]))
+        params = list(self.u_net.parameters()) + list(self.v_net.parameters())
+        opt = self.optimizer("potentials", torch.optim.Adam(params, lr=o["ot_lr"]))
         g = run.generator("otcs-stage1", device=dev)
         for step in run.loop("otcs-stage1-potentials", steps):
             ii = torch.randint(P.n - P.k, (batch,), generator=g, device=dev)
@@ -361,6 +366,11 @@ class OTCS(Method):
                                          eps_at(step), mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if not torch.isfinite(loss):
+                raise BenchError(f"OTCS stage I diverged at potential step {step} (the dual is not finite); "
+                                 f"lower ot_lr (now {o['ot_lr']}) or ot_grad_clip (now {o['ot_grad_clip']})")
+            if o["ot_grad_clip"] is not None:
+                torch.nn.utils.clip_grad_norm_(params, float(o["ot_grad_clip"]))
             for group in opt.param_groups:
                 group["lr"] = o["ot_lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
             opt.step()

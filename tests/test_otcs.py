@@ -161,6 +161,51 @@ def test_stage1_potentials_match_the_exact_pot_plan_on_a_small_problem():
     assert b["bound_empty_rows"] == 0 and b["bound_ot_n"] == 40
 
 
+def _stage1_only(**options):
+    """OTCS set up on a 40 x 40 problem with stage I ready to run (prepare_ot done)."""
+    g = torch.Generator().manual_seed(0)
+    xs, yt = torch.randn(40, 1, generator=g) - 1, torch.randn(40, 1, generator=g) + 1
+    data = TaskData(name="small", setting=UNPAIRED, source_train=xs, target_train=yt,
+                    source_test=xs[:4], target_test=yt[:4])
+    torch.manual_seed(0)
+    m = OTCS(**{"ot_steps": 30, "ot_batch": 40, "potential_hidden": 64, "holdout": 0.0, **options})
+    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    run.method = m
+    m.setup(data, run)
+    m.prepare_ot(data, run)
+    return m, run
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_stage1_clips_the_potentials_gradient_norm(clip, monkeypatch):
+    """The digits cpu seed-1 run diverged at potential step ~2,050 (gradient norm 0.4-0.9, then 5e8);
+    ot_grad_clip bounds the norm that reaches Adam."""
+    norms = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *a, **k):
+        grads = [p.grad.flatten() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.cat(grads).norm()))
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    m, run = _stage1_only(ot_grad_clip=clip)
+    m.fit_potentials(run)
+    assert len(norms) == 30
+    if clip is None:
+        assert max(norms) > 10 * 1e-3  # unclipped norms are far above the clip used below
+    else:
+        assert max(norms) <= clip * (1 + 1e-5)
+
+
+def test_stage1_stops_with_a_one_line_error_when_the_dual_is_not_finite(monkeypatch):
+    from bench import ot
+    m, run = _stage1_only()
+    monkeypatch.setattr(ot, "dual_l2_objective", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(BenchError, match="stage I diverged at potential step 0.*lower ot_lr"):
+        m.fit_potentials(run)
+
+
 def test_digit_sized_images_keep_their_28x28_canvas_and_attention_sits_at_half_resolution():
     from bench.testing import tiny_images
     data = tiny_images(side=28)
