@@ -77,7 +77,7 @@ class KNOT(NOT):
         "lr_milestones": Option([0.15, 0.25, 0.40, 0.55, 0.70], type=list),
         "lr_decay": 0.5,
         # cpu: batch 16 x n_z 4 = the 64 UNet evaluations per map step of NOT's batch 64; 3.1 s per outer
-        # step alone on 2 cores. 200 steps (14.9 min in all) returned the inputs; 600 ~ 31 min + 5 min eval
+        # step alone on 2 cores. 200 steps (14.9 min in all) returned the inputs; 600: 33.4 min in all (measured)
         "steps": Option(smoke=3, cpu=600, fast=4000, paper=100_000, help="outer steps"),
         "batch_size": Option(smoke=4, cpu=16, fast=64, paper=64),
         "distance_per_dim": Option(False, help="divide the distance kernel by sqrt(D) (authors: no)"),

@@ -364,11 +364,11 @@ class OTCS(Method):
                 mask = ot.keypoint_mask(ii, jj, P.src_key, P.tgt_key)
             loss = -ot.dual_l2_objective(self.u_net(P.fx[ii]), self.v_net(P.fy[jj]), P.xi_block(ii, jj),
                                          eps_at(step), mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             if not torch.isfinite(loss):
                 raise BenchError(f"OTCS stage I diverged at potential step {step} (the dual is not finite); "
                                  f"lower ot_lr (now {o['ot_lr']}) or ot_grad_clip (now {o['ot_grad_clip']})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
             if o["ot_grad_clip"] is not None:
                 torch.nn.utils.clip_grad_norm_(params, float(o["ot_grad_clip"]))
             for group in opt.param_groups:
