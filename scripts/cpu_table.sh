@@ -2,7 +2,7 @@
 # Regenerate the digits `cpu` rows one method at a time (one heavy job on a 2-core machine);
 # each finished run is resumable and skipped when run again. After each method, its row.json and grid
 # are copied to results/digits/rows/<method>-cpu-seed<S>.{json,png}, its probe curve (if any) to
-# results/digits/curves/, and results/digits/table_cpu.md is regenerated.
+# results/digits/curves/, and results/digits/table_cpu.md and the README's cpu table are regenerated.
 # Usage: SEEDS="0 1 2" bash scripts/cpu_table.sh [methods...]   (default seeds: 0)
 set -u
 cd "$(dirname "$0")/.."
@@ -35,5 +35,6 @@ for seed in ${SEEDS:-0}; do
       "$PY" scripts/plot_curves.py "$dir" --out results/digits/curves/"$m"-cpu-seed"$seed".png || true
     fi
     "$BENCH" table --task digits --rows results/digits/rows --budget cpu --save results/digits/table_cpu.md > /dev/null || true
+    "$PY" scripts/readme_table.py --write README.md || true
   done
 done

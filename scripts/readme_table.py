@@ -1,0 +1,104 @@
+"""The README's digits `cpu` summary table, computed from the committed rows (results/digits/rows).
+
+Every number comes from the rows' row.json copies: Acc, FID and plan_acc as mean ± std over the seeds
+that have run (sample std, as `bench table`), the whole-run minutes (fit + transport + evaluation) per seed. The two text columns
+(settings, what the grids show) are observations written below by whoever looked at the grids.
+
+    python scripts/readme_table.py                  # print the table
+    python scripts/readme_table.py --write README.md  # replace the block between the cpu-table markers
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.paper import paper_values  # noqa: E402
+from bench.tables import load_rows  # noqa: E402
+
+BEGIN, END = "<!-- cpu-table:begin -->", "<!-- cpu-table:end -->"
+
+# method -> (label with its cpu settings, what its grids show); order = the README's order
+NOTES = {
+    "otcs": ("OTCS (6,000 stage-II steps, lr 2e-3, 100 SDE steps)",
+             "faint Chinese numerals, not the source's class"),
+    "not": ("NOT (600 outer steps)", "dimmed, smeared copies of the inputs"),
+    "tcr": ("TCR (2,400 updates)", "very dim copies of the inputs"),
+    "w2gan": ("W2GAN (1,100 steps)", "dimmed, grainy copies of the inputs"),
+    "ot-icnn": ("OT-ICNN (3,000 updates of f)", "blurred, dim copies of the inputs"),
+    "otm": ("OTM (550 potential updates)", "dim, blurred copies of the inputs"),
+    "reflow": ("ReFlow (3,500 flow steps, 40 Euler steps)",
+               "faint Chinese-numeral strokes, unrelated to the source's class"),
+    "ddib": ("DDIB (2 x 2,000 score steps, lr 2e-3, DDIM-25 each way)",
+             "Chinese-numeral-like glyphs, unrelated to the source's class"),
+    "egsde": ("EGSDE (3,000 score steps, lr 2e-3, 30 guided SDE steps from t0 0.5)",
+              "grainy target-style glyphs on a noisy background, unrelated to the source's class"),
+    "scones": ("SCONES (3,500 score steps, lr 2e-3, 10 x 5 Langevin steps)",
+               "clean, varied Chinese numerals, unrelated to the source's class"),
+    "dpmot": ("DPM-OT (4,000 score steps, lr 2e-3, map at t_M 0.002, 10 reverse steps; not in the paper's table)",
+              "clean Chinese numerals of every class (retrieved training images), unrelated to the source's class"),
+    "knot": ("KNOT (600 outer steps, constant lr)", "dimmed copies of the inputs"),
+}
+
+
+def _cell(values, digits: int) -> str:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "-"
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{mean:.{digits}f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def table(rows_dir: Path) -> str:
+    df = load_rows(Path("runs"), task="digits", rows_dir=rows_dir)
+    df = df[df["budget"] == "cpu"]
+    paper = paper_values("digits")
+    lines = ["| method | seeds | Acc (%) | FID (n = 2,000) | plan_acc (%) | paper Acc | paper FID "
+             "| run min (per seed) | what the grids show |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    unknown = sorted(set(df["method"]) - set(NOTES))
+    if unknown:
+        raise SystemExit(f"no README note for {', '.join(unknown)}: add it to NOTES in {Path(__file__).name}")
+    for method, (label, grid) in NOTES.items():
+        sub = df[df["method"] == method].sort_values("seed")
+        if sub.empty:
+            continue
+        seeds = ", ".join(str(int(s)) for s in sub["seed"])
+        total = (sub["fit_s"] + sub["transport_s"] + sub["eval_s"]) / 60
+        plan = sub["plan_acc"] if "plan_acc" in sub else []
+        p = paper.get(method, {})
+        lines.append(" | ".join([
+            f"| {label}", seeds, _cell(sub["acc"], 2), _cell(sub["fid"], 1), _cell(list(plan), 1),
+            f"{p['acc']:.2f}" if "acc" in p else "-", f"{p['fid']:.2f}" if "fid" in p else "-",
+            " / ".join(f"{m:.1f}" for m in total), f"{grid} |"]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=Path, default=ROOT / "results/digits/rows")
+    ap.add_argument("--write", type=Path, help="replace the block between the cpu-table markers in this file")
+    args = ap.parse_args()
+    text = table(args.rows)
+    if not args.write:
+        print(text)
+        return
+    doc = args.write.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{args.write} has no {BEGIN} ... {END} block; add the two markers where the table goes")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    tmp = args.write.with_suffix(args.write.suffix + ".tmp")
+    tmp.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    tmp.replace(args.write)
+
+
+if __name__ == "__main__":
+    main()
