@@ -260,3 +260,45 @@ def test_jcsm_is_measured_against_the_exact_mixture_score():
     m.ema = _MixtureEps(m.sde, ys, ws)
     i, j = ot.resample_by_compatibility(H, 2000, generator=g)
     assert dsm_eval(m.ema, yt[j], m.sde, cond=xs[i], n_t=4, generator=g) > 0.5  # J_CSM + a constant
+
+
+class _IgnoresCondition(torch.nn.Module):
+    """A noise predictor that always answers as if the condition were x = 0."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, y, t, cond):
+        return self.inner(y, t, torch.zeros_like(cond))
+
+
+def test_condition_use_tells_a_model_that_follows_its_condition_from_one_that_ignores_it():
+    """scripts/otcs_condition_use.py: shuffling the sources costs eps-MSE and moves the samples only for
+    a model that uses them."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+    from bench import ot
+    path = Path(__file__).resolve().parent.parent / "scripts" / "otcs_condition_use.py"
+    spec = importlib.util.spec_from_file_location("otcs_condition_use", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = Toy1D().load(None, 0)
+    m = OTCS(**OTCS.test_options)
+    m.setup(data, Run(None, device="cpu", seed=0, budget="smoke", progress=False))
+    xs, yt = torch.tensor([[0.0], [1.0]]), torch.tensor([[-2.0], [1.0], [3.0], [5.0]])
+    H = ot.SparseCompatibility(torch.tensor([0, 2, 4]), torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 3.0, 2.0, 2.0]),
+                               torch.ones(2), torch.ones(4), 1.0)
+    m._H = lambda: H
+    m._prob = SimpleNamespace(xs=xs, yt=yt)
+    m.hold_rows = m.train_rows = torch.tensor([0, 1])
+    exact = _MixtureEps(m.sde, [yt[[0, 1], 0], yt[[2, 3], 0]], [torch.tensor([0.25, 0.75]), torch.tensor([0.5, 0.5])])
+    m.ema = exact
+    follows = mod.condition_use(m, pairs=2000, samples=64)
+    m.ema = _IgnoresCondition(exact)
+    ignores = mod.condition_use(m, pairs=2000, samples=64)
+    assert follows["per_t"][0]["gain_pct"] > 20           # at small t the source decides the target
+    assert all(abs(r["gain_pct"]) < 1e-6 for r in ignores["per_t"])
+    assert follows["d_cond"] > 1.0 and ignores["d_cond"] < 1e-4
+    assert ignores["d_noise"] > 0.1                       # the noise still moves the samples
