@@ -32,7 +32,7 @@ NOTES = {
     "ot-icnn": ("OT-ICNN (3,000 updates of f)", "blurred, dim copies of the inputs"),
     "otm": ("OTM (550 potential updates)", "dim, blurred copies of the inputs"),
     "reflow": ("ReFlow (3,500 flow steps, 40 Euler steps)",
-               "faint Chinese-numeral strokes, unrelated to the source's class"),
+               "faint strokes, Chinese-numeral-like on seed 0, keeping part of the source's outline on seed 1"),
     "ddib": ("DDIB (2 x 2,000 score steps, lr 2e-3, DDIM-25 each way)",
              "Chinese-numeral-like glyphs, unrelated to the source's class"),
     "egsde": ("EGSDE (3,000 score steps, lr 2e-3, 30 guided SDE steps from t0 0.5)",
