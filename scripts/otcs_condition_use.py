@@ -8,6 +8,9 @@
    y(x_b, s1) and y(x_a, s2) with the run's sampler, s1 / s2 two noise seeds. d_cond = RMS(y(x_a,s1) -
    y(x_b,s1)) is how far the output moves when only the condition changes, d_noise = RMS(y(x_a,s1) - y(x_a,s2))
    when only the noise changes. d_cond ~ 0 means the condition is ignored.
+The reference for check 1 is the same comparison made with the exact noise predictor of the noised finite
+mixture pi_hat(.|x) = sum_j w_ij delta(y_j) (the one J_CSM is measured against): its gain is how much the
+plan's conditionals differ between sources, i.e. the most a perfect score model could gain from the condition.
 The pairs come from the rows OTCS held out of stage II (training images, never the test split).
 
     BENCH_DATA=../shared/data python scripts/otcs_condition_use.py runs/digits/otcs/cpu-seed0-*
@@ -28,6 +31,23 @@ from bench.runner import load_run
 TIMES = (0.01, 0.1, 0.3, 0.5, 0.7, 0.9)
 
 
+def _exact_eps(H: ot.SparseCompatibility, yt: torch.Tensor, rows: torch.Tensor, y_t: torch.Tensor,
+               a: float, s: float) -> torch.Tensor:
+    """eps*(y_t) = (y_t - a E[y | y_t, row]) / s for the noised mixture of each query's H row (flat vectors)."""
+    out = torch.empty_like(y_t)
+    for r in torch.unique(rows).tolist():
+        q = torch.nonzero(rows == r).flatten()
+        a0, b0 = int(H.crow[r]), int(H.crow[r + 1])
+        Y = yt[H.col[a0:b0]]
+        w = H.val[a0:b0].double()
+        logw = torch.log((w / w.sum()).float().clamp_min(1e-30))
+        Q = y_t[q]
+        sq = Q.pow(2).sum(1, keepdim=True) - 2 * a * (Q @ Y.T) + a * a * Y.pow(2).sum(1)[None]
+        resp = torch.softmax(logw[None] - sq / (2 * s * s), dim=1)
+        out[q] = (Q - a * (resp @ Y)) / s
+    return out
+
+
 def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).flatten(1).mean(1).sqrt().mean())
 
@@ -42,15 +62,22 @@ def condition_use(m: OTCS, pairs: int = 1024, samples: int = 64, seed: int = 0) 
     P = m._prob
     y0 = m._pad(P.yt[j])
     cond = m._cond(P.xs[i])
-    shuffled = cond[torch.randperm(len(i), generator=g, device=cond.device)]
+    perm = torch.randperm(len(i), generator=g, device=cond.device)
+    shuffled = cond[perm]
+    yflat = m._pad(P.yt).flatten(1).float()
     out: dict = {"pairs": int(len(i)), "per_t": []}
     for tv in TIMES:
         t = torch.full((len(y0),), tv, device=y0.device)
         z = torch.randn(y0.shape, generator=g, device=y0.device)
         xt = m.sde.perturb(y0, t, z)
         mse = [float((m.ema(xt, t, c).float() - z).pow(2).mean()) for c in (cond, shuffled)]
+        a, s = float(m.sde.alpha(t[:1])), float(m.sde.sigma(t[:1]))
+        zf, xf = z.flatten(1), xt.flatten(1).float()
+        ideal = [float((_exact_eps(H, yflat, r, xf, a, s) - zf).pow(2).mean()) for r in (i, i[perm])]
         out["per_t"].append({"t": tv, "eps_mse_own": mse[0], "eps_mse_shuffled": mse[1],
-                             "gain_pct": 100.0 * (mse[1] - mse[0]) / mse[1]})
+                             "gain_pct": 100.0 * (mse[1] - mse[0]) / mse[1],
+                             "exact_eps_mse_own": ideal[0], "exact_eps_mse_shuffled": ideal[1],
+                             "exact_gain_pct": 100.0 * (ideal[1] - ideal[0]) / max(ideal[1], 1e-30)})
     src_rows = rows[torch.randperm(len(rows), generator=g, device=rows.device)[:samples]]
     xa = P.xs[src_rows]
     xb = torch.roll(xa, 1, dims=0)
@@ -82,9 +109,11 @@ def main(argv=None) -> int:
         r = condition_use(m, a.pairs, a.samples)
         results[str(rd)] = r
         print(f"{rd}: {r['pairs']} held-out pairs")
-        print(f"{'t':>5s}  {'eps-MSE own x':>13s}  {'shuffled x':>10s}  {'gain %':>6s}")
+        print(f"{'t':>5s}  {'eps-MSE own x':>13s}  {'shuffled x':>10s}  {'gain %':>6s}  "
+              f"{'exact own':>9s}  {'exact shuffled':>14s}  {'exact gain %':>12s}")
         for row in r["per_t"]:
-            print(f"{row['t']:5.2f}  {row['eps_mse_own']:13.5f}  {row['eps_mse_shuffled']:10.5f}  {row['gain_pct']:6.2f}")
+            print(f"{row['t']:5.2f}  {row['eps_mse_own']:13.5f}  {row['eps_mse_shuffled']:10.5f}  {row['gain_pct']:6.2f}  "
+                  f"{row['exact_eps_mse_own']:9.5f}  {row['exact_eps_mse_shuffled']:14.5f}  {row['exact_gain_pct']:12.2f}")
         print(f"samples ({r['samples']} sources): d_cond {r['d_cond']:.4f}  d_noise {r['d_noise']:.4f}  "
               f"ratio {r['d_cond'] / max(r['d_noise'], 1e-12):.3f}")
     if a.json:

@@ -302,3 +302,7 @@ def test_condition_use_tells_a_model_that_follows_its_condition_from_one_that_ig
     assert all(abs(r["gain_pct"]) < 1e-6 for r in ignores["per_t"])
     assert follows["d_cond"] > 1.0 and ignores["d_cond"] < 1e-4
     assert ignores["d_noise"] > 0.1                       # the noise still moves the samples
+    # the exact mixture reference: the exact model gains exactly what the plan allows, at every t
+    for r in follows["per_t"]:
+        assert r["exact_eps_mse_own"] == pytest.approx(r["eps_mse_own"], rel=1e-3, abs=1e-9)
+        assert r["exact_gain_pct"] == pytest.approx(r["gain_pct"], abs=0.1)
