@@ -138,6 +138,15 @@ def dsm_loss(net, x0: torch.Tensor, sde: VPSDE, cond=None, weighting: str = "g2"
     return per.mean() if reduce else per
 
 
+def mixture_eps(y_t: torch.Tensor, Y: torch.Tensor, w: torch.Tensor, a, s) -> torch.Tensor:
+    """Exact noise predictor of the noised finite mixture sum_j w_j N(a Y_j, s^2 I) at y_t: (y_t - a ybar) / s,
+    ybar the posterior mean sum_j r_j Y_j with r = softmax_j(log w_j - ||y_t - a Y_j||^2 / (2 s^2)).
+    y_t (B, D) and Y (m, D) flat, w (m,) summing to 1; a, s floats or (B, 1) tensors (one t per query)."""
+    sq = y_t.pow(2).sum(1, keepdim=True) - 2 * a * (y_t @ Y.T) + (a * a) * Y.pow(2).sum(1)[None]
+    resp = torch.softmax(torch.log(w.clamp_min(1e-30))[None] - sq / (2 * s * s), dim=1)
+    return (y_t - a * (resp @ Y)) / s
+
+
 @torch.no_grad()
 def dsm_eval(net, x0: torch.Tensor, sde: VPSDE, cond=None, n_t: int = 16, generator=None) -> float:
     """Held-out J_CSM = int_{t_eps}^T g^2 E||s_theta - grad log p(x_t|x_0)||^2 dt (sum over dims).

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from bench import ot
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
-from bench.diffusion import EMA, VPSDE, dsm_eval, dsm_loss, sample_ddim, sample_sde
+from bench.diffusion import EMA, VPSDE, dsm_eval, dsm_loss, mixture_eps, sample_ddim, sample_sde
 from bench.nn import canvas_side, MLP, ScoreMLP, UNet, crop_to, pad_to
 from bench.options import Option
 from bench.scoremodel import score_lr
@@ -503,9 +503,7 @@ class OTCS(Method):
             a, s = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
             z = torch.randn(per_row, Yf.shape[1], generator=g, device=dev)
             y_t = a * Yf[pick] + s * z
-            sq = (y_t.pow(2).sum(1, keepdim=True) - 2 * a * (y_t @ Yf.T) + a.pow(2) * Yf.pow(2).sum(1)[None])
-            resp = torch.softmax(torch.log(w.clamp_min(1e-30))[None] - sq / (2 * s.pow(2)), dim=1)
-            eps_star = (y_t - a * (resp @ Yf)) / s  # = -sigma_t * exact score
+            eps_star = mixture_eps(y_t, Yf, w, a, s)  # = -sigma_t * exact score
             c1 = self._cond(xs[r:r + 1])
             cond = c1.expand(per_row, *c1.shape[1:])
             eps = self.ema(y_t.reshape(per_row, *Y.shape[1:]), t, cond).float().flatten(1)

@@ -25,6 +25,7 @@ import torch
 
 from bench import ot
 from bench.data import resolve_root
+from bench.diffusion import mixture_eps
 from bench.methods.otcs import OTCS
 from bench.runner import load_run
 
@@ -40,11 +41,7 @@ def _exact_eps(H: ot.SparseCompatibility, yt: torch.Tensor, rows: torch.Tensor, 
         a0, b0 = int(H.crow[r]), int(H.crow[r + 1])
         Y = yt[H.col[a0:b0]]
         w = H.val[a0:b0].double()
-        logw = torch.log((w / w.sum()).float().clamp_min(1e-30))
-        Q = y_t[q]
-        sq = Q.pow(2).sum(1, keepdim=True) - 2 * a * (Q @ Y.T) + a * a * Y.pow(2).sum(1)[None]
-        resp = torch.softmax(logw[None] - sq / (2 * s * s), dim=1)
-        out[q] = (Q - a * (resp @ Y)) / s
+        out[q] = mixture_eps(y_t[q], Y, (w / w.sum()).float(), a, s)
     return out
 
 

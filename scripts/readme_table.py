@@ -10,15 +10,16 @@ that have run (sample std, as `bench table`), the whole-run minutes (fit + trans
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
+
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.paper import paper_values  # noqa: E402
-from bench.tables import load_rows  # noqa: E402
+from bench.tables import _fmt, load_rows  # noqa: E402
 
 BEGIN, END = "<!-- cpu-table:begin -->", "<!-- cpu-table:end -->"
 
@@ -46,14 +47,10 @@ NOTES = {
 
 
 def _cell(values, digits: int) -> str:
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
+    vals = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").dropna()
+    if vals.empty:
         return "-"
-    mean = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return f"{mean:.{digits}f}"
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return _fmt(vals.mean(), vals.std(), len(vals), digits)  # `bench table`'s cell: mean ± sample std
 
 
 def table(rows_dir: Path) -> str:

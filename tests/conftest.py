@@ -48,3 +48,16 @@ def cache(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "cache"
     monkeypatch.setenv("BENCH_CACHE", str(path))
     return path
+
+
+@pytest.fixture
+def script():
+    """Load one of the repository's scripts/<name>.py as a module, to test the functions it runs."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load

@@ -141,15 +141,9 @@ class _FakeTask:
         return {"fid": float(outputs.mean().abs()), "fid_n": int(len(outputs)), "fid_ref": "fake"}
 
 
-def test_generation_experiment_rows():
-    import importlib.util
-    from pathlib import Path
+def test_generation_experiment_rows(script):
     from bench.methods.dpmot import DPMOT
-    path = Path(__file__).resolve().parent.parent / "scripts" / "dpmot_generation.py"
-    spec = importlib.util.spec_from_file_location("dpmot_generation", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    generation_experiment = mod.generation_experiment
+    generation_experiment = script("dpmot_generation").generation_experiment
     data = tiny_images()
     m = _fit_dpmot(data, **DPMOT.test_options)
     task = _FakeTask(data.shape)

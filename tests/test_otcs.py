@@ -238,26 +238,30 @@ class _MixtureEps(torch.nn.Module):
         return out
 
 
+def _two_row_plan():
+    """An OTCS set up on Toy1D, and a hand-made plan over 2 sources and 4 targets: row 0 -> targets 0, 1
+    (weights 1, 3), row 1 -> targets 2, 3 (weights 2, 2); the exact noise predictor of its conditionals."""
+    from bench import ot
+    m = OTCS(**OTCS.test_options)
+    m.setup(Toy1D().load(None, 0), Run(None, device="cpu", seed=0, budget="smoke", progress=False))
+    xs, yt = torch.tensor([[0.0], [1.0]]), torch.tensor([[-2.0], [1.0], [3.0], [5.0]])
+    H = ot.SparseCompatibility(torch.tensor([0, 2, 4]), torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 3.0, 2.0, 2.0]),
+                               torch.ones(2), torch.ones(4), 1.0)
+    exact = _MixtureEps(m.sde, [yt[[0, 1], 0], yt[[2, 3], 0]], [torch.tensor([0.25, 0.75]), torch.tensor([0.5, 0.5])])
+    return m, xs, yt, H, exact
+
+
 def test_jcsm_is_measured_against_the_exact_mixture_score():
     """Issue 8 item 4: bound_jcsm vanishes for the exact conditional score; the DSM value does not."""
     from bench import ot
-    data = Toy1D().load(None, 0)
-    m = OTCS(**OTCS.test_options)
-    m.setup(data, Run(None, device="cpu", seed=0, budget="smoke", progress=False))
-    xs, yt = torch.tensor([[0.0], [1.0]]), torch.tensor([[-2.0], [1.0], [3.0], [5.0]])
-    # row 0 -> targets 0, 1 (weights 1, 3); row 1 -> targets 2, 3 (weights 2, 2)
-    H = ot.SparseCompatibility(torch.tensor([0, 2, 4]), torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 3.0, 2.0, 2.0]),
-                               torch.ones(2), torch.ones(4), 1.0)
-    ys = [yt[[0, 1], 0], yt[[2, 3], 0]]
-    ws = [torch.tensor([0.25, 0.75]), torch.tensor([0.5, 0.5])]
-    m.ema = _MixtureEps(m.sde, ys, ws)
+    m, xs, yt, H, exact = _two_row_plan()
+    m.ema = exact
     g = torch.Generator().manual_seed(0)
-    exact = m._jcsm_exact(xs, yt, H, torch.tensor([0, 1]), 4000, g)
-    assert exact == pytest.approx(0.0, abs=1e-6)
+    assert m._jcsm_exact(xs, yt, H, torch.tensor([0, 1]), 4000, g) == pytest.approx(0.0, abs=1e-6)
     m.ema = _ExactEps(m.sde, 1.0)  # a wrong score: a Gaussian N(x + 8, 1)
     assert m._jcsm_exact(xs, yt, H, torch.tensor([0, 1]), 4000, g) > 1.0
     from bench.diffusion import dsm_eval
-    m.ema = _MixtureEps(m.sde, ys, ws)
+    m.ema = exact
     i, j = ot.resample_by_compatibility(H, 2000, generator=g)
     assert dsm_eval(m.ema, yt[j], m.sde, cond=xs[i], n_t=4, generator=g) > 0.5  # J_CSM + a constant
 
@@ -273,27 +277,15 @@ class _IgnoresCondition(torch.nn.Module):
         return self.inner(y, t, torch.zeros_like(cond))
 
 
-def test_condition_use_tells_a_model_that_follows_its_condition_from_one_that_ignores_it():
+def test_condition_use_tells_a_model_that_follows_its_condition_from_one_that_ignores_it(script):
     """scripts/otcs_condition_use.py: shuffling the sources costs eps-MSE and moves the samples only for
     a model that uses them."""
-    import importlib.util
-    from pathlib import Path
     from types import SimpleNamespace
-    from bench import ot
-    path = Path(__file__).resolve().parent.parent / "scripts" / "otcs_condition_use.py"
-    spec = importlib.util.spec_from_file_location("otcs_condition_use", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    data = Toy1D().load(None, 0)
-    m = OTCS(**OTCS.test_options)
-    m.setup(data, Run(None, device="cpu", seed=0, budget="smoke", progress=False))
-    xs, yt = torch.tensor([[0.0], [1.0]]), torch.tensor([[-2.0], [1.0], [3.0], [5.0]])
-    H = ot.SparseCompatibility(torch.tensor([0, 2, 4]), torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 3.0, 2.0, 2.0]),
-                               torch.ones(2), torch.ones(4), 1.0)
+    mod = script("otcs_condition_use")
+    m, xs, yt, H, exact = _two_row_plan()
     m._H = lambda: H
     m._prob = SimpleNamespace(xs=xs, yt=yt)
     m.hold_rows = m.train_rows = torch.tensor([0, 1])
-    exact = _MixtureEps(m.sde, [yt[[0, 1], 0], yt[[2, 3], 0]], [torch.tensor([0.25, 0.75]), torch.tensor([0.5, 0.5])])
     m.ema = exact
     follows = mod.condition_use(m, pairs=2000, samples=64)
     m.ema = _IgnoresCondition(exact)

@@ -1,5 +1,4 @@
 """The README's digits cpu table is computed from the committed rows, and stays in step with them."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,21 +7,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("readme_table", ROOT / "scripts" / "readme_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _row(tmp: Path, method: str, seed: int, acc: float, fid: float, **extra):
     row = {"method": method, "budget": "cpu", "task": "digits", "seed": seed, "acc": acc, "fid": fid,
            "fit_s": 600.0, "transport_s": 60.0, "eval_s": 240.0, **extra}
     (tmp / f"{method}-cpu-seed{seed}.json").write_text(json.dumps(row))
 
 
-def test_cells_are_mean_and_sample_std_over_seeds(tmp_path):
-    mod = _module()
+def test_cells_are_mean_and_sample_std_over_seeds(tmp_path, script):
+    mod = script("readme_table")
     _row(tmp_path, "otcs", 0, 10.0, 90.0, plan_acc=20.0)
     _row(tmp_path, "otcs", 1, 12.0, 110.0, plan_acc=16.0)
     _row(tmp_path, "not", 0, 8.0, 80.0)
@@ -36,16 +28,16 @@ def test_cells_are_mean_and_sample_std_over_seeds(tmp_path):
     assert "KNOT" not in text                     # a method with no row is left out
 
 
-def test_unknown_method_is_refused(tmp_path):
-    mod = _module()
+def test_unknown_method_is_refused(tmp_path, script):
+    mod = script("readme_table")
     _row(tmp_path, "mymethod", 0, 10.0, 90.0)
     with pytest.raises(SystemExit, match="NOTES"):
         mod.table(tmp_path)
 
 
-def test_readme_block_matches_committed_rows():
+def test_readme_block_matches_committed_rows(script):
     """Run `python scripts/readme_table.py --write README.md` after adding a row to results/digits/rows."""
-    mod = _module()
+    mod = script("readme_table")
     readme = (ROOT / "README.md").read_text()
     block = readme.split(mod.BEGIN, 1)[1].split(mod.END, 1)[0].strip()
     assert block == mod.table(ROOT / "results/digits/rows")
