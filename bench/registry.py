@@ -110,3 +110,24 @@ def get_method(name: str) -> type[Method]:
 
 def get_task(name: str) -> type[Task]:
     return TASKS.get(name)
+
+
+def _plain(value):
+    """A JSON round trip, so that options read back from a row (lists, str keys) compare equal to defaults."""
+    import json
+    return json.loads(json.dumps(value, default=str))
+
+
+def options_variant(method: str, budget: str, task: str, options: dict, task_options: dict) -> str:
+    """A short label of the options that differ from the budget's *current* defaults ('' for defaults).
+
+    A default option the row does not have (added after it ran) is labelled ``name=unset``, so a row run
+    before a default changed never reads as a run of today's defaults."""
+    base_m = _plain(get_method(method)(budget=budget).options)
+    base_t = _plain(get_task(task)().options)
+    options, task_options = _plain(options or {}), _plain(task_options or {})
+    parts = [f"{k}={v}" for k, v in sorted(options.items()) if base_m.get(k, object()) != v]
+    parts += [f"{k}=unset" for k in sorted(set(base_m) - set(options))]
+    parts += [f"task.{k}={v}" for k, v in sorted(task_options.items()) if base_t.get(k, object()) != v]
+    parts += [f"task.{k}=unset" for k in sorted(set(base_t) - set(task_options))]
+    return ",".join(parts)

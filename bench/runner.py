@@ -46,7 +46,7 @@ from .api import BenchError, EvalContext, Metric, Method, Task, TaskData
 from .budgets import Budget
 from .locks import RunLock
 from .plots import save_grid
-from .registry import get_method, get_task
+from .registry import get_method, get_task, options_variant
 from .run import Run, RunFailed, pick_device, seed_everything
 
 ROW_FILE = "row.json"
@@ -353,11 +353,7 @@ def annotate(p: Prepared, scored: dict[str, Any], saved: dict[str, Any],
 
 def variant(spec: RunSpec, method: Method, task: Task) -> str:
     """A short label of the options that differ from the budget's defaults ('' for defaults)."""
-    base_m = get_method(spec.method)(budget=spec.budget).options
-    base_t = get_task(spec.task)().options
-    parts = [f"{k}={v}" for k, v in sorted(method.options.items()) if base_m.get(k, object()) != v]
-    parts += [f"task.{k}={v}" for k, v in sorted(task.options.items()) if base_t.get(k, object()) != v]
-    return ",".join(parts)
+    return options_variant(spec.method, spec.budget, spec.task, method.options, task.options)
 
 
 # -- run directory bookkeeping --------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from .api import BenchError, Metric
+from .registry import options_variant
 
 BOUND_PREFIX = "bound_"
 
@@ -44,8 +45,22 @@ def load_rows(out: Path, task: str | None = None, rows_dir: Path | None = None) 
         if task and row.get("task", task) != task:
             continue
         row["run_dir"] = str(path.parent if rows_dir is None else path)
+        row["variant"] = current_variant(row)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def current_variant(row: dict) -> str:
+    """The row's options that differ from its method's defaults *today*: a row run before a default changed
+    is labelled (and so never averaged with runs of the new default); the label stored at run time is kept
+    for a method or task that is not installed here."""
+    if "options" not in row or "task" not in row:
+        return row.get("variant") or ""
+    try:
+        return options_variant(row["method"], row["budget"], row["task"], row["options"],
+                               row.get("task_options", {}))
+    except BenchError:
+        return row.get("variant") or ""
 
 
 def _fmt(mean: float, std: float, n: int, digits: int) -> str:
@@ -164,8 +179,11 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
     if bound_cols:
         bdf = df.dropna(subset=bound_cols, how="all")
         if not bdf.empty:
-            g = bdf.groupby(["method", "budget"], sort=False)[bound_cols].mean(numeric_only=True).reset_index()
-            bl = [[r["method"], r["budget"], *[_num(r.get(c)) for c in bound_cols]] for _, r in g.iterrows()]
+            bdf = bdf.assign(variant=bdf["variant"].fillna(""))
+            g = bdf.groupby(["method", "variant", "budget"], sort=False)[bound_cols].mean(
+                numeric_only=True).reset_index()
+            bl = [[r["method"] + (f" [{r['variant']}]" if r["variant"] else ""), r["budget"],
+                   *[_num(r.get(c)) for c in bound_cols]] for _, r in g.iterrows()]
             text += "\n\nTheorem 2 terms (mean over seeds; C1..C3 unknown, so terms not a bound):\n\n"
             text += tabulate(bl, headers=["Method", "Budget", *bound_cols], tablefmt=tablefmt,
                              disable_numparse=True)

@@ -1,6 +1,7 @@
 """The README's digits `cpu` summary table, computed from the committed rows (results/digits/rows).
 
-Every number comes from the rows' row.json copies: Acc, FID and plan_acc as mean ± std over the seeds
+Only rows run with today's `cpu` defaults are averaged (a row whose options differ, e.g. one run before a
+default changed, is named under the table instead). Every number comes from the rows' row.json copies: Acc, FID and plan_acc as mean ± std over the seeds
 that have run (sample std, as `bench table`), the whole-run minutes (fit + transport + evaluation) per seed. The two text columns
 (settings, what the grids show) are observations written below by whoever looked at the grids.
 
@@ -56,6 +57,9 @@ def _cell(values, digits: int) -> str:
 def table(rows_dir: Path) -> str:
     df = load_rows(Path("runs"), task="digits", rows_dir=rows_dir)
     df = df[df["budget"] == "cpu"]
+    # only runs of today's `cpu` defaults are averaged; older settings are named under the table
+    stale = df[df["variant"] != ""].sort_values(["method", "seed"])
+    df = df[df["variant"] == ""]
     paper = paper_values("digits")
     lines = ["| method | seeds | Acc (%) | FID (n = 2,000) | plan_acc (%) | paper Acc | paper FID "
              "| run min (per seed) | what the grids show |",
@@ -75,6 +79,9 @@ def table(rows_dir: Path) -> str:
             f"| {label}", seeds, _cell(sub["acc"], 2), _cell(sub["fid"], 1), _cell(list(plan), 1),
             f"{p['acc']:.2f}" if "acc" in p else "-", f"{p['fid']:.2f}" if "fid" in p else "-",
             " / ".join(f"{m:.1f}" for m in total), f"{grid} |"]))
+    if not stale.empty:
+        lines += ["", "Not in the means (run before a `cpu` default changed; their rows are kept): " + "; ".join(
+            f"{r.method} seed {int(r.seed)} ({r.variant})" for r in stale.itertuples()) + "."]
     return "\n".join(lines)
 
 

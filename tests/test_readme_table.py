@@ -28,6 +28,20 @@ def test_cells_are_mean_and_sample_std_over_seeds(tmp_path, script):
     assert "KNOT" not in text                     # a method with no row is left out
 
 
+def test_rows_of_an_older_default_are_named_not_averaged(tmp_path, script):
+    from bench.registry import get_method, get_task
+    mod = script("readme_table")
+    opts = get_method("otcs")(budget="cpu").options
+    task_opts = get_task("digits")().options
+    _row(tmp_path, "otcs", 1, 12.0, 110.0, options=opts, task_options=task_opts)
+    _row(tmp_path, "otcs", 2, 14.0, 130.0, options=opts, task_options=task_opts)
+    _row(tmp_path, "otcs", 0, 99.0, 10.0, options={**opts, "steps": 1}, task_options=task_opts)
+    text = mod.table(tmp_path)
+    otcs = next(line for line in text.splitlines() if line.startswith("| OTCS"))
+    assert "| 1, 2 | 13.00 ± 1.41 | 120.0 ± 14.1 |" in otcs
+    assert "otcs seed 0 (steps=1)" in text.splitlines()[-1]
+
+
 def test_unknown_method_is_refused(tmp_path, script):
     mod = script("readme_table")
     _row(tmp_path, "mymethod", 0, 10.0, 90.0)

@@ -302,6 +302,26 @@ def test_table_from_collected_row_files(tmp_path):
         render(tmp_path / "elsewhere", task, rows_dir=collected)
 
 
+def test_table_never_averages_rows_of_different_settings(tmp_path):
+    """Rows whose options are not today's defaults (run before a default changed, or before an option
+    existed) get their own labelled line instead of joining the mean of the current setting."""
+    for seed in (0, 1, 2):
+        spec = RunSpec("test-counter", "tiny-vectors", seed, "smoke", {})
+        run_one(spec, out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path,
+                device="cpu", progress=False, log=lambda *_: None)
+    paths = sorted((tmp_path / "runs").rglob("row.json"))
+    old = json.loads(paths[0].read_text())
+    del old["options"]["poison"]                   # as if run before the option was added
+    paths[0].write_text(json.dumps(old))
+    older = json.loads(paths[1].read_text())
+    older["options"]["lr"] = 0.1                   # as if run when the default lr was 0.1
+    paths[1].write_text(json.dumps(older))
+    text = render(tmp_path / "runs", get_task("tiny-vectors"), fmt="markdown")
+    names = [ln.split("|")[1].strip() for ln in text.splitlines() if ln.startswith("| test-counter")]
+    assert sorted(names) == ["test-counter", "test-counter [lr=0.1]", "test-counter [poison=unset]"]
+    assert all(ln.split("|")[4].strip() == "1" for ln in text.splitlines() if ln.startswith("| test-counter"))
+
+
 def _bench(*args, env=None, cwd=None):
     full_env = {**os.environ, "BENCH_PLUGINS": "bench.testing", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True,
