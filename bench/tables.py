@@ -59,7 +59,7 @@ def current_variant(row: dict) -> str:
     try:
         return options_variant(row["method"], row["budget"], row["task"], row["options"],
                                row.get("task_options", {}))
-    except BenchError:
+    except (BenchError, TypeError, ValueError, KeyError):  # not installed here, or its options no longer build
         return row.get("variant") or ""
 
 
