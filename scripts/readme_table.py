@@ -54,6 +54,32 @@ def _cell(values, digits: int) -> str:
     return _fmt(vals.mean(), vals.std(), len(vals), digits)  # `bench table`'s cell: mean ± sample std
 
 
+def _versus(ours, ref, higher_is_better: bool) -> str:
+    """'better' / 'worse' when every seed is on that side of ``ref``, 'mixed' when seeds fall on both sides."""
+    vals = pd.to_numeric(pd.Series(list(ours), dtype=object), errors="coerce").dropna()
+    if vals.empty or ref is None:
+        return "-"
+    better = (vals > ref) if higher_is_better else (vals < ref)
+    worse = (vals < ref) if higher_is_better else (vals > ref)
+    return "better" if better.all() else "worse" if worse.all() else "mixed"
+
+
+def _head_to_head(df: pd.DataFrame, a: str, b: str, paper: dict) -> str:
+    """Seed-by-seed comparison of two methods on the seeds both have run (the paper's headline pair)."""
+    x, y = (df[df["method"] == m].set_index("seed") for m in (a, b))
+    seeds = sorted(set(x.index) & set(y.index))
+    if not seeds:
+        return ""
+    n = len(seeds)
+    acc = sum(float(x.at[s, "acc"]) > float(y.at[s, "acc"]) for s in seeds)
+    fid = sum(float(x.at[s, "fid"]) < float(y.at[s, "fid"]) for s in seeds)
+    pa, pb = paper.get(a, {}), paper.get(b, {})
+    num = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
+    return (f"{a.upper()} against {b.upper()} on the {n} seed{'s' if n > 1 else ''} both have run: higher Acc on "
+            f"{acc} of {n}, lower FID on {fid} of {n} (the paper: Acc {num(pa, 'acc')} against {num(pb, 'acc')}, "
+            f"FID {num(pa, 'fid')} against {num(pb, 'fid')}).")
+
+
 def table(rows_dir: Path) -> str:
     df = load_rows(Path("runs"), task="digits", rows_dir=rows_dir)
     df = df[df["budget"] == "cpu"]
@@ -62,8 +88,8 @@ def table(rows_dir: Path) -> str:
     df = df[df["variant"] == ""]
     paper = paper_values("digits")
     lines = ["| method | seeds | Acc (%) | FID (n = 2,000) | plan_acc (%) | paper Acc | paper FID "
-             "| run min (per seed) | what the grids show |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| run min (per seed) | vs paper: Acc / FID | what the grids show |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     unknown = sorted(set(df["method"]) - set(NOTES))
     if unknown:
         raise SystemExit(f"no README note for {', '.join(unknown)}: add it to NOTES in {Path(__file__).name}")
@@ -78,7 +104,11 @@ def table(rows_dir: Path) -> str:
         lines.append(" | ".join([
             f"| {label}", seeds, _cell(sub["acc"], 2), _cell(sub["fid"], 1), _cell(list(plan), 1),
             f"{p['acc']:.2f}" if "acc" in p else "-", f"{p['fid']:.2f}" if "fid" in p else "-",
-            " / ".join(f"{m:.1f}" for m in total), f"{grid} |"]))
+            " / ".join(f"{m:.1f}" for m in total),
+            f"{_versus(sub['acc'], p.get('acc'), True)} / {_versus(sub['fid'], p.get('fid'), False)}",
+            f"{grid} |"]))
+    lines += ["", "\"vs paper\": *better* / *worse* when every seed is on that side of the published value, *mixed* "
+              "when the seeds fall on both sides. " + _head_to_head(df, "otcs", "not", paper)]
     if not stale.empty:
         lines += ["", "Not in the means (run before a `cpu` default changed; their rows are kept): " + "; ".join(
             f"{r.method} seed {int(r.seed)} ({r.variant})" for r in stale.itertuples()) + "."]

@@ -28,6 +28,21 @@ def test_cells_are_mean_and_sample_std_over_seeds(tmp_path, script):
     assert "KNOT" not in text                     # a method with no row is left out
 
 
+def test_comparisons_with_the_paper_and_otcs_against_not_are_computed(tmp_path, script):
+    mod = script("readme_table")
+    _row(tmp_path, "otcs", 0, 70.0, 4.0)          # paper: Acc 67.42, FID 5.12
+    _row(tmp_path, "otcs", 1, 60.0, 4.5)
+    _row(tmp_path, "not", 0, 8.0, 30.0)           # paper: Acc 15.72, FID 23.90
+    _row(tmp_path, "not", 1, 80.0, 3.0)
+    _row(tmp_path, "not", 2, 9.0, 40.0)
+    text = mod.table(tmp_path)
+    cells = {line.split("|")[1].strip().split(" ")[0]: [c.strip() for c in line.strip("|").split("|")]
+             for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")}
+    assert cells["OTCS"][8] == "mixed / better"
+    assert cells["NOT"][8] == "mixed / mixed"
+    assert "OTCS against NOT on the 2 seeds both have run: higher Acc on 1 of 2, lower FID on 1 of 2" in text
+
+
 def test_rows_of_an_older_default_are_named_not_averaged(tmp_path, script):
     from bench.registry import get_method, get_task
     mod = script("readme_table")
