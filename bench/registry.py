@@ -10,6 +10,7 @@ with an error naming both, never silently skipped.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import warnings
 from importlib.metadata import entry_points
@@ -114,7 +115,6 @@ def get_task(name: str) -> type[Task]:
 
 def _plain(value):
     """A JSON round trip, so that options read back from a row (lists, str keys) compare equal to defaults."""
-    import json
     return json.loads(json.dumps(value, default=str))
 
 

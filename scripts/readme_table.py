@@ -47,8 +47,12 @@ NOTES = {
 }
 
 
+def _numbers(values) -> pd.Series:
+    return pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").dropna()
+
+
 def _cell(values, digits: int) -> str:
-    vals = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").dropna()
+    vals = _numbers(values)
     if vals.empty:
         return "-"
     return _fmt(vals.mean(), vals.std(), len(vals), digits)  # `bench table`'s cell: mean ± sample std
@@ -56,7 +60,7 @@ def _cell(values, digits: int) -> str:
 
 def _versus(ours, ref, higher_is_better: bool) -> str:
     """'better' / 'worse' when every seed is on that side of ``ref``, 'mixed' when seeds fall on both sides."""
-    vals = pd.to_numeric(pd.Series(list(ours), dtype=object), errors="coerce").dropna()
+    vals = _numbers(ours)
     if vals.empty or ref is None:
         return "-"
     better = (vals > ref) if higher_is_better else (vals < ref)
