@@ -456,6 +456,7 @@ def run_one(spec: RunSpec, *, out: Path, data_root: Path, cache_dir: Path, devic
         row = settled()  # again under the lock: another process may have finished it meanwhile
         if row is not None:
             return row
+        store.remove_temporaries(rundir)  # left by a writer killed mid-write; we hold the lock
         if force:
             _remove(rundir, ROW_FILE, SAMPLES_FILE, CHECKPOINT_FILE, FAILED_FILE)
         elif read_failure(rundir) is not None:  # retry_failed: start again from scratch

@@ -50,6 +50,23 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+def remove_temporaries(directory: Path) -> list[Path]:
+    """Delete the half-written ``.<name>.*.tmp`` files that a killed writer left in ``directory``.
+
+    :func:`_atomic` removes its temporary file on any exception, but a SIGKILL or a power cut between
+    ``mkstemp`` and ``os.replace`` leaves it behind. Only call this while holding the directory's
+    lock, so that no live writer's temporary file is taken. Returns the paths removed.
+    """
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def write_json(path: Path, obj: Any) -> None:
     data = json.dumps(obj, indent=2, sort_keys=True, default=_jsonable).encode()
     _atomic(path, lambda fh: fh.write(data))

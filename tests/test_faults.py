@@ -140,10 +140,13 @@ def test_truncated_row_samples_and_checkpoint_are_detected_and_recovered(tmp_pat
     assert "row.json is unreadable" in warnings[-1] and (rundir / "row.json.corrupt").exists()
 
     (rundir / "row.json").unlink()
+    stale = rundir / ".checkpoint.pt.k1lled.tmp"  # what a SIGKILL between mkstemp and os.replace leaves
+    stale.write_bytes(b"half a checkpoint")
     _truncate(rundir / "samples.pt")  # -> transported again from the final checkpoint
     assert same(go())
     assert "samples.pt is unreadable" in warnings[-1] and "transporting again" in warnings[-1]
     assert _events(rundir, "fit_start")[-1]["resume"] == {"saddle": 150}, "re-transport must not retrain"
+    assert not stale.exists(), "a resumed run removes the temporaries of a killed writer"
 
     (rundir / "row.json").unlink()
     _truncate(rundir / "checkpoint.pt")  # -> trained again from scratch (its samples are discarded)
