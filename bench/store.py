@@ -32,10 +32,13 @@ class CorruptFile(BenchError):
         super().__init__(f"{self.path} is unreadable ({reason})")
 
 
+_TMP_SUFFIX = ".tmp"  # _atomic writes ``.<name>.<random>.tmp`` beside its target, then renames it
+
+
 def _atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -50,21 +53,15 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
-def remove_temporaries(directory: Path) -> list[Path]:
-    """Delete the half-written ``.<name>.*.tmp`` files that a killed writer left in ``directory``.
+def remove_temporaries(directory: Path) -> None:
+    """Delete the half-written temporaries of :func:`_atomic` that a killed writer left in ``directory``.
 
     :func:`_atomic` removes its temporary file on any exception, but a SIGKILL or a power cut between
     ``mkstemp`` and ``os.replace`` leaves it behind. Only call this while holding the directory's
-    lock, so that no live writer's temporary file is taken. Returns the paths removed.
+    lock, so that no live writer's temporary file is taken.
     """
-    removed = []
-    for tmp in Path(directory).glob(".*.tmp"):
-        try:
-            tmp.unlink()
-            removed.append(tmp)
-        except FileNotFoundError:
-            pass
-    return removed
+    for tmp in Path(directory).glob(f".*{_TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj: Any) -> None:
