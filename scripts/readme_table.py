@@ -29,7 +29,7 @@ NOTES = {
     "otcs": ("OTCS (6,000 stage-II steps, lr 2e-3, 100 SDE steps)",
              "faint Chinese numerals, not the source's class"),
     "not": ("NOT (600 outer steps)", "dimmed, smeared copies of the inputs"),
-    "tcr": ("TCR (4,000 updates)", "very dim copies of the inputs"),
+    "tcr": ("TCR (4,000 updates)", "very dim copies of the inputs (seed 2: faint blotches)"),
     "w2gan": ("W2GAN (1,100 steps)", "dimmed, grainy copies of the inputs"),
     "ot-icnn": ("OT-ICNN (3,000 updates of f)", "blurred, dim copies of the inputs"),
     "otm": ("OTM (550 potential updates)", "dim, blurred copies of the inputs"),
