@@ -81,10 +81,10 @@ class TCR(Method):
         "max_zoom": Option(0.03, help="zoom in 1 +- this (authors' demo: 0.97..1.03)"),
         "flip_prob": Option(0.0, help="probability of a horizontal flip (authors' loss: none)"),
         "toy_max_translation": Option(0.0, help="vectors: translation in data units"),
-        # one step = the K pairs + batch_size unpaired sources through f twice: 0.36-0.43 s measured for the
-        # base-16 UNet at 28x28, batch 64, alone on the 2-core machine (seeds 0-1 at 2,400 steps: 17.1 / 14.3 min
-        # fit with probes), and the probe's Cls-FD was still falling steeply at 2,400; cpu = 4,000 steps ~ 27 min
-        # fit, ~33 min with transport and evaluation; smoke 0.11 s per step
+        # one step = the K pairs + batch_size unpaired sources through f twice: 0.35 s measured for the
+        # base-16 UNet at 28x28, batch 64, alone on the 2-core machine (probes included); the probe's Cls-FD was
+        # still falling at 2,400, so cpu = 4,000 steps: 23.2-23.5 min fit, 27.5-27.8 min with transport and
+        # evaluation (three seeds, results/digits/PROTOCOL.md); smoke 0.11 s per step
         "steps": Option(smoke=100, cpu=4000, fast=20_000, paper=20_000,
                         help="updates (the paper publishes no count for digits)"),
         "batch_size": Option(smoke=16, cpu=64, fast=64, paper=64),
