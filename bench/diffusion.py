@@ -4,12 +4,17 @@ Forward SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw on [0, T], beta(t) = b0 +
 With B(t) = int_0^t beta = b0 t + (b1 - b0) t^2 / 2 the perturbation kernel is
     x_t = alpha(t) x_0 + sigma(t) z,   alpha = exp(-B/2),   sigma = sqrt(1 - exp(-B)),
 so alpha^2 + sigma^2 = 1.  Networks predict the noise: ``net(x_t, t, cond) ~ z`` and the score
-is ``-net(x_t, t, cond) / sigma(t)``.
+is ``-net(x_t, t, cond) / sigma(t)``.  ``VOutput`` wraps a network that predicts the velocity
+v = alpha z - sigma x_0 instead and returns the noise it implies, z_hat = sigma x_t + alpha v_hat, so
+losses and samplers see a noise predictor either way.
 
 Denoising score matching with weight lambda(t) on t ~ U[t_eps, T]:
     lambda(t) E || s(x_t, t) - grad log p(x_t | x_0) ||^2 = lambda(t) / sigma(t)^2 E || eps_hat - z ||^2.
 
 * ``weighting="sigma2"``: lambda = sigma^2, i.e. the plain eps-MSE with t ~ U[t_eps, T].
+* ``weighting="v"``: lambda = sigma^2 / alpha^2, i.e. the MSE of the velocity v = alpha z - sigma x_0
+  (Salimans & Ho 2022): eps_hat - z = alpha (v_hat - v), so the v-MSE is the eps-MSE over alpha^2;
+  it weights the large t, where a sample's overall shape is decided, far more than the eps-MSE.
 * ``weighting="g2"``: lambda = g(t)^2 = beta(t) (the likelihood weighting used by OTCS).  The
   per-t weight w(t) = beta(t) / sigma(t)^2 blows up like 1/t near 0, so sampling t uniformly
   gives an estimator with a huge variance.  We importance-sample t from q(t) = w(t) / Z on
@@ -113,13 +118,39 @@ class VPSDE:
         if weighting == "g2":
             t = self.g2_icdf(u)
             w = torch.full_like(t, self._Z / (self.T - self.t_eps))
-        elif weighting == "sigma2":
+        elif weighting in ("sigma2", "v"):
             t = self.t_eps + (self.T - self.t_eps) * u
-            w = torch.ones_like(t)
+            w = torch.ones_like(t) if weighting == "sigma2" else self.alpha(t).pow(-2)
         else:
             from .api import BenchError
-            raise BenchError(f"dsm weighting must be 'g2' or 'sigma2', got {weighting!r}")
+            raise BenchError(f"dsm weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         return t, w
+
+
+WEIGHTINGS = ("sigma2", "g2", "v")
+
+
+class VOutput(nn.Module):
+    """A noise predictor built from a velocity network: z_hat(x_t) = sigma(t) x_t + alpha(t) v_theta(x_t, t[, cond]).
+
+    The same function class as predicting z directly, differently conditioned: near T (alpha -> 0) the
+    identity part sigma x_t is exact and the network's error is scaled by alpha, where a direct noise
+    predictor has to carry x_t through the whole UNet and leaves an error floor that a sampler divides
+    by alpha (results/digits/PROTOCOL.md, "error near T")."""
+
+    def __init__(self, net: nn.Module, sde: "VPSDE"):
+        super().__init__()
+        self.net, self.sde = net, sde
+
+    def forward(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        if t.dim() == 0 or t.numel() == 1:
+            t = t.reshape(1).expand(x.shape[0])
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        a, s = self.sde.alpha(t).reshape(shape), self.sde.sigma(t).reshape(shape)
+        # float32 out: under bf16 autocast, rounding the identity part sigma x_t to bf16 would cost a
+        # sampler ~4e-3 / alpha in x0 near T, the error floor this parameterisation removes
+        return s * x.float() + a * _call(self.net, x, t, cond).float()
 
 
 def _call(net, x, t, cond):

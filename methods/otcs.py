@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from bench import ot
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
-from bench.diffusion import EMA, VPSDE, dsm_eval, dsm_loss, mixture_eps, sample_ddim, sample_sde
+from bench.diffusion import EMA, VPSDE, WEIGHTINGS, VOutput, dsm_eval, dsm_loss, mixture_eps, sample_ddim, sample_sde
 from bench.nn import canvas_side, MLP, ScoreMLP, UNet, crop_to, pad_to
 from bench.options import Option
 from bench.scoremodel import score_lr
@@ -114,8 +114,11 @@ class OTCS(Method):
         "h_mask": Option(False, help="apply the keypoint mask when computing H (authors: no)"),
         "h_block": Option(None, type=int, help="rows per block; null: 256 (CPU) / 2048 (GPU)"),
         # stage II: conditional score model (images; the toy_* options apply to vector tasks)
-        "loss_weighting": Option("sigma2", choices=("sigma2", "g2"),
-                                 help="sigma2: plain eps-MSE, uniform t (authors); g2: likelihood weighting"),
+        "loss_weighting": Option("sigma2", choices=WEIGHTINGS,
+                                 help="sigma2: plain eps-MSE, uniform t (authors); g2: likelihood weighting; "
+                                      "v: velocity MSE (eps-MSE / alpha^2)"),
+        "output": Option("eps", choices=("eps", "v"),
+                         help="what the UNet predicts: eps (authors) or v, turned into eps by VOutput"),
         # cpu, measured on the first cpu run (2026-11-25): 3000 steps left the score model unable to generate
         # (Acc 10 %, faint strokes; results/digits/PROTOCOL.md); a step costs 0.22 s, and stage I + H + bounds +
         # transport + evaluation took 21 min, so 6000 steps (~22 min) keep the whole run near 45 min
@@ -228,6 +231,8 @@ class OTCS(Method):
                               attention_resolutions=attention,
                               cond_mode="concat" if aligned else "embed", cond_channels=cs,
                               image_size=self.canvas)
+            if o["output"] == "v":
+                self.score = VOutput(self.score, self.sde)
         else:
             self.score = ScoreMLP(data.shape[0], cond_dim=data.source_shape[0],
                                   hidden=o["mlp_hidden"], depth=o["mlp_depth"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import integrate
 
-from bench.diffusion import EMA, VPSDE, dsm_eval, dsm_loss, sample_ddim, sample_sde
+from bench.diffusion import EMA, VPSDE, VOutput, dsm_eval, dsm_loss, sample_ddim, sample_sde
 
 
 def test_alpha_sigma_closed_form_matches_integrated_beta():
@@ -220,3 +220,41 @@ def test_ddim_clip_x0_keeps_a_wrong_model_in_range_and_an_exact_one_unchanged():
     a = sample_ddim(exact, xT.shape, sde, steps=25, x_T=xT, clip_x0=True)
     b = sample_ddim(exact, xT.shape, sde, steps=25, x_T=xT)
     assert float((a - b).abs().max()) < 0.01
+
+
+def test_voutput_turns_the_exact_velocity_into_the_exact_noise_and_is_exact_near_T():
+    sde = VPSDE()
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(6, 1, 4, 4, generator=g) * 2 - 1
+    z = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0.001, 0.1, 0.3, 0.5, 0.9, 1.0])
+    xt = sde.perturb(x0, t, z)
+    a, s = sde.alpha(t)[:, None, None, None], sde.sigma(t)[:, None, None, None]
+    v = a * z - s * x0
+    assert torch.allclose(VOutput(lambda x, tt: v, sde)(xt, t), z, atol=1e-5)
+    # a velocity network off by 1 everywhere: the noise error is alpha(t), tiny at T, where a direct noise
+    # predictor would have to reproduce x_t through the whole network
+    err = (VOutput(lambda x, tt: v + 1.0, sde)(xt, t) - z).flatten(1).mean(1)
+    assert torch.allclose(err, a.flatten(), atol=1e-5)
+    assert float(err[-1]) < 0.01
+    # a scalar t and a condition pass through
+    cond_seen = []
+    out = VOutput(lambda x, tt, c: cond_seen.append(c) or torch.zeros_like(x), sde)(xt, 0.5, "c")
+    assert cond_seen == ["c"] and torch.allclose(out, float(sde.sigma(torch.tensor(0.5))) * xt)
+
+
+def test_v_weighting_is_the_velocity_mse():
+    sde = VPSDE()
+    x0 = torch.rand(512, 3) * 2 - 1
+
+    class Zero(torch.nn.Module):  # v_hat = 0: its velocity MSE is mean(v^2) for each sample
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    net = VOutput(Zero(), sde)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    per = dsm_loss(net, x0, sde, weighting="v", generator=g1, reduce=False)
+    t, _ = sde.sample_t(len(x0), "v", generator=g2)
+    z = torch.randn(x0.shape, generator=g2)
+    v = sde.alpha(t)[:, None] * z - sde.sigma(t)[:, None] * x0
+    assert torch.allclose(per, v.pow(2).mean(1), rtol=1e-4, atol=1e-6)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from bench.api import UNPAIRED, BenchError, EvalContext, TaskData
+from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, EvalContext, TaskData
 from bench.datasets.toy import Toy1D, Toy2D
 from bench.methods.otcs import OTCS
 from bench.registry import methods
@@ -298,3 +298,19 @@ def test_condition_use_tells_a_model_that_follows_its_condition_from_one_that_ig
     for r in follows["per_t"]:
         assert r["exact_eps_mse_own"] == pytest.approx(r["eps_mse_own"], rel=1e-3, abs=1e-9)
         assert r["exact_gain_pct"] == pytest.approx(r["gain_pct"], abs=0.1)
+
+
+def test_velocity_output_wraps_the_unet_and_fits_and_transports_images():
+    from bench.diffusion import VOutput
+    from bench.nn import UNet
+    from bench.testing import fit_in_memory, tiny_images
+    data = tiny_images(SEMI_PAIRED)
+    m = fit_in_memory(OTCS, data, **{**OTCS.test_options, "output": "v", "loss_weighting": "v"})
+    assert isinstance(m.score, VOutput) and isinstance(m.score.net, UNet)
+    assert isinstance(m.ema.module, VOutput)
+    y = m.transport(data.source_test[:5], generator=torch.Generator().manual_seed(0))
+    assert y.shape == data.target_test[:5].shape and torch.isfinite(y).all() and float(y.abs().max()) <= 1.0
+    # the default stays the authors' noise predictor
+    assert OTCS(budget="cpu").options["output"] == "eps"
+    with pytest.raises(BenchError):
+        OTCS(output="x0")
