@@ -25,7 +25,9 @@ The algorithm (the paper's Algorithms 1 and 2), top to bottom:
    cond_mode "concat" for aligned tasks and "embed" otherwise; ScoreMLP on vectors) trained with
    denoising score matching on the VP-SDE, EMA of the weights.  ``loss_weighting="sigma2"``
    (default) is the authors' training loss, the plain noise-prediction MSE with uniform t;
-   ``"g2"`` is the likelihood weighting that Theorem 2 assumes.
+   ``"g2"`` is the likelihood weighting that Theorem 2 assumes; ``"v"`` the velocity MSE, which with
+   ``output="v"`` (the UNet predicts v and ``VOutput`` turns it into the noise) makes the model use
+   its condition at large t (results/digits/PROTOCOL.md; options, not defaults).
 5. **Sampling**: the reverse SDE (Euler-Maruyama, the authors' ancestral sampler; 1000 steps on
    fast/paper, fewer on smoke/cpu) with the x0 prediction clipped to [-1, 1] and a final
    denoising step, as the authors sample; DDIM is an option (``sampler``; ``nfe`` = steps).
