@@ -109,6 +109,10 @@ class Method:
     probe_loop: ClassVar[str | None] = None
     # name -> value or bench.options.Option (a type and one value per budget); see bench/options.py
     default_options: ClassVar[dict[str, Any]] = {}
+    # options added after rows were stored, each with the value that reproduces the code before it existed:
+    # a stored row without the key is read as having that value (tables then still count it as a run of
+    # today's defaults while the default is that value); any other missing option labels the row "name=unset"
+    options_before: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, budget: str = "smoke", **options: Any) -> None:
         from .options import resolve

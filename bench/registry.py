@@ -122,10 +122,12 @@ def options_variant(method: str, budget: str, task: str, options: dict, task_opt
     """A short label of the options that differ from the budget's *current* defaults ('' for defaults).
 
     A default option the row does not have (added after it ran) is labelled ``name=unset``, so a row run
-    before a default changed never reads as a run of today's defaults."""
-    base_m = _plain(get_method(method)(budget=budget).options)
+    before a default changed never reads as a run of today's defaults; unless the method's ``options_before``
+    names the value that reproduces the code the row ran (then the row is read as having it)."""
+    cls = get_method(method)
+    base_m = _plain(cls(budget=budget).options)
     base_t = _plain(get_task(task)().options)
-    options, task_options = _plain(options or {}), _plain(task_options or {})
+    options, task_options = _plain({**cls.options_before, **(options or {})}), _plain(task_options or {})
     parts = [f"{k}={v}" for k, v in sorted(options.items()) if base_m.get(k, object()) != v]
     parts += [f"{k}=unset" for k in sorted(set(base_m) - set(options))]
     parts += [f"task.{k}={v}" for k, v in sorted(task_options.items()) if base_t.get(k, object()) != v]

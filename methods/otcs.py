@@ -155,6 +155,8 @@ class OTCS(Method):
         "bound_pairs": Option(smoke=256, cpu=1024, fast=2048, paper=2048),
         "bound_prior_rows": Option(smoke=8, cpu=32, fast=32, paper=32),
     }
+    # rows stored before `output` existed predicted the noise
+    options_before = {"output": "eps"}
     test_options: dict[str, Any] = {
         "ot_steps": 30, "ot_batch": 16, "potential_hidden": 16, "potential_depth": 2, "steps": 4,
         "batch_size": 8, "unet_base": 8, "unet_mults": [1, 2], "unet_blocks": 1, "unet_attention": [],

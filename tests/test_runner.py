@@ -378,3 +378,25 @@ def test_cli_run_table_eval_list_status(tmp_path):
     assert res.returncode == 0 and res.stdout.count(" done ") == 4 and "4 done" in res.stdout, res.stdout
     res = _bench("status", "--task", "tiny-vectors", "--methods", "identity", "--seeds", "0,5", "--out", str(out))
     assert res.returncode == 0 and "1 done, 1 not started" in res.stdout, res.stdout
+
+
+def test_an_option_added_with_the_old_behaviour_as_default_keeps_older_rows_in_the_mean(tmp_path, monkeypatch):
+    """A method's ``options_before`` names the value that reproduces the code before an option existed: a row
+    without that key then averages with today's runs while the default is that value, and is labelled if not."""
+    for seed in (0, 1):
+        spec = RunSpec("test-counter", "tiny-vectors", seed, "smoke", {})
+        run_one(spec, out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path,
+                device="cpu", progress=False, log=lambda *_: None)
+    path = sorted((tmp_path / "runs").rglob("row.json"))[0]
+    old = json.loads(path.read_text())
+    del old["options"]["poison"]
+    path.write_text(json.dumps(old))
+
+    def names():
+        text = render(tmp_path / "runs", get_task("tiny-vectors"), fmt="markdown")
+        return sorted(ln.split("|")[1].strip() for ln in text.splitlines() if ln.startswith("| test-counter"))
+
+    monkeypatch.setattr(Counter, "options_before", {"poison": False})
+    assert names() == ["test-counter"]
+    monkeypatch.setattr(Counter, "options_before", {"poison": True})   # the old code poisoned: a variant
+    assert names() == ["test-counter", "test-counter [poison=True]"]
