@@ -118,9 +118,12 @@ class VPSDE:
         if weighting == "g2":
             t = self.g2_icdf(u)
             w = torch.full_like(t, self._Z / (self.T - self.t_eps))
-        elif weighting in ("sigma2", "v"):
+        elif weighting == "sigma2":
             t = self.t_eps + (self.T - self.t_eps) * u
-            w = torch.ones_like(t) if weighting == "sigma2" else self.alpha(t).pow(-2)
+            w = torch.ones_like(t)
+        elif weighting == "v":
+            t = self.t_eps + (self.T - self.t_eps) * u
+            w = self.alpha(t).pow(-2)
         else:
             from .api import BenchError
             raise BenchError(f"dsm weighting must be one of {WEIGHTINGS}, got {weighting!r}")

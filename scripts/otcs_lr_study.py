@@ -46,15 +46,11 @@ def held_out_mse(m: OTCS, pairs: tuple[torch.Tensor, torch.Tensor], seed: int = 
     return total / len(i)
 
 
-def main(argv=None) -> int:
-    def extra(p):
-        p.add_argument("--pairs", type=int, default=2000, help="held-out (x_i, y_j) pairs in the validation set")
-        p.add_argument("--ot-steps", type=int, default=None, help="stage-I steps (default: the cpu budget's)")
-
-    a = study_args(argv, __doc__, lrs="2e-4,2e-3", steps=2000, every=500, outputs="curve.csv", extra=extra)
-
+def fit_stage1(steps: int, ot_steps: int | None = None):
+    """OTCS with its `cpu` options (``steps`` stage-II steps), seed 0, on digits: stage I and H fitted once, so
+    that studies can train fresh stage-II networks on the same plan. Returns (data, method, run, H)."""
     data = DigitsTask().load(resolve_root(None), 0, budget="cpu")
-    m = OTCS(budget="cpu", steps=a.steps, **({"ot_steps": a.ot_steps} if a.ot_steps else {}))
+    m = OTCS(budget="cpu", steps=steps, **({"ot_steps": ot_steps} if ot_steps else {}))
     run = Run(None, device="cpu", seed=0, budget="cpu", progress=False)
     run.method = m
     m.setup(data, run)
@@ -64,6 +60,17 @@ def main(argv=None) -> int:
     H = m.compatibility(run)
     print(f"stage I + H: {(time.perf_counter() - t0) / 60:.1f} min; {len(m.hold_rows)} held-out source rows, "
           f"{len(m.train_rows)} training rows", flush=True)
+    return data, m, run, H
+
+
+def main(argv=None) -> int:
+    def extra(p):
+        p.add_argument("--pairs", type=int, default=2000, help="held-out (x_i, y_j) pairs in the validation set")
+        p.add_argument("--ot-steps", type=int, default=None, help="stage-I steps (default: the cpu budget's)")
+
+    a = study_args(argv, __doc__, lrs="2e-4,2e-3", steps=2000, every=500, outputs="curve.csv", extra=extra)
+
+    data, m, run, H = fit_stage1(a.steps, a.ot_steps)
     g = torch.Generator().manual_seed(99)
     val_pairs = ot.resample_by_compatibility(H, a.pairs, generator=g, rows=m.hold_rows)
 

@@ -35,6 +35,7 @@ from bench.methods.otcs import OTCS
 from bench.cli import _parse_value as parse_value
 from bench.run import Run
 from otcs_condition_use import condition_use  # scripts/ is on sys.path when run as a script
+from otcs_lr_study import fit_stage1
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -69,19 +70,8 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     variants = [parse_variant(v) for v in a.variant]
 
-    task = DigitsTask()
-    root = resolve_root(None)
-    data = task.load(root, 0, budget="cpu")
-    clf = task._classifier(root, None, "cpu")[0]
-    m = OTCS(budget="cpu", steps=a.steps, **({"ot_steps": a.ot_steps} if a.ot_steps else {}))
-    run = Run(None, device="cpu", seed=0, budget="cpu", progress=False)
-    run.method = m
-    m.setup(data, run)
-    t0 = time.perf_counter()
-    m.prepare_ot(data, run)
-    m.fit_potentials(run)
-    H = m.compatibility(run)
-    print(f"stage I + H: {(time.perf_counter() - t0) / 60:.1f} min; {len(m.hold_rows)} held-out rows", flush=True)
+    clf = DigitsTask()._classifier(resolve_root(None), None, "cpu")[0]
+    data, m, run, H = fit_stage1(a.steps, a.ot_steps)
     labels = data.source_train_labels
     rows = val_rows(m, labels, a.val)
     xs = m._prob.xs[rows]
