@@ -61,3 +61,25 @@ def script():
         spec.loader.exec_module(mod)
         return mod
     return load
+
+
+@pytest.fixture(scope="session")
+def run_bench(data_root, bench_cache):
+    """`bench <args>` in this process (the CLI's own entry point), failing the test on a non-zero exit.
+
+    ``eval_per_class`` shrinks the digits smoke evaluation (25 sources per class) for plumbing checks:
+    FID's Inception dominates a smoke run on the CPU, and the reference rows of tests/test_e2e.py
+    already run the full smoke evaluation as a newcomer does."""
+    def run(*args: str, eval_per_class: int | None = None) -> None:
+        import bench.datasets.digits as digits
+        from bench.cli import main
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("BENCH_DATA", str(data_root))
+            mp.setenv("BENCH_CACHE", str(bench_cache))
+            if eval_per_class is not None:
+                mp.setitem(digits.EVAL_PER_CLASS, "smoke", eval_per_class)
+            try:
+                main(list(args))
+            except SystemExit as exc:
+                assert exc.code in (0, None), f"`bench {' '.join(args)}` exited with {exc.code}"
+    return run

@@ -220,23 +220,16 @@ def test_unpaired_settings_and_notes():
 
 # -- digits through the CLI ----------------------------------------------------------------------
 @pytest.mark.slow
-def test_all_four_run_on_digits_through_bench_run(tmp_path, data_root, bench_cache, monkeypatch):
+def test_all_four_run_on_digits_through_bench_run(tmp_path, run_bench):
     """The plumbing on the real task: `bench run` trains, transports, scores and stores a row for each.
     Tiny --opt settings, and 30 evaluation sources instead of smoke's 250 (FID on the CPU dominates)."""
     import json
 
-    import bench.datasets.digits as digits
-    from bench.cli import main
-
-    monkeypatch.setattr(digits, "EVAL_PER_CLASS", {**digits.EVAL_PER_CLASS, "smoke": 3})
     out = tmp_path / "runs"
     opts = ["w2gan.steps=3", "ot-icnn.steps=3", "ot-icnn.inner_steps=2", "otm.steps=2", "otm.inner_steps=2",
             "tcr.steps=3"]
-    try:
-        main(["run", "--methods", "w2gan,ot-icnn,otm,tcr", "--task", "digits", "--budget", "smoke",
-              "--out", str(out), "--no-progress", *[a for o in opts for a in ("--opt", o)]])
-    except SystemExit as exc:
-        assert exc.code in (0, None), exc.code
+    run_bench("run", "--methods", "w2gan,ot-icnn,otm,tcr", "--task", "digits", "--budget", "smoke",
+              "--out", str(out), "--no-progress", *[a for o in opts for a in ("--opt", o)], eval_per_class=3)
     for name in ("w2gan", "ot-icnn", "otm", "tcr"):
         row = json.loads(next((out / "digits" / name).glob("smoke-seed0*/row.json")).read_text())
         assert row["fid_n"] == 30 and 0.0 <= row["acc"] <= 100.0 and row["nfe"] == 1
