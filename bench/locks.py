@@ -112,3 +112,12 @@ def holder(rundir: Path) -> dict[str, Any] | None:
         return None
     probe.release()
     return None
+
+
+def cache_entry_lock(path: Path) -> filelock.FileLock:
+    """A blocking lock for building one shared cache entry (``path``): concurrent runs, test workers or
+    executor jobs that need the same classifier or FID statistics wait while one process computes them,
+    then load its file, instead of each computing it. The lock file ``.<name>.lock`` sits beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(str(path.with_name(f".{path.name}.lock")), thread_local=False)

@@ -248,3 +248,51 @@ def test_weights_sha256_ignores_the_file_but_not_the_weights(tmp_path):
     with torch.no_grad():
         net.head.bias[0] += 1e-6
     assert weights_sha256(net.state_dict()) != a
+
+
+def test_concurrent_users_of_one_cache_train_the_classifier_and_compute_fid_stats_once(tmp_path, data_root):
+    """Two workers (threads here; processes of a grid or test workers alike) needing the same cached
+    classifier and FID reference statistics: one computes each, the other waits and loads its files."""
+    import threading
+    import time
+
+    from bench.metrics import fid as fid_mod
+    from bench.metrics.classifier import load_or_train
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 1, 28, 28, generator=g) * 2 - 1, torch.arange(40) % 10
+    calls = {"train": 0, "ref": 0}
+
+    def train():
+        calls["train"] += 1
+        time.sleep(0.5)  # long enough for the other worker to arrive while this one computes
+        return x, y
+
+    def ref_images():
+        calls["ref"] += 1
+        time.sleep(0.5)
+        return x[:4]
+
+    real_features = fid_mod.fid_features
+    fid_mod.fid_features = lambda imgs, *a, **k: np.random.default_rng(0).normal(size=(len(imgs), 2048))
+    results, errors = [], []
+
+    def worker():
+        try:
+            _, record = load_or_train(tmp_path, "k", train=train, test=lambda: (x, y), epochs=1)
+            mu, _, _ = fid_mod.reference_stats("toy", "test", ref_images, 4, tmp_path, data_root=data_root)
+            results.append((record["sha256"], float(mu.sum())))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        fid_mod.fid_features = real_features
+    assert not errors, errors
+    assert calls == {"train": 1, "ref": 1}, calls
+    assert len(results) == 2 and results[0] == results[1]

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..api import BenchError
+from ..locks import cache_entry_lock
 from .frechet import FeatureStats
 
 ARCH_VERSION = "cnn16-v1"
@@ -157,35 +158,36 @@ def load_or_train(cache_dir, key: str, train: Callable[[], tuple[torch.Tensor, t
     folder = Path(cache_dir) / "classifiers"
     weights = folder / f"{key}_{ARCH_VERSION}_e{epochs}_s{seed}_w.pt"
     record_path = weights.with_suffix(".json")
-    if weights.is_file() and record_path.is_file():
-        record = json.loads(record_path.read_text())
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise BenchError(f"classifier weights {weights} cannot be read ({type(exc).__name__}); "
-                             f"delete it and its .json record to retrain") from None
-        got = weights_sha256(state)
-        if got != record.get("sha256"):
-            raise BenchError(f"classifier weights {weights} do not match their recorded sha256 "
-                             f"({got[:12]}... vs {str(record.get('sha256'))[:12]}...); delete both files to retrain")
-        net = SmallCNN(classes, channels=int(record.get("channels", 1)))
-        net.load_state_dict(state)
-        return net.eval(), record
-    x, y = train()
-    net = train_classifier(x, y, classes=classes, epochs=epochs, seed=seed)
-    xt, yt = test()
-    test_acc = accuracy(net, xt, yt)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, weights)
-    record = {"sha256": weights_sha256(net.state_dict()), "sha256_of": "weights (bench.metrics.classifier.weights_sha256)",
-              "test_acc": test_acc, "key": key, "arch": ARCH_VERSION, "channels": int(x.shape[1]),
-              "epochs": epochs, "seed": seed, "train_n": len(x), "test_n": len(xt)}
-    tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(tmp, record_path)
-    return net, record
+    with cache_entry_lock(weights):  # one process trains; concurrent ones wait, then load its files
+        if weights.is_file() and record_path.is_file():
+            record = json.loads(record_path.read_text())
+            try:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise BenchError(f"classifier weights {weights} cannot be read ({type(exc).__name__}); "
+                                 f"delete it and its .json record to retrain") from None
+            got = weights_sha256(state)
+            if got != record.get("sha256"):
+                raise BenchError(f"classifier weights {weights} do not match their recorded sha256 "
+                                 f"({got[:12]}... vs {str(record.get('sha256'))[:12]}...); delete both files to retrain")
+            net = SmallCNN(classes, channels=int(record.get("channels", 1)))
+            net.load_state_dict(state)
+            return net.eval(), record
+        x, y = train()
+        net = train_classifier(x, y, classes=classes, epochs=epochs, seed=seed)
+        xt, yt = test()
+        test_acc = accuracy(net, xt, yt)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
+        torch.save(net.state_dict(), tmp)
+        os.replace(tmp, weights)
+        record = {"sha256": weights_sha256(net.state_dict()), "sha256_of": "weights (bench.metrics.classifier.weights_sha256)",
+                  "test_acc": test_acc, "key": key, "arch": ARCH_VERSION, "channels": int(x.shape[1]),
+                  "epochs": epochs, "seed": seed, "train_n": len(x), "test_n": len(xt)}
+        tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+        os.replace(tmp, record_path)
+        return net, record
 
 
 def feature_stats_of(net: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

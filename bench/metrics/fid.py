@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..api import BenchError
+from ..locks import cache_entry_lock
 from .frechet import FeatureStats, frechet_distance
 
 OFFLINE_NAME = "inception-2015-12-05-torchscript.pt"
@@ -196,20 +197,20 @@ def reference_stats(name: str, split: str, images: Callable[[], torch.Tensor] | 
     ``<cache_dir>/fid/<name>_<split>_<n>_<sha[:16]>.npz``."""
     _, sha = load_inception(device, data_root, cache_dir)
     path = Path(cache_dir) / "fid" / f"{name}_{split}_{n}_{sha[:16]}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            return z["mu"], z["sigma"], sha
-    imgs = images() if callable(images) else images
-    if len(imgs) != n:
-        raise ValueError(f"reference {name}:{split} has {len(imgs)} images, expected {n}")
-    mu, sigma = FeatureStats(), None
-    mu.update(fid_features(imgs, device, batch_size, data_root, cache_dir))
-    mu, sigma = mu.compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
-    return mu, sigma, sha
+    with cache_entry_lock(path):  # one process computes them; concurrent ones wait, then load its file
+        if path.is_file():
+            with np.load(path) as z:
+                return z["mu"], z["sigma"], sha
+        imgs = images() if callable(images) else images
+        if len(imgs) != n:
+            raise ValueError(f"reference {name}:{split} has {len(imgs)} images, expected {n}")
+        stats = FeatureStats()
+        stats.update(fid_features(imgs, device, batch_size, data_root, cache_dir))
+        mu, sigma = stats.compute()
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, mu=mu, sigma=sigma)
+        os.replace(tmp, path)
+        return mu, sigma, sha
 
 
 def fid_against(outputs: torch.Tensor, ref: torch.Tensor, name: str, split: str, label: str, ctx) -> dict:
