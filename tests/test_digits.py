@@ -102,7 +102,7 @@ def test_mnistify_on_a_synthetic_faint_stroke():
 
 
 @pytest.mark.slow
-def test_classifier_accuracy_and_record(task, data, data_root, bench_cache, ctx):
+def test_classifier_accuracy_and_record(task, data, data_root, bench_cache, ctx, tmp_path):
     info = task.info(data_root, bench_cache)
     assert info["classifier_test_acc"] >= 95.0  # plain prep (default): 95.9 % measured; mnist-style 98.85 %
     assert len(info["classifier_sha256"]) == 64
@@ -111,24 +111,27 @@ def test_classifier_accuracy_and_record(task, data, data_root, bench_cache, ctx)
         pred = torch.cat([net(data.target_test[i:i + 500]).argmax(1) for i in range(0, 2000, 500)])
     acc = 100 * (pred == data.target_test_labels).double().mean().item()
     assert acc == pytest.approx(info["classifier_test_acc"], abs=0.01)
-    # a tampered weights file is refused
+    # a tampered weights file is refused (tampering with a copy: other test workers share bench_cache)
+    import shutil
+
     from bench.api import BenchError
     from bench.metrics.classifier import load_or_train
-    weights = sorted(bench_cache.glob("classifiers/*.pt"))[0]
+    cached = sorted(bench_cache.glob("classifiers/*.pt"))[0]
+    (tmp_path / "classifiers").mkdir()
+    weights = tmp_path / "classifiers" / cached.name
+    shutil.copy(cached, weights)
+    shutil.copy(cached.with_suffix(".json"), weights.with_suffix(".json"))
     key = weights.name.split("_cnn")[0]
-    raw = weights.read_bytes()
-    try:
-        state = torch.load(weights, weights_only=True)
-        first = next(iter(state))
-        state[first] = state[first] + 1e-3  # changed weights, same file format
-        torch.save(state, weights)
-        with pytest.raises(BenchError, match="sha256"):
-            load_or_train(bench_cache, key, None, None)
-        weights.write_bytes(b"not a checkpoint")
-        with pytest.raises(BenchError, match="cannot be read"):
-            load_or_train(bench_cache, key, None, None)
-    finally:
-        weights.write_bytes(raw)
+    load_or_train(tmp_path, key, None, None)  # the untouched copy loads
+    state = torch.load(weights, weights_only=True)
+    first = next(iter(state))
+    state[first] = state[first] + 1e-3  # changed weights, same file format
+    torch.save(state, weights)
+    with pytest.raises(BenchError, match="sha256"):
+        load_or_train(tmp_path, key, None, None)
+    weights.write_bytes(b"not a checkpoint")
+    with pytest.raises(BenchError, match="cannot be read"):
+        load_or_train(tmp_path, key, None, None)
 
 
 @pytest.mark.slow

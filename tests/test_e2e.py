@@ -2,8 +2,8 @@
 
 The reference rows pin the metrics' behaviour: the label oracle must score near the
 classifier's own accuracy, identity near chance, keypoint-nn in between. The method rows only
-have to finish and produce a complete row on the CPU smoke budget (smoke is not a quality run); they run
-in this process and are scored on 30 sources.
+have to finish and produce a complete row on the CPU smoke budget (smoke is not a quality run): they are in
+tests/test_e2e_methods.py, a file of their own so that a second test worker can run them alongside.
 """
 from __future__ import annotations
 
@@ -59,29 +59,6 @@ def test_table_shows_rows_with_fid_n_acc_and_cfd(digits_runs, data_root, bench_c
     res = _bench("table", "--task", "digits", "--out", str(digits_runs), "--format", "latex",
                  cache=bench_cache, data_root=data_root)
     assert res.returncode == 0 and "\\begin{tabular}" in res.stdout
-
-
-@pytest.fixture(scope="module")
-def method_runs(tmp_path_factory, run_bench):
-    """The four headline methods through one in-process `bench run` on smoke, scored on 30 sources (the
-    reference rows above run smoke's full 250-source evaluation; FID on the CPU dominates a smoke run)."""
-    out = tmp_path_factory.mktemp("e2e-methods") / "runs"
-    run_bench("run", "--methods", "otcs,not,knot,dpmot", "--task", "digits", "--budget", "smoke", "--out", str(out),
-              "--no-progress", eval_per_class=3)
-    return out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["otcs", "not", "knot", "dpmot"])
-def test_method_runs_on_digits_smoke(method, method_runs):
-    row = _row(method_runs, method)
-    assert row["fid_n"] == 30 and row["n_eval"] == 30 and 0.0 <= row["acc"] <= 100.0 and row["nfe"] >= 1
-    assert row["budget"] == "smoke" and row["timings"]["fit_s"] > 0
-    if method == "otcs":
-        for key in ("bound_marginal_x", "bound_marginal_y", "bound_sqrt_jcsm", "bound_prior_w2"):
-            assert key in row and row[key] >= 0.0
-        assert 0.0 <= row["plan_acc"] <= 100.0
-    assert list((method_runs / "digits" / method).glob("smoke-seed0*/grid.png"))
 
 
 def test_missing_and_corrupt_data_give_one_line_errors(tmp_path, data_root, bench_cache):
