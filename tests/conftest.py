@@ -38,17 +38,6 @@ def bench_cache(tmp_path_factory) -> Path:
     return path
 
 
-# the longest files first: under pytest -n (--dist loadfile) a worker takes each whole file in this order,
-# so the long ones start at once instead of leaving one worker busy at the end (measured 2026-12-01, suite_s9)
-LONG_FILES = ("test_e2e.py", "test_e2e_methods.py", "test_baselines_ot.py", "test_baselines_diffusion.py",
-              "test_faults.py", "test_executors.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: the rest keep their order
-
-
 def pytest_configure(config):
     """Under pytest -n, one torch thread per worker: the workers already fill the cores."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
