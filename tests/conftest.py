@@ -38,11 +38,27 @@ def bench_cache(tmp_path_factory) -> Path:
     return path
 
 
+# Files that take minutes (worker seconds measured 2026-12-01 with two workers, logs/suite_s9_xdist.log), longest
+# first. Under `pytest -n 2 --dist loadfile` each worker takes whole files from a queue; started last, these leave
+# one worker running alone at the end.
+LONG_FILES = ("test_e2e.py", "test_baselines_ot.py", "test_e2e_methods.py", "test_baselines_diffusion.py",
+              "test_faults.py", "test_executors.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: the rest keep their order
+
+
 def pytest_configure(config):
     """Under pytest -n, one torch thread per worker: the workers already fill the cores."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
         torch.set_num_threads(1)
+    elif getattr(config.option, "loadscopereorder", None):
+        # xdist's loadfile/loadscope queue orders files by their number of tests unless told not to; the
+        # collection order above (longest first) is the better order for this suite
+        config.option.loadscopereorder = False
 
 
 @pytest.fixture
