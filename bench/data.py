@@ -53,21 +53,23 @@ def cache_dir() -> Path:
 def cached_images(path: Path, n: int, decode_one: Callable[[int], None], assemble: Callable[[], Any]) -> Any:
     """Decoded images cached as one tensor file: load ``path`` if it reads, else run ``decode_one(i)`` for
     i < n on a few threads (PIL releases the GIL while decoding), ``assemble()`` the tensor and write it
-    atomically. An unreadable cache file (a truncated write, another torch) is rebuilt."""
+    atomically, under the entry's lock. An unreadable cache file (a truncated write, another torch) is rebuilt."""
     import torch
 
     from . import store
+    from .locks import cache_entry_lock
     path = Path(path)
-    if path.is_file():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            path.unlink(missing_ok=True)
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        list(pool.map(decode_one, range(n)))
-    out = assemble()
-    store.torch_save(path, out)
-    return out
+    with cache_entry_lock(path):  # one process decodes; concurrent ones wait, then load its file
+        if path.is_file():
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:
+                path.unlink(missing_ok=True)
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            list(pool.map(decode_one, range(n)))
+        out = assemble()
+        store.torch_save(path, out)
+        return out
 
 
 # -- the manifest --------------------------------------------------------------------------

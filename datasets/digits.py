@@ -56,6 +56,7 @@ import torch
 
 from bench.api import SEMI_PAIRED, BenchError, EvalContext, Metric, Task, TaskData
 from bench import data as bdata
+from bench.locks import cache_entry_lock
 from bench.options import Option
 from bench.paper import paper_values
 
@@ -151,18 +152,18 @@ def load_chinese_digits(root: Path, cache: Path | None = None, prep: str = "mnis
     sha = bdata.file_sha256(npz)
     cache = Path(cache) if cache is not None else bdata.cache_dir()
     path = cache / "digits" / f"chinese_mnist_{sha[:16]}_{prep_tag(prep)}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            return {k: z[k] for k in ("x", "y", "suite")}
-    with np.load(npz) as z:
-        keep = z["label"] < 10
-        raw, y, suite = z["images"][keep], z["label"][keep].astype(np.int64), z["suite_id"][keep].astype(np.int64)
-    x = np.stack([np.round(PREPS[prep](im) * 255).astype(np.uint8) for im in raw])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(tmp, x=x, y=y, suite=suite)
-    os.replace(tmp, path)
-    return {"x": x, "y": y, "suite": suite}
+    with cache_entry_lock(path):  # one process prepares the numerals; concurrent ones wait, then load its file
+        if path.is_file():
+            with np.load(path) as z:
+                return {k: z[k] for k in ("x", "y", "suite")}
+        with np.load(npz) as z:
+            keep = z["label"] < 10
+            raw, y, suite = z["images"][keep], z["label"][keep].astype(np.int64), z["suite_id"][keep].astype(np.int64)
+        x = np.stack([np.round(PREPS[prep](im) * 255).astype(np.uint8) for im in raw])
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez_compressed(tmp, x=x, y=y, suite=suite)
+        os.replace(tmp, path)
+        return {"x": x, "y": y, "suite": suite}
 
 
 def _to_unit(x: np.ndarray) -> torch.Tensor:
