@@ -11,7 +11,11 @@ Labels are read only to score; nothing here feeds a method. The training split o
 `--inception` adds the FID network's pool3 features (2048-d), as the authors use CLIP features on Animal: on
 this CPU that took 24 min on one thread for the 4,020 images, beside another job.
 
-    BENCH_DATA=../shared/data python scripts/keypoint_features.py [--inception] > results/digits/keypoint_features.txt
+`--contrastive STEPS` adds a label-free learned space: a small CNN per domain trained with SimCLR's loss on that
+domain's training images (bench/nn/contrastive.py), its unit-norm 128-d representation as features.
+
+    BENCH_DATA=../shared/data python scripts/keypoint_features.py [--inception] [--contrastive 2000] \
+        > results/digits/keypoint_features.txt
 """
 from __future__ import annotations
 
@@ -48,6 +52,11 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--inception", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--contrastive", type=int, default=0, metavar="STEPS",
+                   help="also a label-free learned space: a SimCLR encoder per domain (bench.nn.contrastive), "
+                        "trained for STEPS steps on that domain's whole training split")
+    p.add_argument("--width", type=int, default=16, help="the contrastive encoder's width")
+    p.add_argument("--batch", type=int, default=128, help="the contrastive encoder's batch (images; two views each)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     root = resolve_root(None)
@@ -74,6 +83,23 @@ def main(argv=None) -> int:
         show(f"pooled pixels, tau_rel {tau}", pool, tau_rel=tau)
     for alpha in (0.1, 0.5, 0.9):
         show(f"pooled pixels, alpha {alpha}", pool, alpha=alpha)
+    if a.contrastive:
+        from bench.nn.contrastive import embed, train_encoder
+        feats = {}
+        for name, domain, sets in (("MNIST", d.source_train, (xs, kx)), ("Chinese", d.target_train, (yt, ky))):
+            t = time.time()
+            enc = train_encoder(domain, steps=a.contrastive, batch=a.batch, width=a.width, seed=0,
+                                log=lambda i, v, n=name: print(f"  {n} step {i} loss {v:.3f}", flush=True)
+                                if i % 500 == 0 else None)
+            for s_ in sets:
+                feats[(s_.data_ptr(), len(s_))] = embed(enc, s_)
+            print(f"(contrastive encoder on {len(domain)} {name} training images: {time.time() - t:.0f} s)",
+                  flush=True)
+        learned = lambda x: feats[(x.data_ptr(), len(x))]  # noqa: E731
+        show(f"contrastive, {a.contrastive} steps, cosine", learned, cost="cosine")
+        show(f"contrastive, {a.contrastive} steps, mean-squared", learned)
+        for tau in (0.02, 0.05, 0.2, 0.5):
+            show(f"contrastive, cosine, tau_rel {tau}", learned, cost="cosine", tau_rel=tau)
     if a.inception:
         from bench.metrics.fid import fid_features
         t = time.time()

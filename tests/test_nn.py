@@ -94,3 +94,49 @@ def test_mlps():
     assert not torch.allclose(y, s(x, t, torch.randn(4, 3)), atol=1e-3)
     assert not torch.allclose(y, s(x, t.flip(0), c), atol=1e-3)
     assert ScoreMLP(2)(x, 0.5).shape == (4, 2)
+
+
+def test_contrastive_distortion_keeps_background_and_varies_per_image():
+    from bench.nn.contrastive import distort
+    x = -torch.ones(4, 1, 28, 28)
+    x[:, :, 10:18, 12:16] = 1.0  # a bar
+    g = torch.Generator().manual_seed(0)
+    y = distort(x, g, noise=0.0)
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+    assert (y[:, :, :3] == -1).all()  # borders stay background: shifts are small
+    assert not torch.allclose(y[0], y[1])  # each image its own distortion
+    assert torch.equal(distort(x, torch.Generator().manual_seed(0), noise=0.0), y)  # reproducible
+
+
+def test_nt_xent_prefers_matching_views():
+    from bench.nn.contrastive import nt_xent
+    z = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    assert nt_xent(z, z) < nt_xent(z, z.roll(1, 0))
+
+
+def test_contrastive_encoder_learns_invariance_without_labels_and_is_deterministic(one_thread):
+    """64 random scribbles, no labels: after a short contrastive fit, a distorted view of each scribble finds
+    its partner view (nearest by cosine in the learned space) far more often than at initialisation
+    (measured: 0.08 at init, 0.33 / 0.86 after 60 / 120 steps)."""
+    from bench.nn.contrastive import Encoder, distort, embed, train_encoder
+    g = torch.Generator().manual_seed(0)
+    x = -torch.ones(64, 1, 28, 28)
+    for i in range(64):
+        for _ in range(3):  # three random bars per scribble
+            r, c = (int(v) for v in torch.randint(4, 20, (2,), generator=g))
+            if torch.rand(1, generator=g) < 0.5:
+                x[i, 0, r:r + 8, c:c + 2] = 1
+            else:
+                x[i, 0, r:r + 2, c:c + 8] = 1
+
+    def retrieval(enc):
+        gv = torch.Generator().manual_seed(1)
+        a, b = embed(enc, distort(x, gv)), embed(enc, distort(x, gv))
+        return ((a @ b.T).argmax(1) == torch.arange(64)).float().mean().item()
+
+    torch.manual_seed(0)
+    before = retrieval(Encoder().eval())
+    after = retrieval(train_encoder(x, steps=120, batch=32, seed=0))
+    assert before < 0.2 and after > 0.6, (before, after)
+    a, b = train_encoder(x, steps=3, batch=8, seed=1), train_encoder(x, steps=3, batch=8, seed=1)
+    assert torch.equal(embed(a, x), embed(b, x))
