@@ -17,6 +17,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +116,23 @@ def holder(rundir: Path) -> dict[str, Any] | None:
     return None
 
 
-def cache_entry_lock(path: Path) -> filelock.FileLock:
-    """A blocking lock for building one shared cache entry (``path``): concurrent runs, test workers or
-    executor jobs that need the same classifier or FID statistics wait while one process computes them,
-    then load its file, instead of each computing it. The lock file ``.<name>.lock`` sits beside it."""
+@contextmanager
+def cache_entry_lock(path: Path) -> Iterator[None]:
+    """Hold the lock for building one shared cache entry (``path``): concurrent runs, test workers or executor
+    jobs that need the same classifier, FID statistics or decoded images wait while one process builds it,
+    then load its file, instead of each building it. The lock file ``.<name>.lock`` sits beside it.
+
+    A cache folder where the lock file cannot be created (read-only, e.g. a shared pre-filled cache) is used
+    without the lock: nothing can be built there, so there is nothing to serialise, and readers go on."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return filelock.FileLock(str(path.with_name(f".{path.name}.lock")), thread_local=False)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(path.with_name(f".{path.name}.lock")), thread_local=False)
+        lock.acquire()
+    except OSError:
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()

@@ -57,7 +57,8 @@ def pytest_configure(config):
         torch.set_num_threads(1)
     elif getattr(config.option, "loadscopereorder", None):
         # xdist's loadfile/loadscope queue orders files by their number of tests unless told not to; the
-        # collection order above (longest first) is the better order for this suite
+        # collection order above (longest first) is the better order for this suite (this also overrides
+        # an explicit --loadscope-reorder)
         config.option.loadscopereorder = False
 
 

@@ -108,9 +108,19 @@ def test_contrastive_distortion_keeps_background_and_varies_per_image():
     assert torch.equal(distort(x, torch.Generator().manual_seed(0), noise=0.0), y)  # reproducible
 
 
-def test_nt_xent_prefers_matching_views():
+def test_nt_xent_matches_its_definition_and_prefers_matching_views():
+    import math
+
     from bench.nn.contrastive import nt_xent
-    z = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1).tolist()
+    total = 0.0  # -log( exp(s(i, partner) / T) / sum over k != i of exp(s(i, k) / T) ), averaged over 2N views
+    for i in range(6):
+        sim = [sum(a * b for a, b in zip(z[i], z[k])) / 0.5 for k in range(6)]
+        total -= sim[(i + 3) % 6] - math.log(sum(math.exp(sim[k]) for k in range(6) if k != i))
+    assert nt_xent(z1, z2, temperature=0.5).item() == pytest.approx(total / 6, rel=1e-5)
+    z = torch.randn(16, 8, generator=g)
     assert nt_xent(z, z) < nt_xent(z, z.roll(1, 0))
 
 

@@ -24,7 +24,7 @@ def distort(x: torch.Tensor, g: torch.Generator, rot_deg: float = 15.0, scale: t
     a = uniform(-rot_deg, rot_deg) * math.pi / 180
     s = torch.exp(uniform(math.log(scale[0]), math.log(scale[1])))
     sh = uniform(-shear, shear)
-    theta = torch.zeros(n, 2, 3, device=dev)
+    theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
     cos, sin = torch.cos(a) / s, torch.sin(a) / s
     theta[:, 0, 0], theta[:, 0, 1] = cos, -sin + sh * cos
     theta[:, 1, 0], theta[:, 1, 1] = sin, cos + sh * sin
@@ -65,7 +65,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> tor
 def train_encoder(x: torch.Tensor, steps: int = 2000, batch: int = 256, lr: float = 1e-3, seed: int = 0,
                   device: torch.device | str = "cpu", log=None, **enc_kw) -> Encoder:
     """Fit an :class:`Encoder` to the images ``x`` (N, C, H, W in [-1, 1]) without labels; returns it in eval mode.
-    Deterministic given ``seed`` (batches and distortions come from one generator)."""
+    Each batch is ``batch`` distinct images (a repeated image would be its own negative). On the CPU the result
+    is a function of ``seed`` (it seeds torch's global generator for the initial weights, then draws batches and
+    distortions from generators of its own); on CUDA grid_sample's backward is not deterministic."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     enc = Encoder(in_ch=x.shape[1], **enc_kw).to(dev)
@@ -75,7 +77,7 @@ def train_encoder(x: torch.Tensor, steps: int = 2000, batch: int = 256, lr: floa
     gi = torch.Generator().manual_seed(seed)
     enc.train()
     for step in range(steps):
-        xb = x[torch.randint(len(x), (batch,), generator=gi)].to(dev)
+        xb = x[torch.randperm(len(x), generator=gi)[:batch]].to(dev)
         loss = nt_xent(enc.head(enc(distort(xb, g))), enc.head(enc(distort(xb, g))))
         opt.zero_grad(set_to_none=True)
         loss.backward()
