@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
 from .api import BenchError, Method, Task
+from .options import Option
 
 T = TypeVar("T")
 
@@ -127,7 +128,8 @@ def options_variant(method: str, budget: str, task: str, options: dict, task_opt
     cls = get_method(method)
     base_m = _plain(cls(budget=budget).options)
     base_t = _plain(get_task(task)().options)
-    options, task_options = _plain({**cls.options_before, **(options or {})}), _plain(task_options or {})
+    before = {k: v.value_for(budget) if isinstance(v, Option) else v for k, v in cls.options_before.items()}
+    options, task_options = _plain({**before, **(options or {})}), _plain(task_options or {})
     parts = [f"{k}={v}" for k, v in sorted(options.items()) if base_m.get(k, object()) != v]
     parts += [f"{k}=unset" for k in sorted(set(base_m) - set(options))]
     parts += [f"task.{k}={v}" for k, v in sorted(task_options.items()) if base_t.get(k, object()) != v]

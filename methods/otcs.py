@@ -60,11 +60,16 @@ from bench import ot
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
 from bench.diffusion import EMA, VPSDE, WEIGHTINGS, VOutput, dsm_eval, dsm_loss, mixture_eps, sample_ddim, sample_sde
 from bench.nn import canvas_side, MLP, ScoreMLP, UNet, crop_to, pad_to
+from bench.nn.contrastive import Encoder, embed, train_encoder
 from bench.options import Option
+from bench.run import stream_seed
 from bench.scoremodel import score_lr
 
-FEATURES = ("auto", "flatten", "pool")
+FEATURES = ("auto", "flatten", "pool", "contrastive")
 SAMPLERS = ("sde", "ddim")
+FEATURE_DIM = 128  # features=contrastive: the encoder's representation size
+FEATURE_STEPS = Option(smoke=50, cpu=2000, fast=4000, paper=4000, help="features=contrastive: the encoder's steps")
+FEATURE_WIDTH = Option(16, help="features=contrastive: the encoder's width (channels of its first layer)")
 
 
 
@@ -93,7 +98,11 @@ class OTCS(Method):
                               help="eps = epsilon_rel * mean(xi) on a probe batch"),
         "tau": Option(None, type=float, help="relation-vector temperature; null: 0.1 x median keypoint cost"),
         "alpha": Option(0.0, help="semi-paired: xi = alpha c + (1 - alpha) g; 0 = pure guidance (authors)"),
-        "features": Option("auto", choices=FEATURES, help="images: flatten | pool (2x2 average pool)"),
+        "features": Option("auto", choices=FEATURES,
+                           help="images: flatten | pool (2x2 average pool) | contrastive (a label-free learned "
+                                "space: one SimCLR encoder fitted to both OT training sets, bench/nn/contrastive)"),
+        "feature_steps": FEATURE_STEPS,
+        "feature_width": FEATURE_WIDTH,
         "ot_max_train": Option(smoke=4000, cpu=None, fast=None, paper=None, type=int,
                                help="size cap of each OT training set (null: all)"),
         "potential_hidden": Option(smoke=128, cpu=512, fast=512, paper=512),
@@ -155,8 +164,9 @@ class OTCS(Method):
         "bound_pairs": Option(smoke=256, cpu=1024, fast=2048, paper=2048),
         "bound_prior_rows": Option(smoke=8, cpu=32, fast=32, paper=32),
     }
-    # rows stored before `output` existed predicted the noise
-    options_before = {"output": "eps"}
+    # rows stored before `output` existed predicted the noise; before the feature_* options they used pixel
+    # features, where those options play no part
+    options_before = {"output": "eps", "feature_steps": FEATURE_STEPS, "feature_width": FEATURE_WIDTH}
     test_options: dict[str, Any] = {
         "ot_steps": 30, "ot_batch": 16, "potential_hidden": 16, "potential_depth": 2, "steps": 4,
         "batch_size": 8, "unet_base": 8, "unet_mults": [1, 2], "unet_blocks": 1, "unet_attention": [],
@@ -202,14 +212,19 @@ class OTCS(Method):
         mode = self._features_mode(shape)
         if mode == "identity":
             return int(shape[0])
+        if mode == "contrastive":
+            return FEATURE_DIM
         c, h, w = shape
         return c * (h // 2) * (w // 2) if mode == "pool" else c * h * w
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The fixed feature map the potentials and the costs see (no parameters)."""
+        """The feature map the potentials and the costs see (fixed during stage I)."""
         if x.dim() == 2:
             return x.float()
-        if self._features_mode(x.shape[1:]) == "pool":
+        mode = self._features_mode(x.shape[1:])
+        if mode == "contrastive":
+            return embed(self.encoder, x.float())
+        if mode == "pool":
             x = F.avg_pool2d(x.float(), 2)
         return x.float().flatten(1)
 
@@ -223,6 +238,11 @@ class OTCS(Method):
         self.u_net = MLP(self._feature_dim(data.source_shape), 1, hidden=hidden, depth=o["potential_depth"])
         self.v_net = MLP(self._feature_dim(data.shape), 1, hidden=hidden, depth=o["potential_depth"])
         self.sde = VPSDE(beta_min=o["beta_min"], beta_max=o["beta_max"])
+        if data.is_image and self._features_mode(data.shape) == "contrastive":
+            if data.source_shape[0] != data.shape[0]:
+                raise BenchError("features=contrastive embeds source and target images with one encoder: their "
+                                 f"channels differ ({data.source_shape} vs {data.shape}); use features=pool")
+            self.encoder = Encoder(in_ch=data.shape[0], width=int(o["feature_width"]), dim=FEATURE_DIM).eval()
         if data.is_image:
             c, h, w = data.shape
             cs, hs, ws = data.source_shape
@@ -309,6 +329,8 @@ class OTCS(Method):
         n, m = len(xs), len(yt)
         self.kx = data.pairs[0].to(dev) if self.semi else None
         self.ky = data.pairs[1].to(dev) if self.semi else None
+        if self.is_image and self._features_mode(xs.shape[1:]) == "contrastive":
+            self.fit_features(xs, yt, run)
         fx, fy = self.features(xs.to(dev)), self.features(yt.to(dev))
         g0 = run.generator("otcs-probe", device=dev)
         rx = ry = None
@@ -342,6 +364,24 @@ class OTCS(Method):
         self._prob = SimpleNamespace(xs=xs.to(dev), yt=yt.to(dev), fx=fx, fy=fy, src_key=src_key.to(dev),
                                      tgt_key=tgt_key.to(dev), n=n, m=m, k=len(src_key), xi_block=xi_block,
                                      eps_n=st["epsilon"] / s)
+
+    def fit_features(self, xs: torch.Tensor, yt: torch.Tensor, run) -> None:
+        """features=contrastive: fit one encoder, without labels, to the images of both OT training sets (all of
+        the smaller set and as many drawn from the larger, so that neither domain dominates). Not part of the
+        authors' method on digits (they use pixels there, CLIP features on Animal); a one-shot stage, redone
+        whole if interrupted."""
+        if run.done("otcs-features"):
+            return
+        with run.stage("otcs-features"):
+            g = run.generator("otcs-features", device="cpu")
+            k = min(len(xs), len(yt))
+            both = torch.cat([xs[torch.randperm(len(xs), generator=g)[:k]], yt[torch.randperm(len(yt), generator=g)[:k]]])
+            o = self.options
+            fitted = train_encoder(both, steps=int(o["feature_steps"]), width=int(o["feature_width"]),
+                                   dim=FEATURE_DIM, seed=stream_seed(run.seed, "otcs-features"), device=run.device)
+            self.encoder.load_state_dict(fitted.state_dict())
+            self.encoder.eval()
+        run.mark_done("otcs-features")
 
     def fit_potentials(self, run) -> None:
         """Stage I: maximise the L2-regularised dual over u, v by minibatch Adam (float32 on

@@ -314,3 +314,28 @@ def test_velocity_output_wraps_the_unet_and_fits_and_transports_images():
     assert OTCS(budget="cpu").options["output"] == "eps"
     with pytest.raises(BenchError):
         OTCS(output="x0")
+
+
+def test_contrastive_features_are_fitted_without_labels_and_feed_stage_one():
+    """features=contrastive: an encoder fitted in prepare_ot (labels never passed) gives unit-norm 128-d
+    features to the potentials and the guidance cost; the fitted encoder is part of the method's state."""
+    from bench.methods.otcs import FEATURE_DIM
+    from bench.testing import fit_in_memory, tiny_images
+    data = tiny_images(SEMI_PAIRED)
+    opts = {**OTCS.test_options, "features": "contrastive", "feature_steps": 3}
+    torch.manual_seed(0)
+    fresh = OTCS(**opts)
+    fresh.setup(data, Run(None, device="cpu", seed=0, budget="smoke", progress=False))
+    m = fit_in_memory(OTCS, data, **opts)
+    assert m.u_net.net[0].in_features == FEATURE_DIM and m.v_net.net[0].in_features == FEATURE_DIM
+    f = m.features(data.source_test[:6])
+    assert f.shape == (6, FEATURE_DIM) and torch.allclose(f.norm(dim=1), torch.ones(6), atol=1e-5)
+    assert not torch.allclose(f, fresh.features(data.source_test[:6]))  # the encoder was fitted, not left at init
+    m2 = OTCS(**opts)
+    m2.setup(data, Run(None, device="cpu", seed=0, budget="smoke", progress=False))
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2.features(data.source_test[:6]), f)
+    rows = m.coupling_row(data.source_test[:4], data.target_test[:9])
+    assert rows.shape == (4, 9) and torch.allclose(rows.sum(1), torch.ones(4))
+    y = m.transport(data.source_test[:3], generator=torch.Generator().manual_seed(0))
+    assert y.shape == data.target_test[:3].shape and torch.isfinite(y).all()

@@ -90,7 +90,7 @@ def train_encoder(x: torch.Tensor, steps: int = 2000, batch: int = 256, lr: floa
 
 @torch.no_grad()
 def embed(enc: Encoder, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    """Unit-norm representations of ``x`` (N, dim), in batches."""
+    """Unit-norm representations of ``x`` (N, dim), in batches, on ``x``'s device."""
     dev = next(enc.parameters()).device
-    return torch.cat([F.normalize(enc(x[i:i + batch].to(dev)).float(), dim=1).cpu()
+    return torch.cat([F.normalize(enc(x[i:i + batch].to(dev)).float(), dim=1).to(x.device)
                       for i in range(0, len(x), batch)])
