@@ -55,8 +55,12 @@ def main(argv=None) -> int:
     p.add_argument("--contrastive", type=int, default=0, metavar="STEPS",
                    help="also a label-free learned space: a SimCLR encoder per domain (bench.nn.contrastive), "
                         "trained for STEPS steps on that domain's whole training split")
+    p.add_argument("--encoders", choices=("both", "shared", "per-domain"), default="both",
+                   help="contrastive: one encoder for both domains (what OTCS's features=contrastive fits), one per "
+                        "domain, or both kinds")
     p.add_argument("--width", type=int, default=16, help="the contrastive encoder's width")
-    p.add_argument("--batch", type=int, default=128, help="the contrastive encoder's batch (images; two views each)")
+    p.add_argument("--batch", type=int, default=256,
+                   help="the contrastive encoder's batch (images; two views each; 256 as OTCS's features=contrastive)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     root = resolve_root(None)
@@ -86,6 +90,9 @@ def main(argv=None) -> int:
     if a.contrastive:
         from bench.nn.contrastive import embed, train_encoder
         feats = {}
+        # keyed by storage: xs, kx, yt, ky are four distinct tensors that live to the end
+        learned = lambda x: feats[(x.data_ptr(), len(x))]  # noqa: E731
+    if a.contrastive and a.encoders != "shared":
         for name, domain, sets in (("MNIST", d.source_train, (xs, kx)), ("Chinese", d.target_train, (yt, ky))):
             t = time.time()
             enc = train_encoder(domain, steps=a.contrastive, batch=a.batch, width=a.width, seed=0,
@@ -95,22 +102,25 @@ def main(argv=None) -> int:
                 feats[(s_.data_ptr(), len(s_))] = embed(enc, s_)
             print(f"(contrastive encoder on {len(domain)} {name} training images: {time.time() - t:.0f} s)",
                   flush=True)
-        # keyed by storage: xs, kx, yt, ky are four distinct tensors that live to the end
-        learned = lambda x: feats[(x.data_ptr(), len(x))]  # noqa: E731
         show(f"contrastive per domain, {a.contrastive} steps, cosine", learned, cost="cosine")
         show(f"contrastive per domain, {a.contrastive} steps, mean-squared", learned)
         for tau in (0.02, 0.05, 0.2, 0.5):
             show(f"contrastive per domain, cosine, tau_rel {tau}", learned, cost="cosine", tau_rel=tau)
-        # one encoder for both domains (what an unpaired cost needs): the Chinese split and as many MNIST images
+    if a.contrastive and a.encoders != "per-domain":
+        # one encoder for both domains (OTCS's features=contrastive): the Chinese split and as many MNIST images
         t = time.time()
         both = torch.cat([d.source_train[torch.randperm(len(d.source_train), generator=g)[:len(d.target_train)]],
                           d.target_train])
-        enc = train_encoder(both, steps=a.contrastive, batch=a.batch, width=a.width, seed=0)
+        enc = train_encoder(both, steps=a.contrastive, batch=a.batch, width=a.width, seed=0,
+                            log=lambda i, v: print(f"  shared step {i} loss {v:.3f}", flush=True)
+                            if i % 500 == 0 or i == a.contrastive - 1 else None)
         for s_ in (xs, kx, yt, ky):
             feats[(s_.data_ptr(), len(s_))] = embed(enc, s_)
         print(f"(one contrastive encoder on {len(both)} images of both domains: {time.time() - t:.0f} s)", flush=True)
         show(f"contrastive shared, {a.contrastive} steps, cosine", learned, cost="cosine")
         show(f"contrastive shared, {a.contrastive} steps, mean-squared", learned)
+        for tau in (0.02, 0.05, 0.2, 0.5):
+            show(f"contrastive shared, mean-squared, tau_rel {tau}", learned, tau_rel=tau)
     if a.inception:
         from bench.metrics.fid import fid_features
         t = time.time()
