@@ -190,6 +190,11 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
     if fmt == "markdown":
         text += ("\n\nBold: best, <ins>underlined</ins>: second best among non-reference, non-oracle rows. "
                  "`paper`: the value published in OTCS Table 1 (protocols differ; see PROTOCOL.md).")
+        judges = sorted(df["classifier_sha256"].dropna().unique()) if "classifier_sha256" in df else []
+        if len(judges) > 1:  # e.g. the digits classifier trained on CPUs with other instruction sets
+            text += (f"\n\nThese rows were judged by {len(judges)} different classifiers (sha256 "
+                     f"{', '.join(j[:8] for j in judges)}...): their accuracy-type metrics are not strictly comparable; "
+                     f"re-evaluate the stored samples on one machine (`bench eval RUN_DIR`) to compare them.")
     return text
 
 

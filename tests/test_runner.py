@@ -400,3 +400,26 @@ def test_an_option_added_with_the_old_behaviour_as_default_keeps_older_rows_in_t
     assert names() == ["test-counter"]
     monkeypatch.setattr(Counter, "options_before", {"poison": True})   # the old code poisoned: a variant
     assert names() == ["test-counter", "test-counter [poison=True]"]
+    from bench.options import Option  # a per-budget value: read at the row's budget (smoke here)
+    monkeypatch.setattr(Counter, "options_before", {"poison": Option(smoke=False, cpu=True, fast=True, paper=True)})
+    assert names() == ["test-counter"]
+    monkeypatch.setattr(Counter, "options_before", {"poison": Option(smoke=True, cpu=False, fast=False, paper=False)})
+    assert names() == ["test-counter", "test-counter [poison=True]"]
+
+
+def test_table_says_when_its_rows_were_judged_by_different_classifiers(tmp_path):
+    for seed in (0, 1):
+        run_one(RunSpec("identity", "tiny-vectors", seed, "smoke", {}), out=tmp_path / "runs", data_root=tmp_path,
+                cache_dir=tmp_path, device="cpu", progress=False, log=lambda *_: None)
+    paths = sorted((tmp_path / "runs").rglob("row.json"))
+
+    def judged_by(*shas):
+        for path, sha in zip(paths, shas):
+            row = json.loads(path.read_text())
+            row["classifier_sha256"] = sha
+            path.write_text(json.dumps(row))
+        return render(tmp_path / "runs", get_task("tiny-vectors"), fmt="markdown")
+
+    assert "different classifiers" not in judged_by("a" * 64, "a" * 64)
+    text = judged_by("a" * 64, "b" * 64)
+    assert "judged by 2 different classifiers (sha256 aaaaaaaa, bbbbbbbb...)" in text
