@@ -11,8 +11,9 @@ Labels are read only to score; nothing here feeds a method. The training split o
 `--inception` adds the FID network's pool3 features (2048-d), as the authors use CLIP features on Animal: on
 this CPU that took 24 min on one thread for the 4,020 images, beside another job.
 
-`--contrastive STEPS` adds a label-free learned space: a small CNN per domain trained with SimCLR's loss on that
-domain's training images (bench/nn/contrastive.py), its unit-norm 128-d representation as features.
+`--contrastive STEPS` adds a label-free learned space: a small CNN trained with SimCLR's loss (bench/nn/contrastive.py),
+its unit-norm 128-d representation as features; `--encoders` picks one encoder for both domains (as OTCS's
+features=contrastive), one per domain, or both.
 
     BENCH_DATA=../shared/data python scripts/keypoint_features.py [--inception] [--contrastive 2000] \
         > results/digits/keypoint_features.txt

@@ -63,6 +63,30 @@ def pytest_configure(config):
 
 
 @pytest.fixture
+def in_two_threads():
+    """Run ``work()`` in two threads at once (two users of one cache, as processes of a grid or test workers
+    would be); return both results, or fail the test with what either raised."""
+    import threading
+
+    def run(work):
+        results, errors = [], []
+
+        def worker():
+            try:
+                results.append(work())
+            except Exception as exc:  # surfaced below
+                errors.append(exc)
+        threads = [threading.Thread(target=worker) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        return results
+    return run
+
+
+@pytest.fixture
 def one_thread():
     """Small networks: one torch thread beats two on a busy 2-core CI machine."""
     import torch

@@ -138,32 +138,20 @@ def test_download_is_atomic_and_verified(tmp_path, data_root, monkeypatch):
     assert not (root / "mnist" / "x.gz").exists()
 
 
-def test_cached_images_concurrent_first_users_decode_once(tmp_path):
+def test_cached_images_concurrent_first_users_decode_once(tmp_path, in_two_threads):
     """Two workers asking for the same not-yet-cached decode: one decodes and writes, the other waits for
     the entry's lock and loads that file (without the lock both decode, and one may read a half-renamed file)."""
-    import threading
     import time
 
     import torch
 
-    calls, results, errors = [], [], []
+    calls = []
 
     def decode_one(i):
         calls.append(i)  # list.append is atomic under the GIL
         time.sleep(0.2)  # the other worker arrives while this one decodes
 
-    def worker():
-        try:
-            results.append(bdata.cached_images(tmp_path / "imgs.pt", 2, decode_one, lambda: torch.arange(6.0)))
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = in_two_threads(lambda: bdata.cached_images(tmp_path / "imgs.pt", 2, decode_one, lambda: torch.arange(6.0)))
     assert sorted(calls) == [0, 1], calls  # 2 images, decoded by one worker only
     assert len(results) == 2 and torch.equal(results[0], results[1])
     assert torch.equal(torch.load(tmp_path / "imgs.pt", weights_only=True), torch.arange(6.0))

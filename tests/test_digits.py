@@ -179,27 +179,13 @@ def test_preprocessing_default_is_the_papers_plain_resize_and_the_variant_is_an_
     assert out.shape == (28, 28) and 0.6 < out.max() <= 200 / 255 + 1e-6 and out[:5].max() == 0
 
 
-def test_chinese_numerals_prepared_once_by_concurrent_first_users(data_root, tmp_path, monkeypatch):
+def test_chinese_numerals_prepared_once_by_concurrent_first_users(data_root, tmp_path, monkeypatch, in_two_threads):
     """Two workers with an empty cache: one prepares the 10,000 numerals, the other waits and loads its file."""
-    import threading
-
     import bench.datasets.digits as digits
 
-    calls, results, errors = [], [], []
+    calls = []
     real = digits.PREPS["plain"]
     monkeypatch.setitem(digits.PREPS, "plain", lambda im: (calls.append(1), real(im))[1])
-
-    def worker():
-        try:
-            results.append(digits.load_chinese_digits(data_root, tmp_path, prep="plain"))
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = in_two_threads(lambda: digits.load_chinese_digits(data_root, tmp_path, prep="plain"))
     assert len(calls) == 10_000, len(calls)  # each numeral once, by one worker
     assert len(results) == 2 and all(np.array_equal(results[0][k], results[1][k]) for k in ("x", "y", "suite"))

@@ -250,10 +250,9 @@ def test_weights_sha256_ignores_the_file_but_not_the_weights(tmp_path):
     assert weights_sha256(net.state_dict()) != a
 
 
-def test_concurrent_users_of_one_cache_train_the_classifier_and_compute_fid_stats_once(tmp_path, data_root):
+def test_concurrent_users_of_one_cache_train_the_classifier_and_compute_fid_stats_once(tmp_path, data_root, in_two_threads):
     """Two workers (threads here; processes of a grid or test workers alike) needing the same cached
     classifier and FID reference statistics: one computes each, the other waits and loads its files."""
-    import threading
     import time
 
     from bench.metrics import fid as fid_mod
@@ -275,24 +274,15 @@ def test_concurrent_users_of_one_cache_train_the_classifier_and_compute_fid_stat
 
     real_features = fid_mod.fid_features
     fid_mod.fid_features = lambda imgs, *a, **k: np.random.default_rng(0).normal(size=(len(imgs), 2048))
-    results, errors = [], []
 
-    def worker():
-        try:
-            _, record = load_or_train(tmp_path, "k", train=train, test=lambda: (x, y), epochs=1)
-            mu, _, _ = fid_mod.reference_stats("toy", "test", ref_images, 4, tmp_path, data_root=data_root)
-            results.append((record["sha256"], float(mu.sum())))
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
+    def work():
+        _, record = load_or_train(tmp_path, "k", train=train, test=lambda: (x, y), epochs=1)
+        mu, _, _ = fid_mod.reference_stats("toy", "test", ref_images, 4, tmp_path, data_root=data_root)
+        return record["sha256"], float(mu.sum())
 
     try:
-        threads = [threading.Thread(target=worker) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = in_two_threads(work)
     finally:
         fid_mod.fid_features = real_features
-    assert not errors, errors
     assert calls == {"train": 1, "ref": 1}, calls
     assert len(results) == 2 and results[0] == results[1]
