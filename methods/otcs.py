@@ -8,7 +8,10 @@ The algorithm (the paper's Algorithms 1 and 2), top to bottom:
    the K guiding pairs are appended to the training sets and enter every batch, xi = alpha c +
    (1 - alpha) g with g the JS divergence between relation vectors softmax_k(-c(., x_k)/tau) of a
    source and of a target (alpha = 0, pure guidance, is the paper's model), and I is the mask that
-   ties each guiding source to its own guiding target.  The potentials act on a fixed feature map
+   ties each guiding source to its own guiding target.  Option ``relations=spread`` (ours, not the
+   authors') replaces the distance-based relation vectors by the keypoints' indicators spread over
+   each domain's kNN graph (bench/graph.py), so a point relates to the keypoint that its neighbours
+   lead to rather than to the nearest one.  The potentials act on a fixed feature map
    (images: the pixels, optionally 2x2 average-pooled; vectors: the coordinates).  xi is divided
    by its mean s on a probe batch before training (u, v, eps are then in units of s; H is
    unchanged by this rescaling); the absolute eps = epsilon_rel * s is reported.  The output
@@ -56,7 +59,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench import ot
+from bench import graph, ot
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
 from bench.diffusion import EMA, VPSDE, WEIGHTINGS, VOutput, dsm_eval, dsm_loss, mixture_eps, sample_ddim, sample_sde
 from bench.nn import canvas_side, MLP, ScoreMLP, UNet, crop_to, pad_to
@@ -66,6 +69,7 @@ from bench.run import stream_seed
 from bench.scoremodel import score_lr
 
 FEATURES = ("auto", "flatten", "pool", "contrastive")
+RELATIONS = ("distance", "spread")
 SAMPLERS = ("sde", "ddim")
 FEATURE_DIM = 128  # features=contrastive: the encoder's representation size
 FEATURE_STEPS = Option(smoke=50, cpu=2000, fast=4000, paper=4000, help="features=contrastive: the encoder's steps")
@@ -98,6 +102,12 @@ class OTCS(Method):
                               help="eps = epsilon_rel * mean(xi) on a probe batch"),
         "tau": Option(None, type=float, help="relation-vector temperature; null: 0.1 x median keypoint cost"),
         "alpha": Option(0.0, help="semi-paired: xi = alpha c + (1 - alpha) g; 0 = pure guidance (authors)"),
+        "relations": Option("distance", choices=RELATIONS,
+                            help="semi-paired relation vectors: distance = softmax(-c(x, x_k) / tau) (authors); "
+                                 "spread = the keypoints' indicators spread over each domain's kNN graph of its OT "
+                                 "training set (bench/graph.py; label-free, not the authors')"),
+        "spread_k": Option(10, help="relations=spread: neighbours per point in the graph"),
+        "spread_alpha": Option(0.99, help="relations=spread: how far the indicators spread (0..1)"),
         "features": Option("auto", choices=FEATURES,
                            help="images: flatten | pool (2x2 average pool) | contrastive (a label-free learned "
                                 "space: one SimCLR encoder fitted to both OT training sets, bench/nn/contrastive)"),
@@ -166,7 +176,8 @@ class OTCS(Method):
     }
     # rows stored before `output` existed predicted the noise; before the feature_* options they used pixel
     # features, where those options play no part
-    options_before = {"output": "eps", "feature_steps": FEATURE_STEPS, "feature_width": FEATURE_WIDTH}
+    options_before = {"output": "eps", "feature_steps": FEATURE_STEPS, "feature_width": FEATURE_WIDTH,
+                      "relations": "distance", "spread_k": 10, "spread_alpha": 0.99}
     test_options: dict[str, Any] = {
         "ot_steps": 30, "ot_batch": 16, "potential_hidden": 16, "potential_depth": 2, "steps": 4,
         "batch_size": 8, "unet_base": 8, "unet_mults": [1, 2], "unet_blocks": 1, "unet_attention": [],
@@ -304,10 +315,16 @@ class OTCS(Method):
         fx, fy = self.features(x.to(self.device)), self.features(y.to(self.device))
         rx = ry = None
         if self.semi:
-            tau = self.extra_state["tau"]
-            rx = ot.relation_vectors(fx, self.features(self.kx), self.options["cost"], tau)
-            ry = ot.relation_vectors(fy, self.features(self.ky), self.options["cost"], tau)
+            rx, ry = self._relations(fx, "x"), self._relations(fy, "y")
         return self._xi(fx, fy, rx, ry)
+
+    def _relations(self, f: torch.Tensor, side: str) -> torch.Tensor:
+        """Relation vectors of features ``f`` of the source (``side`` x) or target (y) domain to its keypoints."""
+        if self.options["relations"] == "spread":
+            return graph.relations(getattr(self, f"spread_F{side}"), getattr(self, f"spread_f{side}"), f,
+                                   k=int(self.options["spread_k"]))
+        keys = self.features(self.kx if side == "x" else self.ky)
+        return ot.relation_vectors(f, keys, self.options["cost"], self.extra_state["tau"])
 
     # -- fit: Algorithm 1, one method per stage ------------------------------------------------
     def fit(self, data: TaskData, run) -> None:
@@ -345,8 +362,11 @@ class OTCS(Method):
                     med = torch.cat([ot.cost_matrix(probe_x, fkx, o["cost"]).flatten(),
                                      ot.cost_matrix(probe_y, fky, o["cost"]).flatten()]).median()
                     st["tau"] = float(0.1 * med.clamp_min(1e-12))
-            rx = ot.relation_vectors(fx, fkx, o["cost"], st["tau"])
-            ry = ot.relation_vectors(fy, fky, o["cost"], st["tau"])
+            if o["relations"] == "spread":  # the graphs (kept for relations of new points, e.g. test sources)
+                k, a = int(o["spread_k"]), float(o["spread_alpha"])
+                self.spread_fx, self.spread_Fx = fx, graph.spread(fx, src_key.to(dev), k=k, alpha=a)
+                self.spread_fy, self.spread_Fy = fy, graph.spread(fy, tgt_key.to(dev), k=k, alpha=a)
+            rx, ry = self._relations(fx, "x"), self._relations(fy, "y")
         if "xi_scale" not in st:  # u, v and eps are trained in units of s = mean(xi)
             i = torch.randint(n, (min(n, 512),), generator=g0, device=dev)
             j = torch.randint(m, (min(m, 512),), generator=g0, device=dev)

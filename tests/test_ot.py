@@ -225,3 +225,34 @@ def solve_l2_primal(C: np.ndarray, eps: float, iters: int = 20000, tol: float = 
         if np.abs(P - Pprev).max() < tol:
             break
     return P
+
+
+def test_knn_matches_brute_force_and_can_exclude_self():
+    from bench import graph
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 5, generator=g, dtype=torch.float64)
+    d, j = graph.knn(x, x, 4, chunk=8, exclude_self=True)
+    full = torch.cdist(x, x) ** 2
+    full.fill_diagonal_(float("inf"))
+    v, jj = full.topk(4, dim=1, largest=False)
+    assert torch.equal(j, jj) and torch.allclose(d, v)
+
+
+def test_spread_relations_follow_the_data_where_the_nearest_keypoint_does_not():
+    """Two parallel chains 1.5 apart, B shifted right by 1, a keypoint at the left end of each: most of chain A is
+    nearer B's keypoint than its own, but spreading along the chains relates every point to its own chain's."""
+    from bench import graph
+    g = torch.Generator().manual_seed(0)
+    t = torch.linspace(0, 1, 200)
+    a = torch.stack([10 * t, torch.zeros(200)], 1) + 0.05 * torch.randn(200, 2, generator=g)
+    b = torch.stack([10 * t + 1.0, torch.full((200,), 1.5)], 1) + 0.05 * torch.randn(200, 2, generator=g)
+    x = torch.cat([a, b])
+    seeds = torch.tensor([0, 200])
+    labels = torch.arange(400) // 200
+    F = graph.spread(x, seeds, k=5)
+    assert torch.equal(F.argmax(1), labels)
+    # the nearest-keypoint rule gets part of chain A wrong (its right end is nearer B's shifted keypoint)
+    near = torch.cdist(x, x[seeds]).argmin(1)
+    assert (near != labels).sum() > 20
+    R = graph.relations(F, x, torch.tensor([[9.9, 0.0], [10.9, 1.5]]), k=5)
+    assert torch.allclose(R.sum(1), torch.ones(2)) and R[0, 0] > 0.9 and R[1, 1] > 0.9

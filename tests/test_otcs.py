@@ -339,3 +339,27 @@ def test_contrastive_features_are_fitted_without_labels_and_feed_stage_one():
     assert rows.shape == (4, 9) and torch.allclose(rows.sum(1), torch.ones(4))
     y = m.transport(data.source_test[:3], generator=torch.Generator().manual_seed(0))
     assert y.shape == data.target_test[:3].shape and torch.isfinite(y).all()
+
+
+def test_spread_relations_come_from_each_domains_graph_and_travel_with_the_state():
+    """relations=spread: relation vectors from the keypoints' indicators spread over each OT training set's kNN
+    graph; a new point (a test source) relates through its graph neighbours, also after a state round trip."""
+    from bench.testing import fit_in_memory, tiny_images
+    data = tiny_images(SEMI_PAIRED, n=64)
+    opts = {**OTCS.test_options, "relations": "spread", "spread_k": 5}
+    m = fit_in_memory(OTCS, data, **opts)
+    n = len(data.source_train)
+    assert m.spread_fx.shape[0] == n + 2 and m.spread_Fx.shape == (n + 2, 2)  # the guiding pairs appended
+    rx = m._relations(m.features(data.source_test), "x")
+    ry = m._relations(m.features(data.target_test), "y")
+    assert torch.allclose(rx.sum(1), torch.ones(len(rx)))
+    # tiny_images' two blob classes: each point's strongest relation is its own class's keypoint
+    assert torch.equal(rx.argmax(1), data.source_test_labels) and torch.equal(ry.argmax(1), data.target_test_labels)
+    rows = m.coupling_row(data.source_test[:4], data.target_test[:9])
+    assert rows.shape == (4, 9) and torch.allclose(rows.sum(1), torch.ones(4))
+    m2 = OTCS(**opts)
+    m2.setup(data, Run(None, device="cpu", seed=0, budget="smoke", progress=False))
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2.coupling_row(data.source_test[:4], data.target_test[:9]), rows)
+    with pytest.raises(BenchError, match="relations"):
+        OTCS(relations="nearest")
