@@ -117,13 +117,17 @@ def script():
     return load
 
 
+TEST_FID_REF = 100  # Chinese-MNIST test images in FID's reference for the shrunk smoke runs of run_bench
+
+
 @pytest.fixture(scope="session")
 def run_bench(data_root, bench_cache):
     """`bench <args>` in this process (the CLI's own entry point), failing the test on a non-zero exit.
 
-    ``eval_per_class`` shrinks the digits smoke evaluation (25 sources per class) for plumbing checks:
-    FID's Inception dominates a smoke run on the CPU, and the reference rows of tests/test_e2e.py
-    already run the full smoke evaluation as a newcomer does."""
+    ``eval_per_class`` shrinks the digits smoke evaluation (25 sources per class) for plumbing checks, and
+    with it FID's reference (500 Chinese-MNIST test images on smoke) to ``TEST_FID_REF`` images: Inception
+    dominates a smoke run on the CPU (about 1 image/s per worker under `pytest -n 2`), and the README's main
+    job runs the full smoke evaluation as a newcomer does."""
     def run(*args: str, eval_per_class: int | None = None) -> None:
         import bench.datasets.digits as digits
         from bench.cli import main
@@ -132,6 +136,7 @@ def run_bench(data_root, bench_cache):
             mp.setenv("BENCH_CACHE", str(bench_cache))
             if eval_per_class is not None:
                 mp.setitem(digits.EVAL_PER_CLASS, "smoke", eval_per_class)
+                mp.setitem(digits.DigitsTask.fid_ref_sizes, "smoke", TEST_FID_REF)
             try:
                 main(list(args))
             except SystemExit as exc:

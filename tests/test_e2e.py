@@ -1,7 +1,10 @@
-"""End to end on the real digits data, as a newcomer runs it: `bench run` (smoke) then `bench table`.
+"""End to end on the real digits data: `bench run` (smoke) then `bench table` (the table in a subprocess, as a
+newcomer runs it).
 
 The reference rows pin the metrics' behaviour: the label oracle must score near the
-classifier's own accuracy, identity near chance, keypoint-nn in between. The method rows only
+classifier's own accuracy, identity near chance, keypoint-nn in between. They are scored on 100 sources
+against a 100-image FID reference (``run_bench``'s shrunk smoke evaluation: Inception dominates the CPU
+suite); the README's main job runs smoke's full 250-source evaluation. The method rows only
 have to finish and produce a complete row on the CPU smoke budget (smoke is not a quality run): they are in
 tests/test_e2e_methods.py, a file of their own so that a second test worker can run them alongside.
 """
@@ -22,11 +25,10 @@ def _bench(*args, cache, data_root, timeout=2400):
 
 
 @pytest.fixture(scope="module")
-def digits_runs(tmp_path_factory, data_root, bench_cache):
+def digits_runs(tmp_path_factory, run_bench):
     out = tmp_path_factory.mktemp("e2e") / "runs"
-    res = _bench("run", "--methods", "identity,keypoint-nn,label-oracle", "--task", "digits",
-                 "--budget", "smoke", "--out", str(out), "--no-progress", cache=bench_cache, data_root=data_root)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_bench("run", "--methods", "identity,keypoint-nn,label-oracle", "--task", "digits",
+              "--budget", "smoke", "--out", str(out), "--no-progress", eval_per_class=10)
     return out
 
 
@@ -38,11 +40,11 @@ def _row(out, method):
 def test_reference_rows_bracket_the_metrics(digits_runs):
     oracle, ident, knn = (_row(digits_runs, m) for m in ("label-oracle", "identity", "keypoint-nn"))
     for row in (oracle, ident, knn):
-        assert row["fid_n"] == 250 and row["n_eval"] == 250 and len(row["fid_net_sha256"]) == 64
-        assert row["classifier_test_acc"] >= 95.0  # plain prep: 95.9 % measured
+        assert row["fid_n"] == 100 and row["n_eval"] == 100 and len(row["fid_net_sha256"]) == 64
+        assert row["classifier_test_acc"] >= 95.0  # plain prep: 95.75-95.9 % measured (AVX-512 / AVX2)
         for key in ("fid", "acc", "cfd"):
             assert isinstance(row[key], float)
-    assert oracle["acc"] > 95.0, oracle["acc"]
+    assert oracle["acc"] > 90.0, oracle["acc"]  # 100 test images of the right classes: ~96 % expected
     assert ident["acc"] < 40.0, ident["acc"]
     assert knn["acc"] > ident["acc"]
     assert oracle["fid"] < ident["fid"] and oracle["cfd"] < ident["cfd"]
@@ -53,7 +55,7 @@ def test_table_shows_rows_with_fid_n_acc_and_cfd(digits_runs, data_root, bench_c
     res = _bench("table", "--task", "digits", "--out", str(digits_runs), cache=bench_cache, data_root=data_root)
     assert res.returncode == 0, res.stderr
     text = res.stdout
-    assert "(n=250)" in text and "Acc (%)" in text and "Cls-FD" in text
+    assert "(n=100)" in text and "Acc (%)" in text and "Cls-FD" in text
     assert "label-oracle (oracle)" in text and "identity" in text
     assert "67.42" in text  # the paper's OTCS Acc stands in the table as a paper-only row
     res = _bench("table", "--task", "digits", "--out", str(digits_runs), "--format", "latex",

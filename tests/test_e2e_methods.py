@@ -1,8 +1,8 @@
 """The four headline methods (OTCS, NOT, KNOT, DPM-OT) end to end on the real digits data: `bench run` on the
 smoke budget must finish and store a complete row and grid for each (smoke is not a quality run).
 
-They run in this process and are scored on 30 sources; tests/test_e2e.py runs the reference rows through
-a subprocess with smoke's full 250-source evaluation, as a newcomer does.
+They run in this process and are scored on 30 sources (FID against a 100-image reference: ``run_bench``'s
+shrunk smoke evaluation); the README's main job runs smoke's full 250-source evaluation, as a newcomer does.
 """
 from __future__ import annotations
 
