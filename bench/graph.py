@@ -16,12 +16,14 @@ import torch
 
 def knn(query: torch.Tensor, base: torch.Tensor, k: int, chunk: int = 2048,
         exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(squared distances, indices) of the k nearest rows of ``base`` for each row of ``query``, (N, k) each.
+    """(squared distances, indices) of the k nearest rows of ``base`` for each row of ``query``, (N, k) each
+    (k capped at the number of candidates).
 
     ``exclude_self``: query is base, drop each point's own entry."""
     bn = (base * base).sum(1)
     dists, idx = [], []
     extra = 1 if exclude_self else 0
+    k = min(k, len(base) - extra)  # a set smaller than k + 1: everyone is a neighbour
     for i in range(0, len(query), chunk):
         q = query[i:i + chunk]
         d = (q * q).sum(1, keepdim=True) + bn[None, :] - 2 * q @ base.T
@@ -42,6 +44,7 @@ def spread(feats: torch.Tensor, seeds: torch.Tensor, k: int = 10, alpha: float =
     Returns F (N, len(seeds)), rows not normalised; iterates F <- a S F + (1 - a) Y ``iters`` times."""
     n = len(feats)
     d, j = knn(feats, feats, k, exclude_self=True)
+    k = j.shape[1]
     sigma2 = d[:, -1].median().clamp_min(1e-12)
     w = torch.exp(-d / sigma2)
     rows = torch.arange(n, device=feats.device).repeat_interleave(k)

@@ -256,3 +256,11 @@ def test_spread_relations_follow_the_data_where_the_nearest_keypoint_does_not():
     assert (near != labels).sum() > 20
     R = graph.relations(F, x, torch.tensor([[9.9, 0.0], [10.9, 1.5]]), k=5)
     assert torch.allclose(R.sum(1), torch.ones(2)) and R[0, 0] > 0.9 and R[1, 1] > 0.9
+
+
+def test_spread_on_a_set_smaller_than_k_links_everyone():
+    from bench import graph
+    x = torch.tensor([[0.0], [0.1], [5.0]])
+    F = graph.spread(x, torch.tensor([0, 2]), k=10)
+    assert F.shape == (3, 2) and F[1].argmax() == 0
+    assert graph.knn(x, x, 10, exclude_self=True)[1].shape == (3, 2)
