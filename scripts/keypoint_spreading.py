@@ -54,11 +54,10 @@ def main(argv=None) -> int:
         s = score(rx, ry, ls, lt)
         print(f"{name:46s} " + "  ".join(f"{k} {100 * v:5.1f}" for k, v in s.items()), flush=True)
 
-    c = ot.cost_matrix(fs[ix], fs[ks])
-    cy = ot.cost_matrix(ft[iy], ft[kt])
+    med_x, med_y = ot.cost_matrix(fs[ix], fs[ks]).median(), ot.cost_matrix(ft[iy], ft[kt]).median()
     for tau in (0.1, 0.02):
-        show(f"distance to keypoints, tau_rel {tau} (OTCS)", torch.softmax(-c / (tau * c.median()), 1),
-             torch.softmax(-cy / (tau * cy.median()), 1))
+        show(f"distance to keypoints, tau_rel {tau} (OTCS)", ot.relation_vectors(fs[ix], fs[ks], tau=tau * med_x),
+             ot.relation_vectors(ft[iy], ft[kt], tau=tau * med_y))
     for k in a.k or [10]:
         for alpha in a.alpha or [0.99]:
             t = time.time()
