@@ -6,7 +6,8 @@ With B(t) = int_0^t beta = b0 t + (b1 - b0) t^2 / 2 the perturbation kernel is
 so alpha^2 + sigma^2 = 1.  Networks predict the noise: ``net(x_t, t, cond) ~ z`` and the score
 is ``-net(x_t, t, cond) / sigma(t)``.  ``VOutput`` wraps a network that predicts the velocity
 v = alpha z - sigma x_0 instead and returns the noise it implies, z_hat = sigma x_t + alpha v_hat, so
-losses and samplers see a noise predictor either way.
+losses and samplers see a noise predictor either way.  ``NullCondition`` / ``Guided``: classifier-free
+guidance (a learned null condition dropped in during training, the guided noise at sampling).
 
 Denoising score matching with weight lambda(t) on t ~ U[t_eps, T]:
     lambda(t) E || s(x_t, t) - grad log p(x_t | x_0) ||^2 = lambda(t) / sigma(t)^2 E || eps_hat - z ||^2.
@@ -154,6 +155,55 @@ class VOutput(nn.Module):
         # float32 out: under bf16 autocast, rounding the identity part sigma x_t to bf16 would cost a
         # sampler ~4e-3 / alpha in x0 near T, the error floor this parameterisation removes
         return s * x.float() + a * _call(self.net, x, t, cond).float()
+
+
+class NullCondition(nn.Module):
+    """A conditional noise predictor that also knows a learned *null* condition, for classifier-free
+    guidance (Ho & Salimans 2022).
+
+    Training replaces each pair's condition by the null with probability p (``drop``), so one network
+    learns both eps(x_t, t, c) and eps(x_t, t, null) = the unconditional noise predictor.  Calling the
+    module is the plain conditional predictor; ``Guided(module, w)`` is the guided one.  The null is a
+    parameter with the condition's shape, so the wrapped network (UNet in either conditioning mode,
+    ScoreMLP) is used unchanged."""
+
+    def __init__(self, net: nn.Module, cond_shape: tuple[int, ...]):
+        super().__init__()
+        self.net = net
+        self.null = nn.Parameter(torch.zeros(1, *cond_shape))
+
+    def forward(self, x: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, cond)
+
+    def drop(self, cond: torch.Tensor, p: float, generator=None) -> torch.Tensor:
+        """``cond`` with each row replaced by the null with probability ``p`` (differentiable in the null)."""
+        keep = torch.rand(cond.shape[0], generator=generator, device=cond.device) >= p
+        return torch.where(keep.reshape(-1, *(1,) * (cond.dim() - 1)), cond, self.null.to(cond.dtype))
+
+
+class Guided(nn.Module):
+    """eps_w(x_t, t, c) = (1 + w) eps(x_t, t, c) - w eps(x_t, t, null) for a ``NullCondition`` model (or
+    an EMA of one): the score of p(y | c)^(1 + w) / p(y)^w, which sharpens the conditional towards what
+    distinguishes c from the marginal.  One batched call of 2N rows per step; w = 0 is the conditional model."""
+
+    def __init__(self, model: nn.Module, scale: float):
+        super().__init__()
+        self.model, self.scale = model, float(scale)
+        inner = getattr(model, "module", model)  # an EMA holds the averaged copy in .module
+        if not isinstance(inner, NullCondition):
+            from .api import BenchError
+            raise BenchError("guidance needs a model trained with a null condition (cond_drop > 0)")
+        self.null = inner.null
+
+    def forward(self, x: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        if t.dim() == 0 or t.numel() == 1:
+            t = t.reshape(1).expand(n)
+        null = self.null.to(cond.dtype).expand(n, *cond.shape[1:])
+        e = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).float()
+        e_c, e_u = e[:n], e[n:]
+        return e_c + self.scale * (e_c - e_u)
 
 
 def _call(net, x, t, cond):

@@ -30,10 +30,13 @@ The algorithm (the paper's Algorithms 1 and 2), top to bottom:
    (default) is the authors' training loss, the plain noise-prediction MSE with uniform t;
    ``"g2"`` is the likelihood weighting that Theorem 2 assumes; ``"v"`` the velocity MSE, which with
    ``output="v"`` (the UNet predicts v and ``VOutput`` turns it into the noise) makes the model use
-   its condition at large t (results/digits/PROTOCOL.md; options, not defaults).
+   its condition at large t (results/digits/PROTOCOL.md; options, not defaults).  ``cond_drop`` > 0
+   (ours, not the authors'): that share of the pairs see a learned null condition instead of their
+   source, so the network also learns the unconditional score (classifier-free guidance).
 5. **Sampling**: the reverse SDE (Euler-Maruyama, the authors' ancestral sampler; 1000 steps on
    fast/paper, fewer on smoke/cpu) with the x0 prediction clipped to [-1, 1] and a final
    denoising step, as the authors sample; DDIM is an option (``sampler``; ``nfe`` = steps).
+   ``guidance`` w != 0 samples with (1 + w) eps(.|x) - w eps(.|null) (two network calls a step).
 6. **Theorem 2 terms** (``bound_terms``):  E_x W2(p_sde(.|x), pi(.|x)) <= C1 ||grad L(pi_hat, u, v)||_1
    + sqrt(C2 J_CSM) + C3 E_x W2(p_T(.|x), p_prior), with unknown C1..C3, so only the terms are
    reported:
@@ -61,7 +64,7 @@ import torch.nn.functional as F
 
 from bench import graph, ot
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
-from bench.diffusion import EMA, VPSDE, WEIGHTINGS, VOutput, dsm_eval, dsm_loss, mixture_eps, sample_ddim, sample_sde
+from bench.diffusion import EMA, VPSDE, WEIGHTINGS, Guided, NullCondition, VOutput, dsm_eval, dsm_loss, mixture_eps, sample_ddim, sample_sde
 from bench.nn import canvas_side, MLP, ScoreMLP, UNet, crop_to, pad_to
 from bench.nn.contrastive import Encoder, embed, train_encoder
 from bench.options import Option
@@ -140,6 +143,10 @@ class OTCS(Method):
                                       "v: velocity MSE (eps-MSE / alpha^2)"),
         "output": Option("eps", choices=("eps", "v"),
                          help="what the UNet predicts: eps (authors) or v, turned into eps by VOutput"),
+        "cond_drop": Option(0.0, help="stage II: share of pairs whose source is replaced by a learned null "
+                                      "condition (classifier-free guidance; ours, not the authors'); 0 = off"),
+        "guidance": Option(0.0, help="sampling: eps = (1 + w) eps(.|x) - w eps(.|null), two network calls a step; "
+                                     "needs cond_drop > 0; 0 = the conditional model (authors)"),
         # cpu, measured on the first cpu run (2026-11-25): 3000 steps left the score model unable to generate
         # (Acc 10 %, faint strokes; results/digits/PROTOCOL.md); a step costs 0.22 s, and stage I + H + bounds +
         # transport + evaluation took 21 min, so 6000 steps (~22 min) keep the whole run near 45 min
@@ -177,7 +184,8 @@ class OTCS(Method):
     # rows stored before `output` existed predicted the noise; before the feature_* options they used pixel
     # features, where those options play no part
     options_before = {"output": "eps", "feature_steps": FEATURE_STEPS, "feature_width": FEATURE_WIDTH,
-                      "relations": "distance", "spread_k": 10, "spread_alpha": 0.99}
+                      "relations": "distance", "spread_k": 10, "spread_alpha": 0.99,
+                      "cond_drop": 0.0, "guidance": 0.0}
     test_options: dict[str, Any] = {
         "ot_steps": 30, "ot_batch": 16, "potential_hidden": 16, "potential_depth": 2, "steps": 4,
         "batch_size": 8, "unet_base": 8, "unet_mults": [1, 2], "unet_blocks": 1, "unet_attention": [],
@@ -194,6 +202,11 @@ class OTCS(Method):
             raise BenchError("otcs needs epsilon or epsilon_rel; pass e.g. --opt epsilon=1e-5")
         if (o["epsilon"] is not None and o["epsilon"] <= 0) or (o["epsilon_rel"] is not None and o["epsilon_rel"] <= 0):
             raise BenchError("otcs needs epsilon > 0 (or epsilon_rel > 0)")
+        if not 0.0 <= o["cond_drop"] < 1.0:
+            raise BenchError(f"otcs option cond_drop must lie in [0, 1), got {o['cond_drop']}")
+        if o["guidance"] != 0 and o["cond_drop"] <= 0:
+            raise BenchError("otcs guidance needs a null condition learned in stage II: pass --opt otcs.cond_drop=0.1 "
+                             "(or guidance=0)")
         self.extra_state: dict[str, Any] = {}
         self.is_image = True
 
@@ -271,6 +284,9 @@ class OTCS(Method):
         else:
             self.score = ScoreMLP(data.shape[0], cond_dim=data.source_shape[0],
                                   hidden=o["mlp_hidden"], depth=o["mlp_depth"])
+        if o["cond_drop"] > 0:
+            self.score = NullCondition(self.score, tuple(data.source_shape) if not data.is_image
+                                       else (data.source_shape[0], self.canvas, self.canvas))
         self.ema = EMA(self.score, decay=o["ema"])
 
     # -- the training sets of the OT problem ---------------------------------------------------
@@ -501,8 +517,11 @@ class OTCS(Method):
         net = run.maybe_compile(self.score)
         for step in run.loop("otcs-stage2-score", steps):
             i, j = ot.resample_by_compatibility(H, batch, generator=g, rows=self.train_rows)
+            cond = self._cond(P.xs[i])
+            if o["cond_drop"] > 0:
+                cond = self.score.drop(cond, o["cond_drop"], generator=g)
             with run.autocast():
-                loss = dsm_loss(net, self._pad(P.yt[j]), self.sde, cond=self._cond(P.xs[i]),
+                loss = dsm_loss(net, self._pad(P.yt[j]), self.sde, cond=cond,
                                 weighting=o["loss_weighting"], generator=g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -593,13 +612,15 @@ class OTCS(Method):
         cond = self._cond(x.to(self.device).float())
         shape = (len(x), *((self.shape[0], self.canvas, self.canvas) if self.is_image else self.shape))
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._bf16 and self.device.type == "cuda")
+        w = float(self.options["guidance"])
+        net = Guided(self.ema, w) if w != 0 else self.ema
         with amp:
             if self.options["sampler"] == "sde":
                 clip = bool(self.options["clip_x0"]) and self.is_image
-                y = sample_sde(self.ema, shape, self.sde, self.nfe, cond=cond, generator=generator,
+                y = sample_sde(net, shape, self.sde, self.nfe, cond=cond, generator=generator,
                                clip_x0=clip, denoise=bool(self.options["denoise"]))
             else:
-                y = sample_ddim(self.ema, shape, self.sde, int(self.options["ddim_steps"]), cond=cond,
+                y = sample_ddim(net, shape, self.sde, int(self.options["ddim_steps"]), cond=cond,
                                 generator=generator, eta=float(self.options["ddim_eta"]),
                                 clip_x0=bool(self.options["clip_x0"]) and self.is_image)
         if self.is_image:

@@ -46,11 +46,12 @@ def held_out_mse(m: OTCS, pairs: tuple[torch.Tensor, torch.Tensor], seed: int = 
     return total / len(i)
 
 
-def fit_stage1(steps: int, ot_steps: int | None = None):
-    """OTCS with its `cpu` options (``steps`` stage-II steps), seed 0, on digits: stage I and H fitted once, so
-    that studies can train fresh stage-II networks on the same plan. Returns (data, method, run, H)."""
+def fit_stage1(steps: int, ot_steps: int | None = None, **options):
+    """OTCS with its `cpu` options (``steps`` stage-II steps; ``options`` override others), seed 0, on digits:
+    stage I and H fitted once, so that studies can train fresh stage-II networks on the same plan.
+    Returns (data, method, run, H)."""
     data = DigitsTask().load(resolve_root(None), 0, budget="cpu")
-    m = OTCS(budget="cpu", steps=steps, **({"ot_steps": ot_steps} if ot_steps else {}))
+    m = OTCS(budget="cpu", steps=steps, **({"ot_steps": ot_steps} if ot_steps else {}), **options)
     run = Run(None, device="cpu", seed=0, budget="cpu", progress=False)
     run.method = m
     m.setup(data, run)

@@ -15,10 +15,15 @@ stage II (MNIST *training* images, never the test split):
   a score model that follows pi_hat(.|x) reaches Acc ~ val plan_acc.
 
 The rule (results/digits/PROTOCOL.md): the variant with the highest validation Acc; the per-t gains say why.
+``--stage1 relations=spread`` sets options of the shared stage I (and of every variant); a variant trained with
+``cond_drop`` > 0 is sampled once per ``--guidance`` scale w (classifier-free guidance), the first one also for
+the condition-use check's samples.
 
     BENCH_DATA=../shared/data python scripts/otcs_stage2_study.py --steps 2000 \
         --variant eps: --variant v-output:output=v --variant v-loss:output=v,loss_weighting=v \
         --out results/digits/otcs_stage2_study
+    BENCH_DATA=../shared/data python scripts/otcs_stage2_study.py --steps 3000 --stage1 relations=spread \
+        --variant cfg-v:cond_drop=0.1,output=v,loss_weighting=v --guidance 0,1,3 --out results/digits/otcs_cfg_study
 """
 from __future__ import annotations
 
@@ -61,6 +66,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", action="append", required=True, help="name:option=value,... (OTCS options)")
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--stage1", default="", help="option=value,... for the shared stage I and every variant")
+    p.add_argument("--guidance", default="0", help="comma-separated guidance scales for variants with cond_drop > 0")
     p.add_argument("--val", type=int, default=200, help="held-out source rows sampled for the validation Acc")
     p.add_argument("--ot-steps", type=int, default=None, help="stage-I steps (default: the cpu budget's)")
     p.add_argument("--threads", type=int, default=2)
@@ -71,7 +78,9 @@ def main(argv=None) -> int:
     variants = [parse_variant(v) for v in a.variant]
 
     clf = DigitsTask()._classifier(resolve_root(None), None, "cpu")[0]
-    data, m, run, H = fit_stage1(a.steps, a.ot_steps)
+    stage1 = parse_variant(":" + a.stage1)[1]
+    scales = [float(w) for w in a.guidance.split(",")]
+    data, m, run, H = fit_stage1(a.steps, a.ot_steps, **stage1)
     labels = data.source_train_labels
     rows = val_rows(m, labels, a.val)
     xs = m._prob.xs[rows]
@@ -94,18 +103,24 @@ def main(argv=None) -> int:
         m.fit_score(H, r2)
         fit_min = (time.perf_counter() - t1) / 60
         use = condition_use(m, pairs=1024, samples=64)
-        t2 = time.perf_counter()
-        y = m.transport(xs, generator=torch.Generator().manual_seed(11))
-        with torch.no_grad():
-            pred = clf(y).argmax(1)
-        acc = 100.0 * float((pred == y_lab).float().mean())
-        hist = torch.bincount(pred, minlength=10).tolist()
-        res = {"options": opts, "steps": a.steps, "fit_min": round(fit_min, 2),
-               "sample_min": round((time.perf_counter() - t2) / 60, 2), "val_n": len(rows),
-               "val_acc": acc, "val_plan_acc": plan, "pred_hist": hist, **use}
+        guided = []
+        for w in (scales if m.options["cond_drop"] > 0 else [0.0]):
+            m.options["guidance"] = w
+            t2 = time.perf_counter()
+            y = m.transport(xs, generator=torch.Generator().manual_seed(11))
+            with torch.no_grad():
+                pred = clf(y).argmax(1)
+            acc = 100.0 * float((pred == y_lab).float().mean())
+            hist = torch.bincount(pred, minlength=10).tolist()
+            guided.append({"guidance": w, "val_acc": acc, "pred_hist": hist,
+                           "sample_min": round((time.perf_counter() - t2) / 60, 2)})
+            torch.save(y, a.out / f"{name}.w{w:g}.samples.pt")
+            print(f"{name} {opts} w={w:g}: fit {fit_min:.1f} min, val Acc {acc:.1f} % (plan {plan:.1f} %), "
+                  f"predicted classes {hist}, d_cond/d_noise {use['d_cond'] / use['d_noise']:.3f}", flush=True)
+        res = {"options": opts, "stage1": stage1, "steps": a.steps, "fit_min": round(fit_min, 2),
+               "sample_min": guided[0]["sample_min"], "val_n": len(rows), "val_acc": guided[0]["val_acc"],
+               "val_plan_acc": plan, "pred_hist": guided[0]["pred_hist"], "guided": guided, **use}
         results[name] = res
-        print(f"{name} {opts}: fit {fit_min:.1f} min, val Acc {acc:.1f} % (plan {plan:.1f} %), predicted classes "
-              f"{hist}, d_cond/d_noise {use['d_cond'] / use['d_noise']:.3f}", flush=True)
         print("   t     gain %   exact gain %   eps-MSE own", flush=True)
         for r in use["per_t"]:
             print(f"  {r['t']:4.2f}  {r['gain_pct']:7.2f}  {r['exact_gain_pct']:12.2f}  {r['eps_mse_own']:.2e}", flush=True)

@@ -7,7 +7,9 @@ import pytest
 import torch
 from scipy import integrate
 
-from bench.diffusion import EMA, VPSDE, VOutput, dsm_eval, dsm_loss, sample_ddim, sample_sde
+from bench.api import BenchError
+from bench.diffusion import (EMA, VPSDE, Guided, NullCondition, VOutput, dsm_eval, dsm_loss, sample_ddim,
+                             sample_sde)
 
 
 def test_alpha_sigma_closed_form_matches_integrated_beta():
@@ -258,3 +260,43 @@ def test_v_weighting_is_the_velocity_mse():
     z = torch.randn(x0.shape, generator=g2)
     v = sde.alpha(t)[:, None] * z - sde.sigma(t)[:, None] * x0
     assert torch.allclose(per, v.pow(2).mean(1), rtol=1e-4, atol=1e-6)
+
+
+class _Affine(torch.nn.Module):
+    """eps(x, t, c) = a x + b t + C c: a conditional 'noise predictor' whose every output is known."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.C = torch.nn.Parameter(torch.tensor(0.5)), torch.nn.Parameter(torch.tensor(2.0)), 3.0
+
+    def forward(self, x, t, c):
+        return self.a * x + self.b * t[:, None] + self.C * c
+
+
+def test_null_condition_drops_rows_and_guidance_extrapolates_away_from_the_null():
+    nc = NullCondition(_Affine(), (2,))
+    with torch.no_grad():
+        nc.null.fill_(-1.0)
+    x, c, t = torch.randn(5, 2), torch.randn(5, 2), torch.rand(5)
+    assert torch.equal(nc(x, t, c), nc.net(x, t, c))  # calling it is the plain conditional model
+    # guided = (1 + w) eps(c) - w eps(null), batched in one call, scalar t accepted
+    for w in (0.0, 1.0, 3.0):
+        want = (1 + w) * nc.net(x, t, c) - w * nc.net(x, t, torch.full_like(c, -1.0))
+        assert torch.allclose(Guided(nc, w)(x, t, c), want, atol=1e-6)
+    assert torch.allclose(Guided(nc, 2.0)(x, torch.tensor(0.3), c), Guided(nc, 2.0)(x, torch.full((5,), 0.3), c))
+    # an EMA of a NullCondition model guides with the averaged null
+    ema = EMA(nc)
+    assert torch.allclose(Guided(ema, 2.0)(x, t, c), Guided(nc, 2.0)(x, t, c), atol=1e-6)
+    # drop: p = 0 keeps every row, the share replaced follows p, and the null gets a gradient
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(nc.drop(c, 0.0, g), c)
+    cc = torch.randn(4000, 2)
+    out = nc.drop(cc, 0.25, g)
+    dropped = (out == nc.null).all(1)
+    assert abs(float(dropped.float().mean()) - 0.25) < 0.03
+    assert torch.equal(out[~dropped], cc[~dropped])  # the kept rows are untouched
+    nc.drop(c, 0.9999, g).sum().backward()
+    assert nc.null.grad is not None and float(nc.null.grad.abs().sum()) > 0
+    # a model without a null condition cannot be guided
+    with pytest.raises(BenchError, match="cond_drop"):
+        Guided(_Affine(), 1.0)
