@@ -195,6 +195,15 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
             text += (f"\n\nThese rows were judged by {len(judges)} different classifiers (sha256 "
                      f"{', '.join(j[:8] for j in judges)}...): their accuracy-type metrics are not strictly comparable; "
                      f"re-evaluate the stored samples on one machine (`bench eval RUN_DIR`) to compare them.")
+        if "classifier_sha256" in df:
+            judged = df["classifier_sha256"].notna()
+            noisy = df["classifier_test_acc_noisy"] if "classifier_test_acc_noisy" in df else pd.Series(index=df.index)
+            fragile = int((judged & noisy.isna()).sum())
+            if fragile:  # rows judged before the classifier learned to ignore pixel noise (cnn16-v1)
+                text += (f"\n\n{fragile} of these rows were judged by a classifier with no noise-robustness record "
+                         f"(`classifier_test_acc_noisy`: the first, noise-fragile judge, which reads faint pixel noise "
+                         f"as one class): their accuracy-type metrics understate outputs that carry noise; "
+                         f"re-evaluate their stored samples (`bench eval RUN_DIR`).")
     return text
 
 

@@ -317,7 +317,8 @@ class DigitsTask(Task):
         _, ref_feats = predict(net, ref)
         cfd = frechet_distance(*feature_stats(feats.numpy()), *feature_stats(ref_feats.numpy()))
         row = {"acc": acc, "cfd": cfd, "cfd_ref": ref_name, "prep": self.prep,
-               "classifier_test_acc": record["test_acc"], "classifier_sha256": record["sha256"]}
+               "classifier_test_acc": record["test_acc"], "classifier_sha256": record["sha256"],
+               "classifier_test_acc_noisy": record.get("test_acc_noisy")}
         row.update(self.fid(outputs, ctx))
         if hasattr(ctx.method, "coupling_row"):
             row["plan_acc"] = plan_accuracy(ctx.method, sources, labels, data.target_train,
@@ -346,6 +347,7 @@ class DigitsTask(Task):
         _, record = self._classifier(root, cache, torch.device("cpu"))
         c = self._chinese_split(root, cache)
         return {"classifier_test_acc": round(record["test_acc"], 2), "classifier_sha256": record["sha256"],
+                "classifier_test_acc_noisy": round(record.get("test_acc_noisy", float("nan")), 2),
                 "source": "MNIST train 60000 / test 10000",
                 "target": (f"Chinese-MNIST numerals, suites {TRAIN_SUITES.start}-{TRAIN_SUITES.stop - 1} train "
                            f"{len(c['train_x'])} / suites {TEST_SUITES.start}-{TEST_SUITES.stop - 1} test "

@@ -104,8 +104,18 @@ def test_mnistify_on_a_synthetic_faint_stroke():
 @pytest.mark.slow
 def test_classifier_accuracy_and_record(task, data, data_root, bench_cache, ctx, tmp_path):
     info = task.info(data_root, bench_cache)
-    assert info["classifier_test_acc"] >= 95.0  # plain prep (default): 95.9 % measured; mnist-style 98.85 %
+    # plain prep (default), cnn16-v2 with pixel-noise augmentation: 91.6 % measured (v1 without it: 95.75 %)
+    assert info["classifier_test_acc"] >= 89.0
     assert len(info["classifier_sha256"]) == 64
+    # the judge reads the glyph, not faint pixel noise: with std-0.05 Gaussian noise on the real test images (the
+    # background noise level of the diffusion samples) it stays within a few points of its clean accuracy (v1,
+    # trained without noise, fell to 10 %: every noisy image called 零)
+    from bench.metrics.classifier import noisy
+    assert info["classifier_test_acc_noisy"] >= info["classifier_test_acc"] - 4.0
+    net = task.classifier(ctx)
+    with torch.no_grad():
+        pred = torch.cat([net(noisy(data.target_test[i:i + 500], 0.05, seed=i)).argmax(1) for i in range(0, 2000, 500)])
+    assert 100 * (pred == data.target_test_labels).double().mean().item() >= info["classifier_test_acc"] - 4.0
     net = task.classifier(ctx)
     with torch.no_grad():
         pred = torch.cat([net(data.target_test[i:i + 500]).argmax(1) for i in range(0, 2000, 500)])
@@ -152,7 +162,7 @@ def test_evaluate_label_consistent_vs_noise(task, data, ctx):
     assert row["acc"] >= 80.0 and bad["acc"] <= 40.0
     assert row["cfd"] < bad["cfd"] and row["fid"] < bad["fid"]
     assert row["fid_n"] == 16 and row["fid_ref"] == "chinese_mnist:test:16" and len(row["fid_net_sha256"]) == 64
-    assert row["classifier_test_acc"] >= 95.0 and row["cfd_ref"] == row["fid_ref"]
+    assert row["classifier_test_acc"] >= 89.0 and row["cfd_ref"] == row["fid_ref"]
     # a full-size reference is recorded as such
     assert task.fid_ref_sizes["fast"] == 2000 and task.fid_ref_sizes["cpu"] == 2000
 

@@ -423,3 +423,10 @@ def test_table_says_when_its_rows_were_judged_by_different_classifiers(tmp_path)
     assert "different classifiers" not in judged_by("a" * 64, "a" * 64)
     text = judged_by("a" * 64, "b" * 64)
     assert "judged by 2 different classifiers (sha256 aaaaaaaa, bbbbbbbb...)" in text
+    # rows without the judge's noise-robustness record (the first, noise-fragile classifier) are counted
+    assert "2 of these rows were judged by a classifier with no noise-robustness record" in text
+    for path in paths:
+        row = json.loads(path.read_text())
+        row["classifier_test_acc_noisy"] = 90.0
+        path.write_text(json.dumps(row))
+    assert "noise-robustness" not in render(tmp_path / "runs", get_task("tiny-vectors"), fmt="markdown")
