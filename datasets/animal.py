@@ -339,6 +339,7 @@ class AnimalTask(Task):
             mask = labels == k
             row[f"acc_{s}_{t}"] = 100.0 * float(hit[mask].double().mean()) if bool(mask.any()) else None
         row.update({"classifier_test_acc": record["test_acc"], "classifier_sha256": record["sha256"],
+                    "classifier_test_acc_noisy": record.get("test_acc_noisy"),
                     "classifier_input": f"{min(data.extra['resolution'], CLASSIFIER_RES)}px"})
 
         x, ref = data.extra, data.target_test

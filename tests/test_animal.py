@@ -156,6 +156,7 @@ def test_species_classifier_is_trained_once_and_reloaded(root, cache):
     torch.set_num_threads(1)
     net, record = A.AnimalTask().classifier(data, cache)
     assert len(record["sha256"]) == 64 and 0.0 <= record["test_acc"] <= 100.0
+    assert 0.0 <= record["test_acc_noisy"] <= 100.0  # the noise-robustness record every judge now carries
     assert record["train_n"] == N_TRAIN_TGT and record["test_n"] == N_VAL_TGT
     # a fresh task instance (a new `bench run`) reloads the cached RGB weights, checked by sha256
     net2, record2 = A.AnimalTask().classifier(data, cache)
