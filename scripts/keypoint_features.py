@@ -32,6 +32,13 @@ from bench.data import resolve_root
 from bench.datasets.digits import DigitsTask
 
 
+def xi_scores(xi, ls, lt, k=50):
+    """Class agreement of the guiding cost xi (sources x targets): its 1-NN and its k nearest targets."""
+    top = xi.topk(k, dim=1, largest=False).indices
+    return {"xi_1nn": (lt[xi.argmin(1)] == ls).float().mean().item(),
+            f"xi_top{k}": (lt[top] == ls[:, None]).float().mean().item()}
+
+
 def scores(fx, fkx, fy, fky, ls, lt, cost="mean-squared", tau_rel=0.1, alpha=0.0, k=50):
     def rel(f, fk):
         c = ot.cost_matrix(f, fk, cost)
@@ -41,11 +48,8 @@ def scores(fx, fkx, fy, fky, ls, lt, cost="mean-squared", tau_rel=0.1, alpha=0.0
     xi = ot.js_matrix(rx, ry)
     if alpha:
         xi = alpha * ot.cost_matrix(fx, fy, cost) + (1 - alpha) * xi
-    top = xi.topk(k, dim=1, largest=False).indices
     return {"nn_kp_src": (cx.argmin(1) == ls).float().mean().item(),
-            "nn_kp_tgt": (cy.argmin(1) == lt).float().mean().item(),
-            "xi_1nn": (lt[xi.argmin(1)] == ls).float().mean().item(),
-            f"xi_top{k}": (lt[top] == ls[:, None]).float().mean().item()}
+            "nn_kp_tgt": (cy.argmin(1) == lt).float().mean().item(), **xi_scores(xi, ls, lt, k)}
 
 
 def main(argv=None) -> int:

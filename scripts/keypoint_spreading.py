@@ -21,14 +21,12 @@ import torch.nn.functional as F
 from bench import graph, ot
 from bench.data import resolve_root
 from bench.datasets.digits import DigitsTask
+from keypoint_features import xi_scores  # scripts/ is on sys.path when run as a script
 
 
 def score(rx, ry, ls, lt, k=50):
-    xi = ot.js_matrix(rx, ry)
-    top = xi.topk(k, dim=1, largest=False).indices
     return {"kp_src": (rx.argmax(1) == ls).float().mean().item(), "kp_tgt": (ry.argmax(1) == lt).float().mean().item(),
-            "xi_1nn": (lt[xi.argmin(1)] == ls).float().mean().item(),
-            f"xi_top{k}": (lt[top] == ls[:, None]).float().mean().item()}
+            **xi_scores(ot.js_matrix(rx, ry), ls, lt, k)}
 
 
 def main(argv=None) -> int:
