@@ -16,8 +16,9 @@ stage II (MNIST *training* images, never the test split):
 
 The rule (results/digits/PROTOCOL.md): the variant with the highest validation Acc; the per-t gains say why.
 ``--stage1 relations=spread`` sets options of the shared stage I (and of every variant); a variant trained with
-``cond_drop`` > 0 is sampled once per ``--guidance`` scale w (classifier-free guidance), the first one also for
-the condition-use check's samples.
+``cond_drop`` > 0 is sampled once per ``--guidance`` scale w (classifier-free guidance); the condition-use check
+samples with the variant's own ``guidance`` option (0 unless given). Each result names the judge's sha256 and
+arch (results before 2026-12-01 were scored by the noise-fragile cnn16-v1).
 
     BENCH_DATA=../shared/data python scripts/otcs_stage2_study.py --steps 2000 \
         --variant eps: --variant v-output:output=v --variant v-loss:output=v,loss_weighting=v \
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     variants = [parse_variant(v) for v in a.variant]
 
-    clf = DigitsTask()._classifier(resolve_root(None), None, "cpu")[0]
+    clf, judge = DigitsTask()._classifier(resolve_root(None), None, "cpu")
     stage1 = parse_variant(":" + a.stage1)[1]
     scales = [float(w) for w in a.guidance.split(",")]
     data, m, run, H = fit_stage1(a.steps, a.ot_steps, **stage1)
@@ -119,7 +120,8 @@ def main(argv=None) -> int:
                   f"predicted classes {hist}, d_cond/d_noise {use['d_cond'] / use['d_noise']:.3f}", flush=True)
         res = {"options": opts, "stage1": stage1, "steps": a.steps, "fit_min": round(fit_min, 2),
                "sample_min": guided[0]["sample_min"], "val_n": len(rows), "val_acc": guided[0]["val_acc"],
-               "val_plan_acc": plan, "pred_hist": guided[0]["pred_hist"], "guided": guided, **use}
+               "val_plan_acc": plan, "pred_hist": guided[0]["pred_hist"], "guided": guided,
+               "judge_sha256": judge["sha256"], "judge_arch": judge["arch"], **use}
         results[name] = res
         print("   t     gain %   exact gain %   eps-MSE own", flush=True)
         for r in use["per_t"]:
