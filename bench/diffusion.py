@@ -134,6 +134,12 @@ class VPSDE:
 WEIGHTINGS = ("sigma2", "g2", "v")
 
 
+def _per_row(t, x: torch.Tensor) -> torch.Tensor:
+    """Diffusion time(s) as one float32 value per row of x (a scalar or a 1-element t is broadcast)."""
+    t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+    return t.reshape(1).expand(x.shape[0]) if t.dim() == 0 or t.numel() == 1 else t
+
+
 class VOutput(nn.Module):
     """A noise predictor built from a velocity network: z_hat(x_t) = sigma(t) x_t + alpha(t) v_theta(x_t, t[, cond]).
 
@@ -147,9 +153,7 @@ class VOutput(nn.Module):
         self.net, self.sde = net, sde
 
     def forward(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-        if t.dim() == 0 or t.numel() == 1:
-            t = t.reshape(1).expand(x.shape[0])
+        t = _per_row(t, x)
         shape = (-1,) + (1,) * (x.dim() - 1)
         a, s = self.sde.alpha(t).reshape(shape), self.sde.sigma(t).reshape(shape)
         # float32 out: under bf16 autocast, rounding the identity part sigma x_t to bf16 would cost a
@@ -196,10 +200,7 @@ class Guided(nn.Module):
         self.null = inner.null
 
     def forward(self, x: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-        if t.dim() == 0 or t.numel() == 1:
-            t = t.reshape(1).expand(n)
+        n, t = x.shape[0], _per_row(t, x)
         null = self.null.to(cond.dtype).expand(n, *cond.shape[1:])
         e = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).float()
         e_c, e_u = e[:n], e[n:]

@@ -70,14 +70,16 @@ def _augment(x: torch.Tensor, g: torch.Generator, max_shift: float = 0.1, max_ro
     theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1
-    std = torch.rand(n, 1, 1, 1, generator=g) * noise
+    return _add_noise(x, torch.rand(n, 1, 1, 1, generator=g) * noise, g)
+
+
+def _add_noise(x: torch.Tensor, std, g: torch.Generator) -> torch.Tensor:
     return (x + std * torch.randn(x.shape, generator=g)).clamp(-1.0, 1.0)
 
 
 def noisy(x: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
     """x plus Gaussian pixel noise of ``std``, clamped to [-1, 1] (fixed seed): the robustness check."""
-    g = torch.Generator().manual_seed(seed)
-    return (x + std * torch.randn(x.shape, generator=g)).clamp(-1.0, 1.0)
+    return _add_noise(x, std, torch.Generator().manual_seed(seed))
 
 
 def train_classifier(x: torch.Tensor, y: torch.Tensor, classes: int = 10, epochs: int = 8,
