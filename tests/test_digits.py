@@ -104,8 +104,9 @@ def test_mnistify_on_a_synthetic_faint_stroke():
 @pytest.mark.slow
 def test_classifier_accuracy_and_record(task, data, data_root, bench_cache, ctx, tmp_path):
     info = task.info(data_root, bench_cache)
-    # plain prep (default), cnn16-v2 with pixel-noise augmentation: 91.6 % measured (v1 without it: 95.75 %)
-    assert info["classifier_test_acc"] >= 89.0
+    # plain prep (default), cnn16-v2 with pixel-noise augmentation, 24 epochs: 95.35 % measured (8 epochs: 91.6 %;
+    # v1 without noise: 95.75 %)
+    assert info["classifier_test_acc"] >= 93.0
     assert len(info["classifier_sha256"]) == 64
     # the judge reads the glyph, not faint pixel noise: with std-0.05 Gaussian noise on the real test images (the
     # background noise level of the diffusion samples) it stays within a few points of its clean accuracy (v1,
@@ -162,7 +163,7 @@ def test_evaluate_label_consistent_vs_noise(task, data, ctx):
     assert row["acc"] >= 80.0 and bad["acc"] <= 40.0
     assert row["cfd"] < bad["cfd"] and row["fid"] < bad["fid"]
     assert row["fid_n"] == 16 and row["fid_ref"] == "chinese_mnist:test:16" and len(row["fid_net_sha256"]) == 64
-    assert row["classifier_test_acc"] >= 89.0 and row["cfd_ref"] == row["fid_ref"]
+    assert row["classifier_test_acc"] >= 93.0 and row["cfd_ref"] == row["fid_ref"]
     # a full-size reference is recorded as such
     assert task.fid_ref_sizes["fast"] == 2000 and task.fid_ref_sizes["cpu"] == 2000
 

@@ -286,3 +286,15 @@ def test_concurrent_users_of_one_cache_train_the_classifier_and_compute_fid_stat
         fid_mod.fid_features = real_features
     assert calls == {"train": 1, "ref": 1}, calls
     assert len(results) == 2 and results[0] == results[1]
+
+
+def test_judge_augmentation_noises_the_requested_share_of_images():
+    from bench.metrics.classifier import _augment
+    x = torch.full((400, 1, 28, 28), -1.0)
+    x[:, :, 10:18, 12:16] = 1.0
+    plain = dict(max_shift=0.0, max_rot=0.0, scale=0.0, noise=0.1)  # identity jitter: only the noise acts
+    noised = lambda out: ((out - x).flatten(1).abs().amax(1) > 1e-3)  # noqa: E731
+    assert noised(_augment(x, torch.Generator().manual_seed(0), **plain)).float().mean() > 0.95
+    assert not noised(_augment(x, torch.Generator().manual_seed(0), **plain, noise_p=0.0)).any()
+    share = noised(_augment(x, torch.Generator().manual_seed(0), **plain, noise_p=0.5)).float().mean()
+    assert 0.4 < share < 0.6, share

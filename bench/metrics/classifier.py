@@ -59,7 +59,7 @@ class SmallCNN(nn.Module):
 
 
 def _augment(x: torch.Tensor, g: torch.Generator, max_shift: float = 0.1, max_rot: float = 0.15,
-             scale: float = 0.1, noise: float = NOISE_MAX) -> torch.Tensor:
+             scale: float = 0.1, noise: float = NOISE_MAX, noise_p: float = 1.0) -> torch.Tensor:
     """Random small affine jitter (shift, rotation, scale) and pixel noise, so the judge reads the glyph
     whatever its placement and whatever faint noise a generator leaves around it."""
     n = len(x)
@@ -70,7 +70,10 @@ def _augment(x: torch.Tensor, g: torch.Generator, max_shift: float = 0.1, max_ro
     theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1
-    return _add_noise(x, torch.rand(n, 1, 1, 1, generator=g) * noise, g)
+    std = torch.rand(n, 1, 1, 1, generator=g) * noise
+    if noise_p < 1.0:  # only this share of the images gets noise (drawn only here: p = 1 keeps the stream)
+        std = std * (torch.rand(n, 1, 1, 1, generator=g) < noise_p)
+    return _add_noise(x, std, g)
 
 
 def _add_noise(x: torch.Tensor, std, g: torch.Generator) -> torch.Tensor:
@@ -83,7 +86,8 @@ def noisy(x: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
 
 
 def train_classifier(x: torch.Tensor, y: torch.Tensor, classes: int = 10, epochs: int = 8,
-                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0) -> SmallCNN:
+                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+                     noise: float = NOISE_MAX, noise_p: float = 1.0) -> SmallCNN:
     """Train :class:`SmallCNN` on the CPU with a fixed seed and ONE intra-op thread.
 
     One thread makes the weights bit-identical on every machine with the same torch build
@@ -94,7 +98,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, classes: int = 10, epochs
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(x, y, classes, epochs, batch_size, lr, seed, g)
+        return _train(x, y, classes, epochs, batch_size, lr, seed, g, noise, noise_p)
     finally:
         torch.set_num_threads(threads)
 
@@ -110,7 +114,7 @@ class _deterministic:
         torch.use_deterministic_algorithms(self.prev)
 
 
-def _train(x, y, classes, epochs, batch_size, lr, seed, g) -> SmallCNN:
+def _train(x, y, classes, epochs, batch_size, lr, seed, g, noise=NOISE_MAX, noise_p=1.0) -> SmallCNN:
     with torch.random.fork_rng(devices=[]), _deterministic():
         torch.manual_seed(seed)
         net = SmallCNN(classes, channels=x.shape[1])
@@ -122,7 +126,7 @@ def _train(x, y, classes, epochs, batch_size, lr, seed, g) -> SmallCNN:
             perm = torch.randperm(len(x), generator=g)
             for i in range(0, len(x), batch_size):
                 idx = perm[i:i + batch_size]
-                xb = _augment(x[idx], g)
+                xb = _augment(x[idx], g, noise=noise, noise_p=noise_p)
                 loss = F.cross_entropy(net(xb), y[idx], label_smoothing=0.05)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
