@@ -21,7 +21,7 @@ class Option:
     """One option: a default (or one value per budget), its type, and optional choices."""
 
     def __init__(self, default: Any = _UNSET, *, type: type | None = None, choices: tuple | None = None,
-                 nullable: bool | None = None, help: str = "", **per_budget: Any) -> None:
+                 nullable: bool | None = None, help: str = "", sampling: bool = False, **per_budget: Any) -> None:
         from .budgets import BUDGET_NAMES
         bad = set(per_budget) - set(BUDGET_NAMES)
         if bad:
@@ -30,6 +30,9 @@ class Option:
             raise TypeError(f"Option without a default needs a value for every budget {BUDGET_NAMES}, "
                             f"got {sorted(per_budget)}")
         self.default, self.per_budget, self.choices, self.help = default, dict(per_budget), choices, help
+        # sampling=True: the option acts only in ``transport``, never in ``fit``, so runs that differ only in such
+        # options share one fit (the runner starts them from a finished sibling's final checkpoint)
+        self.sampling = bool(sampling)
         values = [v for v in ([default] if default is not _UNSET else []) + list(per_budget.values())
                   if v is not None]
         if type is None and values:
@@ -106,6 +109,11 @@ def as_option(value: Any) -> Option:
 
 def declared(defaults: Mapping[str, Any]) -> dict[str, Option]:
     return {k: as_option(v) for k, v in defaults.items()}
+
+
+def sampling_names(defaults: Mapping[str, Any]) -> set[str]:
+    """The options declared ``sampling=True`` (transport-only)."""
+    return {k for k, opt in declared(defaults).items() if opt.sampling}
 
 
 def resolve(owner: str, defaults: Mapping[str, Any], given: Mapping[str, Any], budget: str) -> dict[str, Any]:

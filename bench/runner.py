@@ -45,6 +45,7 @@ from . import __version__, store
 from .api import BenchError, EvalContext, Metric, Method, Task, TaskData
 from .budgets import Budget
 from .locks import RunLock
+from .options import sampling_names
 from .plots import save_grid
 from .registry import get_method, get_task, options_variant
 from .run import Run, RunFailed, pick_device, seed_everything
@@ -483,10 +484,12 @@ def _run_locked(spec: RunSpec, rundir: Path, method: Method, task: Task, *, data
                 progress=progress, checkpoint_every=checkpoint_every)
     if probe_every:
         attach_probe(p, probe_every, probe_n, cache_dir=cache_dir, data_root=data_root, batch_size=batch_size)
+    fit_from = _config_fit_from(rundir) or share_fit(rundir, spec, method, task, bf16=bool(bf16), log=log)
     store.write_json(rundir / CONFIG_FILE, {
         "method": spec.method, "task": spec.task, "seed": spec.seed, "budget": spec.budget,
         "options": method.options, "task_options": task.options, "device": str(p.device),
-        "bf16": bool(bf16), "compile": bool(compile), "probe_every": probe_every})
+        "bf16": bool(bf16), "compile": bool(compile), "probe_every": probe_every,
+        **({"fit_from": fit_from} if fit_from else {})})
     state = restore(p, warn)
     saved = None
     if state == "corrupt":  # samples came from a model that can no longer be restored
@@ -505,11 +508,68 @@ def _run_locked(spec: RunSpec, rundir: Path, method: Method, task: Task, *, data
     finally:
         p.run.close()
     row = annotate(p, scored, saved)
+    if fit_from:
+        row["fit_from"] = fit_from
     save_grid(rundir / "grid.png", p.sources[: len(saved["outputs"])], saved["outputs"], p.data)
     store.write_json(rundir / ROW_FILE, row)
     event(rundir, "done")
     log(f"done {spec.label()}: " + ", ".join(f"{k}={_fmt(row.get(k))}" for k in task.metrics if k in row))
     return row
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _config_fit_from(rundir: Path) -> str | None:
+    """The sibling whose fit this run shares, as recorded when it was started (None if it trained itself)."""
+    try:
+        return store.read_json(rundir / CONFIG_FILE).get("fit_from") if (rundir / CONFIG_FILE).exists() else None
+    except store.CorruptFile:
+        return None
+
+
+def share_fit(rundir: Path, spec: RunSpec, method: Method, task: Task, *, bf16: bool, log: Log = print) -> str | None:
+    """Start a new run from a finished sibling's final checkpoint when the two differ only in options declared
+    ``sampling=True`` (they act only in ``transport``): e.g. OTCS re-sampled with another guidance weight.
+
+    The sibling must be a finished run (``row.json``) of the same method, task, budget and seed, with equal task
+    options and bf16 setting; its checkpoint is hard-linked (copied across file systems) into ``rundir``, which
+    then restores it as a completed fit and only transports.  Returns the sibling's directory name, or None.
+    """
+    if (rundir / CHECKPOINT_FILE).exists() or (rundir / SAMPLES_FILE).exists():
+        return None
+    transport_only = sampling_names(type(method).default_options)
+    if not transport_only:
+        return None
+    mine = _plain({k: v for k, v in method.options.items() if k not in transport_only})
+    for sib in sorted(rundir.parent.glob(f"{spec.budget}-seed{spec.seed}-*")):
+        if sib == rundir or not all((sib / f).exists() for f in (ROW_FILE, CHECKPOINT_FILE, CONFIG_FILE)):
+            continue
+        try:
+            cfg = store.read_json(sib / CONFIG_FILE)
+        except store.CorruptFile:
+            continue
+        theirs = _plain({k: v for k, v in (cfg.get("options") or {}).items() if k not in transport_only})
+        if theirs != mine or _plain(cfg.get("task_options") or {}) != _plain(task.options) \
+                or bool(cfg.get("bf16")) != bf16 or cfg.get("fit_from"):
+            continue
+        rundir.mkdir(parents=True, exist_ok=True)
+        tmp = rundir / f".{CHECKPOINT_FILE}.shared.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(sib / CHECKPOINT_FILE, tmp)  # checkpoints are replaced, never rewritten in place: a link is safe
+        except OSError:
+            import shutil
+            shutil.copyfile(sib / CHECKPOINT_FILE, tmp)
+        os.replace(tmp, rundir / CHECKPOINT_FILE)
+        differ = {k: v for k, v in method.options.items()
+                  if k in transport_only and _plain(v) != _plain((cfg.get("options") or {}).get(k))}
+        log(f"{spec.label()}: sharing the fit of {sib} (differs only in transport-only options "
+            f"{', '.join(f'{k}={v}' for k, v in differ.items()) or 'none'}); transporting only")
+        event(rundir, "fit_shared", source=sib.name)
+        return sib.name
+    return None
 
 
 RUN_DIR_HINT = (f"pass a run directory under your --out tree (one with {CONFIG_FILE} and {SAMPLES_FILE}), "

@@ -145,7 +145,7 @@ class OTCS(Method):
                          help="what the UNet predicts: eps (authors) or v, turned into eps by VOutput"),
         "cond_drop": Option(0.0, help="stage II: share of pairs whose source is replaced by a learned null "
                                       "condition (classifier-free guidance; ours, not the authors'); 0 = off"),
-        "guidance": Option(0.0, help="sampling: eps = (1 + w) eps(.|x) - w eps(.|null), two network calls a step; "
+        "guidance": Option(0.0, sampling=True, help="sampling: eps = (1 + w) eps(.|x) - w eps(.|null), two network calls a step; "
                                      "needs cond_drop > 0; 0 = the conditional model (authors)"),
         # cpu, measured on the first cpu run (2026-11-25): 3000 steps left the score model unable to generate
         # (Acc 10 %, faint strokes; results/digits/PROTOCOL.md); a step costs 0.22 s, and stage I + H + bounds +
@@ -170,13 +170,14 @@ class OTCS(Method):
         "mlp_depth": 3,
         "holdout": Option(0.05, help="share of source rows (at most 512) kept out of stage II for J_CSM"),
         # sampling: the authors' ancestral reverse-SDE sampler with x0 clipping on every budget
-        "sampler": Option("sde", choices=SAMPLERS),
-        "sde_steps": Option(smoke=20, cpu=100, fast=1000, paper=1000),
-        "toy_sde_steps": Option(smoke=100, cpu=100, fast=1000, paper=1000),
-        "clip_x0": Option(True, help="clip the x0 prediction to [-1, 1] while sampling images (authors)"),
-        "denoise": Option(True, help="last step returns the x0 prediction (no leftover noise)"),
-        "ddim_steps": 100,
-        "ddim_eta": 0.0,
+        # (sampling=True: transport-only, so runs differing only in these share one fit)
+        "sampler": Option("sde", choices=SAMPLERS, sampling=True),
+        "sde_steps": Option(smoke=20, cpu=100, fast=1000, paper=1000, sampling=True),
+        "toy_sde_steps": Option(smoke=100, cpu=100, fast=1000, paper=1000, sampling=True),
+        "clip_x0": Option(True, sampling=True, help="clip the x0 prediction to [-1, 1] while sampling images (authors)"),
+        "denoise": Option(True, sampling=True, help="last step returns the x0 prediction (no leftover noise)"),
+        "ddim_steps": Option(100, sampling=True),
+        "ddim_eta": Option(0.0, sampling=True),
         # Theorem 2 estimates
         "bound_pairs": Option(smoke=256, cpu=1024, fast=2048, paper=2048),
         "bound_prior_rows": Option(smoke=8, cpu=32, fast=32, paper=32),

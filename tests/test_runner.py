@@ -14,6 +14,7 @@ import torch
 from bench import store
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Metric, Method, Task
 from bench.locks import RunLock, RunLocked
+from bench.options import Option
 from bench.registry import get_task, register_method, register_task
 from bench.run import RunFailed
 from bench.runner import (FAILED_FILE, ROW_FILE, RunSpec, check_metrics, check_samples, evaluate_dir, load_run,
@@ -58,6 +59,18 @@ class Counter(Method):
     def transport(self, x, generator=None):
         y = x + self.shift
         return y * float("nan") if self.options["poison"] else y
+
+
+@register_method
+class SampledCounter(Counter):
+    """Counter with a transport-only option (``scale`` multiplies the learned shift when transporting)."""
+
+    name = "test-sampled-counter"
+    default_options = {**Counter.default_options, "scale": Option(1.0, sampling=True)}
+
+    @torch.no_grad()
+    def transport(self, x, generator=None):
+        return x + self.options["scale"] * self.shift
 
 
 @register_task
@@ -138,6 +151,31 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path):
     # the optimizer's momentum is checkpointed too, so the resumed run is the same computation
     assert row["w2"] == full["w2"], "resumed result differs from an uninterrupted run"
     assert [e["resume"] for e in _events(rundir, "fit_start")] == [{}, {"sgd": 25}]
+
+
+def test_runs_differing_only_in_transport_only_options_share_one_fit(tmp_path):
+    def spec(**opts):
+        return RunSpec("test-sampled-counter", "tiny-vectors", seed=0, budget="smoke", options=opts)
+
+    Counter.seen_steps.clear()
+    first = _run(tmp_path, spec())
+    assert Counter.seen_steps == list(range(40)) and "fit_from" not in first
+    Counter.seen_steps.clear()
+    half = _run(tmp_path, spec(scale=0.5))  # another sampling value: no training, the first run's fit
+    assert Counter.seen_steps == [], "a transport-only option must not refit"
+    a, b = spec().directory(tmp_path / "runs"), spec(scale=0.5).directory(tmp_path / "runs")
+    assert a != b and half["fit_from"] == a.name and half["options"]["scale"] == 0.5
+    assert json.loads((b / "config.json").read_text())["fit_from"] == a.name
+    shift = store.torch_load(a / "checkpoint.pt")["method"]["shift"]
+    out_a, out_b = (store.torch_load(d / "samples.pt")["outputs"] for d in (a, b))
+    assert torch.allclose(out_b - out_a, -0.5 * shift.expand_as(out_a), atol=1e-6), "transport used the new scale"
+    assert half["fit_s"] >= first["fit_s"] * 0.5, "the row carries the shared fit's cost, not zero"
+    Counter.seen_steps.clear()
+    _run(tmp_path, spec(scale=0.5, lr=0.1))  # a fit option differs: trains from scratch
+    assert Counter.seen_steps == list(range(40))
+    Counter.seen_steps.clear()
+    _run(tmp_path / "alone", spec(scale=2.0))  # no finished sibling under this --out: trains
+    assert Counter.seen_steps == list(range(40))
 
 
 def test_checkpoint_holds_only_safe_types(tmp_path):
