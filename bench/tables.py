@@ -19,6 +19,9 @@ from .api import BenchError, Metric
 from .registry import options_variant
 
 BOUND_PREFIX = "bound_"
+# variant label of a row judged by a classifier without a noise-robustness record (the first digits / animal
+# judges, which read faint pixel noise as one class): never averaged with rows of a noise-robust judge
+FRAGILE_JUDGE = "judge=noise-fragile"
 
 
 def task_metrics(task_cls) -> list[Metric]:
@@ -46,6 +49,8 @@ def load_rows(out: Path, task: str | None = None, rows_dir: Path | None = None) 
             continue
         row["run_dir"] = str(path.parent if rows_dir is None else path)
         row["variant"] = current_variant(row)
+        if row.get("classifier_sha256") and row.get("classifier_test_acc_noisy") is None:
+            row["variant"] = ",".join(filter(None, [row["variant"], FRAGILE_JUDGE]))
         rows.append(row)
     return pd.DataFrame(rows)
 

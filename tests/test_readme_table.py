@@ -70,3 +70,16 @@ def test_readme_block_matches_committed_rows(script):
     readme = (ROOT / "README.md").read_text()
     block = readme.split(mod.BEGIN, 1)[1].split(mod.END, 1)[0].strip()
     assert block == mod.table(ROOT / "results/digits/rows")
+
+
+def test_rows_of_the_noise_fragile_judge_get_their_own_table(tmp_path, script):
+    mod = script("readme_table")
+    _row(tmp_path, "otcs", 0, 10.0, 90.0, classifier_sha256="a" * 64)          # no noisy record: the first judge
+    _row(tmp_path, "otcs", 1, 30.0, 95.0, classifier_sha256="b" * 64, classifier_test_acc_noisy=93.9)
+    _row(tmp_path, "not", 0, 8.0, 80.0, classifier_sha256="a" * 64)
+    text = mod.table(tmp_path)
+    top, rest = text.split("Not yet regenerated: 2 rows judged by the first, noise-fragile classifier", 1)
+    assert "| OTCS (" in top and "| 1 | 30.00 | 95.0 |" in top and "NOT" not in top.replace("OTCS against NOT", "")
+    assert "| 0 | 10.00 | 90.0 |" in rest and "| NOT (" in rest
+    (tmp_path / "otcs-cpu-seed1.json").unlink()
+    assert mod.table(tmp_path).startswith("No `cpu` row judged by the noise-robust classifier yet")

@@ -463,6 +463,12 @@ def test_table_says_when_its_rows_were_judged_by_different_classifiers(tmp_path)
     assert "judged by 2 different classifiers (sha256 aaaaaaaa, bbbbbbbb...)" in text
     # rows without the judge's noise-robustness record (the first, noise-fragile classifier) are counted
     assert "2 of these rows were judged by a classifier with no noise-robustness record" in text
+    path = paths[0]  # one seed re-judged by a noise-robust classifier: never averaged with the fragile one
+    row = json.loads(path.read_text())
+    path.write_text(json.dumps({**row, "classifier_test_acc_noisy": 90.0}))
+    names = [ln.split("|")[1].strip() for ln in render(tmp_path / "runs", get_task("tiny-vectors"),
+                                                       fmt="markdown").splitlines() if ln.startswith("| identity")]
+    assert sorted(names) == ["identity", "identity [judge=noise-fragile]"], names
     for path in paths:
         row = json.loads(path.read_text())
         row["classifier_test_acc_noisy"] = 90.0
