@@ -484,7 +484,9 @@ def _run_locked(spec: RunSpec, rundir: Path, method: Method, task: Task, *, data
                 progress=progress, checkpoint_every=checkpoint_every)
     if probe_every:
         attach_probe(p, probe_every, probe_n, cache_dir=cache_dir, data_root=data_root, batch_size=batch_size)
-    fit_from = _config_fit_from(rundir) or share_fit(rundir, spec, method, task, bf16=bool(bf16), log=log)
+    fit_from = share_fit(rundir, spec, method, task, bf16=bool(bf16), log=log)
+    if fit_from is None and (rundir / CHECKPOINT_FILE).exists():  # resumed: keep what its start recorded
+        fit_from = _config_fit_from(rundir)
     store.write_json(rundir / CONFIG_FILE, {
         "method": spec.method, "task": spec.task, "seed": spec.seed, "budget": spec.budget,
         "options": method.options, "task_options": task.options, "device": str(p.device),

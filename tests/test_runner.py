@@ -170,6 +170,10 @@ def test_runs_differing_only_in_transport_only_options_share_one_fit(tmp_path):
     out_a, out_b = (store.torch_load(d / "samples.pt")["outputs"] for d in (a, b))
     assert torch.allclose(out_b - out_a, -0.5 * shift.expand_as(out_a), atol=1e-6), "transport used the new scale"
     assert half["fit_s"] >= first["fit_s"] * 0.5, "the row carries the shared fit's cost, not zero"
+    assert _run(tmp_path, spec(scale=0.5))["fit_from"] == a.name  # finished: skipped, the row unchanged
+    Counter.seen_steps.clear()
+    assert _run(tmp_path, spec(scale=0.5), force=True)["fit_from"] == a.name  # --force shares the fit again
+    assert Counter.seen_steps == []
     Counter.seen_steps.clear()
     _run(tmp_path, spec(scale=0.5, lr=0.1))  # a fit option differs: trains from scratch
     assert Counter.seen_steps == list(range(40))
