@@ -126,23 +126,24 @@ def test_classifier_accuracy_and_record(task, data, data_root, bench_cache, ctx,
     import shutil
 
     from bench.api import BenchError
+    from bench.datasets.digits import CLASSIFIER_EPOCHS
     from bench.metrics.classifier import load_or_train
-    cached = sorted(bench_cache.glob("classifiers/*.pt"))[0]
+    cached = sorted(bench_cache.glob(f"classifiers/digits_*_e{CLASSIFIER_EPOCHS}_s0_w.pt"))[0]
     (tmp_path / "classifiers").mkdir()
     weights = tmp_path / "classifiers" / cached.name
     shutil.copy(cached, weights)
     shutil.copy(cached.with_suffix(".json"), weights.with_suffix(".json"))
     key = weights.name.split("_cnn")[0]
-    load_or_train(tmp_path, key, None, None)  # the untouched copy loads
+    load_or_train(tmp_path, key, None, None, epochs=CLASSIFIER_EPOCHS)  # the untouched copy loads
     state = torch.load(weights, weights_only=True)
     first = next(iter(state))
     state[first] = state[first] + 1e-3  # changed weights, same file format
     torch.save(state, weights)
     with pytest.raises(BenchError, match="sha256"):
-        load_or_train(tmp_path, key, None, None)
+        load_or_train(tmp_path, key, None, None, epochs=CLASSIFIER_EPOCHS)
     weights.write_bytes(b"not a checkpoint")
     with pytest.raises(BenchError, match="cannot be read"):
-        load_or_train(tmp_path, key, None, None)
+        load_or_train(tmp_path, key, None, None, epochs=CLASSIFIER_EPOCHS)
 
 
 @pytest.mark.slow
