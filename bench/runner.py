@@ -47,7 +47,7 @@ from .budgets import Budget
 from .locks import RunLock
 from .options import sampling_names
 from .plots import save_grid
-from .registry import get_method, get_task, options_variant
+from .registry import _plain, get_method, get_task, options_variant
 from .run import Run, RunFailed, pick_device, seed_everything
 
 ROW_FILE = "row.json"
@@ -517,10 +517,6 @@ def _run_locked(spec: RunSpec, rundir: Path, method: Method, task: Task, *, data
     event(rundir, "done")
     log(f"done {spec.label()}: " + ", ".join(f"{k}={_fmt(row.get(k))}" for k in task.metrics if k in row))
     return row
-
-
-def _plain(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
 def _config_fit_from(rundir: Path) -> str | None:
