@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +111,10 @@ def test_row_and_skip(tmp_path):
                 "torch", "device_name", "eval_s"):
         assert key in row
     assert row["options"] == {"steps": 40, "lr": 0.2, "poison": False}, "the row records the resolved options"
+    if Path("/proc/cpuinfo").exists():  # the CPU model, so that run minutes can be read against the machine
+        model = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("model name"))
+        assert row["device_name"].startswith(f"cpu ({model}") and row["device_name"].endswith("threads)")
     rundir = _spec().directory(tmp_path / "runs")
     assert rundir.name.startswith("smoke-seed0-") and len(rundir.name.split("-")[-1]) == 8
     assert (rundir / "row.json").exists() and (rundir / "samples.pt").exists() and (rundir / "grid.png").exists()
