@@ -27,7 +27,7 @@ BEGIN, END = "<!-- cpu-table:begin -->", "<!-- cpu-table:end -->"
 # method -> (label with its cpu settings, what its grids show); order = the README's order
 NOTES = {
     "otcs": ("OTCS (6,000 stage-II steps, lr 2e-3, 100 SDE steps)",
-             "faint Chinese numerals, not the source's class"),
+             "faint Chinese numerals, mostly not the source's class"),
     "not": ("NOT (600 outer steps)", "dimmed, smeared copies of the inputs"),
     "tcr": ("TCR (4,000 updates)", "very dim copies of the inputs (seed 2: faint blotches)"),
     "w2gan": ("W2GAN (1,100 steps)", "dimmed, grainy copies of the inputs"),
@@ -126,8 +126,9 @@ def table(rows_dir: Path) -> str:
                  "(`SEEDS=\"0 1 2\" bash scripts/cpu_table.sh`, one run at a time; rows land in results/digits/rows)."]
     else:
         lines = HEADER + _lines(df, paper)
-        lines += ["", "\"vs paper\": *better* / *worse* when every seed is on that side of the published value, "
-                  "*mixed* when the seeds fall on both sides. " + _head_to_head(df, "otcs", "not", paper)]
+        legend = ("\"vs paper\": *better* / *worse* when every seed is on that side of the published value, "
+                  "*mixed* when the seeds fall on both sides.")
+        lines += ["", " ".join(filter(None, [legend, _head_to_head(df, "otcs", "not", paper)]))]
     if not stale.empty:
         lines += ["", "Not in the means (run before a `cpu` default changed; their rows are kept): " + "; ".join(
             f"{r.method} seed {int(r.seed)} ({r.variant})" for r in stale.itertuples()) + "."]
