@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from bench import graph, ot
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
-from bench.diffusion import EMA, VPSDE, WEIGHTINGS, Guided, NullCondition, VOutput, dsm_eval, dsm_loss, mixture_eps, sample_ddim, sample_sde
+from bench.diffusion import EMA, VPSDE, WEIGHTINGS, Guided, NullCondition, VOutput, dsm_eval, dsm_loss, mixture_eps, cpu_chunked, sample_ddim, sample_sde
 from bench.nn import canvas_side, MLP, ScoreMLP, UNet, crop_to, pad_to
 from bench.nn.contrastive import Encoder, embed, train_encoder
 from bench.options import Option
@@ -614,7 +614,7 @@ class OTCS(Method):
         shape = (len(x), *((self.shape[0], self.canvas, self.canvas) if self.is_image else self.shape))
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._bf16 and self.device.type == "cuda")
         w = float(self.options["guidance"])
-        net = Guided(self.ema, w) if w != 0 else self.ema
+        net = cpu_chunked(Guided(self.ema, w) if w != 0 else self.ema, self.device)
         with amp:
             if self.options["sampler"] == "sde":
                 clip = bool(self.options["clip_x0"]) and self.is_image

@@ -8,7 +8,7 @@ import torch
 from scipy import integrate
 
 from bench.api import BenchError
-from bench.diffusion import (EMA, VPSDE, Guided, NullCondition, VOutput, dsm_eval, dsm_loss, sample_ddim,
+from bench.diffusion import (EMA, VPSDE, Chunked, Guided, NullCondition, VOutput, dsm_eval, dsm_loss, sample_ddim,
                              sample_sde)
 
 
@@ -279,7 +279,7 @@ def test_null_condition_drops_rows_and_guidance_extrapolates_away_from_the_null(
         nc.null.fill_(-1.0)
     x, c, t = torch.randn(5, 2), torch.randn(5, 2), torch.rand(5)
     assert torch.equal(nc(x, t, c), nc.net(x, t, c))  # calling it is the plain conditional model
-    # guided = (1 + w) eps(c) - w eps(null), batched in one call, scalar t accepted
+    # guided = (1 + w) eps(c) - w eps(null), scalar t accepted
     for w in (0.0, 1.0, 3.0):
         want = (1 + w) * nc.net(x, t, c) - w * nc.net(x, t, torch.full_like(c, -1.0))
         assert torch.allclose(Guided(nc, w)(x, t, c), want, atol=1e-6)
@@ -300,3 +300,31 @@ def test_null_condition_drops_rows_and_guidance_extrapolates_away_from_the_null(
     # a model without a null condition cannot be guided
     with pytest.raises(BenchError, match="cond_drop"):
         Guided(_Affine(), 1.0)
+
+
+class _RowCounter(torch.nn.Module):
+    """Records the batch size of every call; a row's output depends on that row only."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.w = [], torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x, t, c=None):
+        self.calls.append(x.shape[0])
+        return self.w * x + t[:, None] + (0 if c is None else c)
+
+
+def test_chunked_evaluates_at_most_rows_at_a_time_without_gradient_and_is_the_same_function():
+    net = _RowCounter()
+    x, c, t = torch.randn(10, 3), torch.randn(10, 3), torch.rand(10)
+    with torch.no_grad():
+        want = net(x, t, c)
+        net.calls.clear()
+        got = Chunked(net, 4)(x, t, c)
+        assert net.calls == [4, 4, 2] and torch.equal(got, want)
+        net.calls.clear()  # a scalar t is spread over the rows; no condition is passed through as none
+        assert torch.equal(Chunked(net, 4)(x, torch.tensor(0.3)), net(x, torch.full((10,), 0.3)))
+        assert net.calls == [4, 4, 2, 10]
+    net.calls.clear()
+    Chunked(net, 4)(x, t, c).sum().backward()  # training: one call, the graph as without the wrapper
+    assert net.calls == [10] and net.w.grad is not None
