@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     p = load_run(Path(argv[0]), data_root=Path(os.environ.get("BENCH_DATA", "../shared/data")))
     m = p.method
     m.options["sde_steps"] = steps
-    import methods.otcs as otcs  # time the raw rows per call: switch OTCS's own 128-row chunking off
+    import bench.methods.otcs as otcs  # time the raw rows per call: switch OTCS's own 128-row chunking off
     otcs.cpu_chunked = lambda net, device, rows=128: net
     x = p.sources[:1000]
     pids = []
