@@ -203,7 +203,7 @@ class Guided(nn.Module):
         n, t = x.shape[0], _per_row(t, x)
         null = self.null.to(cond.dtype).expand(n, *cond.shape[1:])
         # two calls of n rows, not one of 2n: on the CPU a UNet's cost per row grows with the batch
-        # (benchmarks/guided_cpu.py), and on a GPU n rows already fill the device at transport sizes
+        # (benchmarks/guided_cpu.py); on a GPU the two layouts have not been compared
         e_c, e_u = self.model(x, t, cond).float(), self.model(x, t, null).float()
         return e_c + self.scale * (e_c - e_u)
 
@@ -211,10 +211,9 @@ class Guided(nn.Module):
 class Chunked(nn.Module):
     """Evaluates a network ``rows`` rows at a time when no gradient is taken; the same function.
 
-    On the CPU a conv net's time per row grows with the batch once its activations leave the caches:
-    measured on the 2-core machine (OTCS's digits score UNet, 2 threads, results/digits/perf_cpu.md),
-    5.4 ms per image and step at 1,000 rows, 4.2 at 500, 3.2 at 250, 2.5 at 125, 2.8 at 64.  A sampler
-    keeps drawing its noise for the whole batch, so its random stream does not depend on ``rows``."""
+    On the CPU a conv net's time per row grows with the batch once its activations leave the caches
+    (results/digits/perf_cpu.md, "Transport: rows per network call").  A sampler keeps drawing its noise
+    for the whole batch, so its random stream does not depend on ``rows``."""
 
     def __init__(self, net: nn.Module, rows: int):
         super().__init__()
