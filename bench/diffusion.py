@@ -208,6 +208,21 @@ class Guided(nn.Module):
         return e_c + self.scale * (e_c - e_u)
 
 
+CPU_ROWS = 128  # rows per network call on the CPU (results/digits/perf_cpu.md, "Transport: rows per network call")
+
+
+def in_rows(net, x: torch.Tensor, t, cond=None, rows: int = CPU_ROWS, cpu_only: bool = True) -> torch.Tensor:
+    """``net(x, t[, cond])`` evaluated ``rows`` rows a call when no gradient is taken and ``x`` is a batch
+    of images (and, with ``cpu_only``, on the CPU); the same function, called on slices.  Vectors (MLPs)
+    go in one call: the slowdown with batch size was measured on conv nets only."""
+    if (torch.is_grad_enabled() or x.dim() != 4 or x.shape[0] <= rows
+            or (cpu_only and x.device.type != "cpu")):
+        return _call(net, x, t, cond)
+    t = _per_row(t, x)
+    return torch.cat([_call(net, x[i:i + rows], t[i:i + rows], None if cond is None else cond[i:i + rows])
+                      for i in range(0, x.shape[0], rows)])
+
+
 class Chunked(nn.Module):
     """Evaluates a network ``rows`` rows at a time when no gradient is taken; the same function.
 
@@ -220,15 +235,10 @@ class Chunked(nn.Module):
         self.net, self.rows = net, int(rows)
 
     def forward(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.shape[0] <= self.rows:
-            return _call(self.net, x, t, cond)
-        t = _per_row(t, x)
-        return torch.cat([_call(self.net, x[i:i + self.rows], t[i:i + self.rows],
-                                None if cond is None else cond[i:i + self.rows])
-                          for i in range(0, x.shape[0], self.rows)])
+        return in_rows(self.net, x, t, cond, self.rows, cpu_only=False)
 
 
-def cpu_chunked(net: nn.Module, device: torch.device, rows: int = 128) -> nn.Module:
+def cpu_chunked(net: nn.Module, device: torch.device, rows: int = CPU_ROWS) -> nn.Module:
     """``Chunked(net, rows)`` on the CPU, ``net`` itself on an accelerator (where large batches pay)."""
     return Chunked(net, rows) if torch.device(device).type == "cpu" else net
 

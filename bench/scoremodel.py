@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .api import BenchError
-from .diffusion import EMA, VPSDE, dsm_loss
+from .diffusion import EMA, VPSDE, dsm_loss, in_rows
 from .nn import ScoreMLP, UNet, canvas_side, crop_to, pad_to
 from .options import Option
 
@@ -208,4 +208,4 @@ class ScoreModel(nn.Module):
                     lr=setting(o, p, "lr", img), warmup=o[f"{p}_warmup"], grad_clip=o[f"{p}_grad_clip"])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.ema(x, t)
+        return in_rows(self.ema, x, t)  # sampling on the CPU: 128 rows a call

@@ -37,7 +37,7 @@ import torch
 
 from bench.options import Option
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
-from bench.diffusion import EMA, VPSDE, sample_ddim, sample_sde
+from bench.diffusion import EMA, VPSDE, cpu_chunked, sample_ddim, sample_sde
 from bench.scoremodel import dsm_batches, fit_network, score_lr
 from bench.nn import canvas_side, ScoreMLP, UNet, crop_to, pad_to
 from bench.semidiscrete import SemiDiscreteOT
@@ -200,5 +200,6 @@ class DPMOT(Method):
         z = torch.randn(x.shape, generator=generator, device=x.device)
         x_t = self.sde.perturb(x, torch.full((n,), self.t_M, device=x.device), z)
         y_t = self.ot.map(x_t)  # the OT expressway: source latent -> target latent
-        out = reverse_steps(self.ema, y_t, self.sde, self.t_M, self.nfe, self.options["sampler"], generator)
+        net = cpu_chunked(self.ema, y_t.device)  # on the CPU, 128 rows a network call
+        out = reverse_steps(net, y_t, self.sde, self.t_M, self.nfe, self.options["sampler"], generator)
         return self._unprep(out)

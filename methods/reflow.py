@@ -27,7 +27,7 @@ import torch
 
 from bench import ode
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
-from bench.diffusion import EMA
+from bench.diffusion import EMA, in_rows
 from bench.options import Option
 from bench.scoremodel import (check_same_shape, fit_network, from_canvas, network, network_options, setting,
                               tiny_options, to_canvas, training_options)
@@ -97,7 +97,7 @@ class ReFlow(Method):
         self.pair_x0 = self.pair_x1 = torch.zeros(0)  # a reflow round's generated pairs (while it trains)
 
     def _flow(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.ema(x, t)
+        return in_rows(self.ema, x, t)  # on the CPU, 128 rows a call
 
     def _push(self, x0: torch.Tensor, batch: int = 500) -> torch.Tensor:
         """Z1 = the end of the ODE from Z0 = x0 (canvas space), in batches."""

@@ -8,7 +8,7 @@ import torch
 from scipy import integrate
 
 from bench.api import BenchError
-from bench.diffusion import (EMA, VPSDE, Chunked, Guided, NullCondition, VOutput, dsm_eval, dsm_loss, sample_ddim,
+from bench.diffusion import (EMA, VPSDE, Chunked, Guided, in_rows, NullCondition, VOutput, dsm_eval, dsm_loss, sample_ddim,
                              sample_sde)
 
 
@@ -311,12 +311,12 @@ class _RowCounter(torch.nn.Module):
 
     def forward(self, x, t, c=None):
         self.calls.append(x.shape[0])
-        return self.w * x + t[:, None] + (0 if c is None else c)
+        return self.w * x + t.reshape(-1, *(1,) * (x.dim() - 1)) + (0 if c is None else c)
 
 
 def test_chunked_evaluates_at_most_rows_at_a_time_without_gradient_and_is_the_same_function():
     net = _RowCounter()
-    x, c, t = torch.randn(10, 3), torch.randn(10, 3), torch.rand(10)
+    x, c, t = torch.randn(10, 1, 2, 3), torch.randn(10, 1, 2, 3), torch.rand(10)
     with torch.no_grad():
         want = net(x, t, c)
         net.calls.clear()
@@ -328,3 +328,33 @@ def test_chunked_evaluates_at_most_rows_at_a_time_without_gradient_and_is_the_sa
     net.calls.clear()
     Chunked(net, 4)(x, t, c).sum().backward()  # training: one call, the graph as without the wrapper
     assert net.calls == [10] and net.w.grad is not None
+
+
+def test_in_rows_splits_images_on_the_cpu_only():
+    net, t = _RowCounter(), torch.rand(10)
+    with torch.no_grad():
+        in_rows(net, torch.randn(10, 3), t, rows=4)  # vectors (an MLP): one call
+        assert net.calls == [10]
+        img = torch.randn(10, 1, 2, 2, device="meta")  # not on the CPU: one call unless told otherwise
+        in_rows(net, img, t.to("meta"), rows=4)
+        in_rows(net, img, t.to("meta"), rows=4, cpu_only=False)
+        assert net.calls == [10, 10, 4, 4, 2]
+        net.calls.clear()
+        x = torch.randn(10, 1, 2, 2)
+        assert torch.equal(in_rows(net, x, t, rows=4), net(x, t)) and net.calls == [4, 4, 2, 10]
+
+
+def test_score_model_samples_in_cpu_rows_and_matches_one_call():
+    from bench.diffusion import CPU_ROWS
+    from bench.scoremodel import ScoreModel
+    o = {"unet_base": 8, "unet_mults": [1, 2], "unet_blocks": 1, "unet_attention": [], "score_ema": 0.99,
+         "beta_min": 0.1, "beta_max": 20.0}
+    torch.manual_seed(0)
+    m = ScoreModel((1, 8, 8), o).eval()
+    seen = []
+    m.ema.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    x, t = torch.randn(CPU_ROWS + 5, 1, 8, 8), torch.rand(CPU_ROWS + 5)
+    with torch.no_grad():
+        got, want = m(x, t), m.ema(x, t)
+    assert seen == [CPU_ROWS, 5, CPU_ROWS + 5]
+    assert torch.allclose(got, want, atol=1e-5)
