@@ -24,10 +24,11 @@ for seed in ${SEEDS:-0}; do
     esac
     "$BENCH" run --methods "$m" --task digits --budget cpu --seeds "$seed" --out runs --no-progress "${probe[@]}" \
       || { echo "$m seed $seed failed"; continue; }
-    # the newest finished run of this method and seed
-    dir=$(ls -td runs/digits/"$m"/cpu-seed"$seed"-*/ 2>/dev/null | while read -r d; do
-            [ -f "$d/row.json" ] && { echo "$d"; break; }; done)
-    [ -n "$dir" ] || continue
+    # the run this command just made or skipped (the default options: not the newest directory, which may be a
+    # run with other options that was re-evaluated since)
+    dir=$("$BENCH" status --methods "$m" --task digits --budget cpu --seeds "$seed" --out runs \
+          | grep -o '[^ ]*/digits/[^ ]*$' | head -1)
+    [ -n "$dir" ] && [ -f "$dir/row.json" ] || { echo "$m seed $seed: no finished run found"; continue; }
     mkdir -p results/digits/rows results/digits/curves
     cp "$dir/row.json" results/digits/rows/"$m"-cpu-seed"$seed".json
     [ -f "$dir/grid.png" ] && cp "$dir/grid.png" results/digits/rows/"$m"-cpu-seed"$seed".png
