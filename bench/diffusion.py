@@ -224,7 +224,8 @@ def in_rows(net, x: torch.Tensor, t, cond=None, rows: int = CPU_ROWS, cpu_only: 
 
 
 class Chunked(nn.Module):
-    """Evaluates a network ``rows`` rows at a time when no gradient is taken; the same function.
+    """Evaluates a network on images ``rows`` rows at a time when no gradient is taken (``in_rows``, on
+    any device); the same function.
 
     On the CPU a conv net's time per row grows with the batch once its activations leave the caches
     (results/digits/perf_cpu.md, "Transport: rows per network call").  A sampler keeps drawing its noise
