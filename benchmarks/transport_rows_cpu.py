@@ -11,13 +11,12 @@ milliseconds per image and step. Nothing here is a test. (For OTCS runs: its sam
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _paused import paused_jobs
 
 from bench.runner import load_run
 
@@ -33,13 +32,7 @@ def main(argv=None) -> None:
     import bench.methods.otcs as otcs  # time the raw rows per call: switch OTCS's own 128-row chunking off
     otcs.cpu_chunked = lambda net, device, rows=128: net
     x = p.sources[:1000]
-    pids = []
-    if pause:
-        out = subprocess.run(["pgrep", "-f", "bench (run|eval)"], capture_output=True, text=True).stdout
-        pids = [int(s) for s in out.split()]
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with paused_jobs(pause):
         m.transport(x[:250], generator=torch.Generator().manual_seed(0))  # warm-up
         for _ in range(2):
             for n in (1000, 500, 250, 125, 64):
@@ -48,10 +41,6 @@ def main(argv=None) -> None:
                     m.transport(x[s:s + n], generator=torch.Generator().manual_seed(0))
                 ms = (time.perf_counter() - t0) / steps / len(x) * 1000
                 print(f"rows per call {n:5d}: {ms:.2f} ms per image and step", flush=True)
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
-
 
 if __name__ == "__main__":
     main()

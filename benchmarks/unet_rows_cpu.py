@@ -11,14 +11,12 @@ alternation so that a busy machine slows all of them alike. ``--pause`` stops ev
 """
 from __future__ import annotations
 
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+from _paused import paused_jobs
 
 from bench.diffusion import in_rows
 from bench.scoremodel import network
@@ -38,24 +36,14 @@ def main(argv=None) -> None:
                                       "unet_attention": []})
     net.eval()
     x, t = torch.randn(1000, *work), torch.rand(1000)
-    pids = []
-    if pause:
-        out = subprocess.run(["pgrep", "-f", "bench (run|eval)"], capture_output=True, text=True).stdout
-        pids = [int(s) for s in out.split()]
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
     times: dict[int, list[float]] = {r: [] for r in ROWS}
-    try:
-        with torch.no_grad():
-            for k in range(reps + 1):
-                for r in ROWS:
-                    t0 = time.perf_counter()
-                    in_rows(net, x, t, rows=r)
-                    if k:
-                        times[r].append((time.perf_counter() - t0) / len(x) * 1000)
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+    with paused_jobs(pause), torch.no_grad():
+        for k in range(reps + 1):
+            for r in ROWS:
+                t0 = time.perf_counter()
+                in_rows(net, x, t, rows=r)
+                if k:
+                    times[r].append((time.perf_counter() - t0) / len(x) * 1000)
     print(f"threads {threads}, 1,000 images, median of {reps} (ms per image and network call):")
     for r, ts in times.items():
         print(f"  rows per call {r:5d}: {statistics.median(ts):.2f}   (min {min(ts):.2f}, max {max(ts):.2f})")
