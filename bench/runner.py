@@ -134,7 +134,7 @@ def transport_all(method: Method, x: torch.Tensor, device: torch.device, batch_s
     return torch.cat(outs) if outs else x[:0].clone()
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's model name and widest vector unit (run minutes differ ~2-3x between this project's machines)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -150,7 +150,7 @@ def _cpu_model() -> str:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
 
 
 # -- sanity of what a run produces ----------------------------------------------------------------

@@ -51,8 +51,26 @@ def load_rows(out: Path, task: str | None = None, rows_dir: Path | None = None) 
         row["variant"] = current_variant(row)
         if row.get("classifier_sha256") and row.get("classifier_test_acc_noisy") is None:
             row["variant"] = ",".join(filter(None, [row["variant"], FRAGILE_JUDGE]))
+        elif row.get("classifier_sha256") and row["classifier_sha256"] not in _pinned_judges(row.get("task")):
+            row["variant"] = ",".join(filter(None, [row["variant"], f"judge={row['classifier_sha256'][:8]}"]))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _pinned_judges(task: str | None):
+    """The sha256s of the judges a task pins (the same network on every machine), or everything when it pins
+    none: a row scored by another judge (trained on some machine) is labelled and never averaged with them."""
+    from .registry import tasks
+    pinned = getattr(tasks().get(task), "pinned_judges", None) if task else None
+    return pinned if pinned else _ANY
+
+
+class _Any:
+    def __contains__(self, item) -> bool:
+        return True
+
+
+_ANY = _Any()
 
 
 def current_variant(row: dict) -> str:

@@ -72,6 +72,15 @@ EVAL_PER_CLASS = {"smoke": 25, "cpu": 200, "fast": None, "paper": None}
 # (suites 61-80) against 98.15 % without it; 24 epochs: 98.10 %, 97.05 % at noise std 0.05
 # (scripts/judge_select.py, results/digits/judge_select.txt; the rule is in results/digits/PROTOCOL.md)
 CLASSIFIER_EPOCHS = 24
+# The judge every machine uses: one trained instance of the recipe above, committed with its record (its weights
+# differ bit for bit between CPU kinds, so a judge trained on each machine would score Acc differently;
+# bench.metrics.classifier, results/digits/PROTOCOL.md "One judge for every machine")
+JUDGES = Path(__file__).resolve().parent / "judges"
+
+
+def _pinned_shas() -> frozenset[str]:
+    import json
+    return frozenset(json.loads(f.read_text())["sha256"] for f in JUDGES.glob("*.json"))
 
 
 # -- raw files -------------------------------------------------------------------------------
@@ -213,6 +222,7 @@ class DigitsTask(Task):
     # load() already restricts the test sources to the budget's class-balanced subset (EVAL_PER_CLASS)
     eval_sizes = {"smoke": None, "cpu": None, "fast": None, "paper": None}
     fid_ref_sizes = {"smoke": 500, "cpu": 2000, "fast": 2000, "paper": 2000}  # Chinese-MNIST test images
+    pinned_judges = _pinned_shas()  # rows judged by another network are never averaged with these (bench.tables)
     data_groups = ("mnist", "chinese_mnist")
     default_options = {
         # the paper resizes the 64x64 images to 28x28 ("plain"); "mnist-style" is this project's
@@ -282,7 +292,7 @@ class DigitsTask(Task):
                 cache, f"digits_chinese_mnist_{sha[:12]}_{prep_tag(self.prep)}",
                 train=lambda: (_to_unit(c["train_x"]), torch.from_numpy(c["train_y"])),
                 test=lambda: (_to_unit(c["test_x"]), torch.from_numpy(c["test_y"])),
-                classes=10, epochs=CLASSIFIER_EPOCHS, seed=0)
+                classes=10, epochs=CLASSIFIER_EPOCHS, seed=0, pinned_dir=JUDGES)
             self._nets[key] = (net.to(device).eval(), record)
         return self._nets[key]
 
@@ -321,7 +331,8 @@ class DigitsTask(Task):
         cfd = frechet_distance(*feature_stats(feats.numpy()), *feature_stats(ref_feats.numpy()))
         row = {"acc": acc, "cfd": cfd, "cfd_ref": ref_name, "prep": self.prep,
                "classifier_test_acc": record["test_acc"], "classifier_sha256": record["sha256"],
-               "classifier_test_acc_noisy": record.get("test_acc_noisy")}
+               "classifier_test_acc_noisy": record.get("test_acc_noisy"),
+               "classifier_origin": record.get("origin", "trained here")}
         row.update(self.fid(outputs, ctx))
         if hasattr(ctx.method, "coupling_row"):
             row["plan_acc"] = plan_accuracy(ctx.method, sources, labels, data.target_train,
@@ -351,6 +362,7 @@ class DigitsTask(Task):
         c = self._chinese_split(root, cache)
         return {"classifier_test_acc": round(record["test_acc"], 2), "classifier_sha256": record["sha256"],
                 "classifier_test_acc_noisy": round(record.get("test_acc_noisy", float("nan")), 2),
+                "classifier_origin": record.get("origin", "trained here"),
                 "source": "MNIST train 60000 / test 10000",
                 "target": (f"Chinese-MNIST numerals, suites {TRAIN_SUITES.start}-{TRAIN_SUITES.stop - 1} train "
                            f"{len(c['train_x'])} / suites {TEST_SUITES.start}-{TEST_SUITES.stop - 1} test "

@@ -118,6 +118,7 @@ def table(rows_dir: Path) -> str:
     # rows judged by the first, noise-fragile classifier (of today's defaults otherwise) get a table of their own
     fragile = df[df["variant"] == FRAGILE_JUDGE]
     # only runs of today's `cpu` defaults are averaged; older settings are named under the table
+    # (including rows scored by another judge than the pinned one: `judge=<sha256 prefix>`)
     stale = df[(df["variant"] != "") & (df["variant"] != FRAGILE_JUDGE)].sort_values(["method", "seed"])
     df = df[df["variant"] == ""]
     paper = paper_values("digits")
@@ -130,7 +131,7 @@ def table(rows_dir: Path) -> str:
                   "*mixed* when the seeds fall on both sides.")
         lines += ["", " ".join(filter(None, [legend, _head_to_head(df, "otcs", "not", paper)]))]
     if not stale.empty:
-        lines += ["", "Not in the means (run before a `cpu` default changed; their rows are kept): " + "; ".join(
+        lines += ["", "Not in the means (run before a `cpu` default changed, or scored by another judge than the pinned one; their rows are kept): " + "; ".join(
             f"{r.method} seed {int(r.seed)} ({r.variant})" for r in stale.itertuples()) + "."]
     if not fragile.empty:
         lines += ["", f"Not yet regenerated: {len(fragile)} rows judged by the first, noise-fragile classifier "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,45 @@ def test_judge_augmentation_noises_the_requested_share_of_images():
     assert not noised(_augment(x, torch.Generator().manual_seed(0), **plain, noise_p=0.0)).any()
     share = noised(_augment(x, torch.Generator().manual_seed(0), **plain, noise_p=0.5)).float().mean()
     assert 0.4 < share < 0.6, share
+
+
+def test_pinned_judge_is_copied_not_trained_and_verified(tmp_path, monkeypatch):
+    """A cache without the judge takes the pinned weights (re-measuring their accuracies here) instead of training;
+    damaged pinned weights are refused; BENCH_TRAIN_JUDGE=1 trains here instead."""
+    from bench.api import BenchError
+    from bench.metrics.classifier import ARCH_VERSION, SmallCNN, accuracy, load_or_train, weights_sha256
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(60, 1, 28, 28, generator=g) * 2 - 1, torch.arange(60) % 10
+    torch.manual_seed(11)
+    pinned_net = SmallCNN(10).eval()
+    pinned = tmp_path / "judges"
+    pinned.mkdir()
+    name = f"k_{ARCH_VERSION}_e1_s0_w"
+    torch.save(pinned_net.state_dict(), pinned / f"{name}.pt")
+    sha = weights_sha256(pinned_net.state_dict())
+    (pinned / f"{name}.json").write_text(json.dumps({"sha256": sha, "channels": 1, "trained_on": "cpu (X)",
+                                                     "test_acc": -1.0}))
+
+    def no_training():
+        raise AssertionError("the pinned judge must be used, not trained")
+
+    net, record = load_or_train(tmp_path / "a", "k", train=no_training, test=lambda: (x, y), epochs=1,
+                                pinned_dir=pinned)
+    assert record["sha256"] == sha and weights_sha256(net.state_dict()) == sha
+    assert record["origin"].startswith("pinned") and "cpu (X)" in record["origin"]
+    assert record["test_acc"] == pytest.approx(accuracy(pinned_net, x, y)) and record["test_n"] == 60
+    assert (tmp_path / "a" / "classifiers" / f"{name}.pt").is_file()  # now cached: loads without the pinned dir
+    assert load_or_train(tmp_path / "a", "k", train=no_training, test=None, epochs=1)[1]["sha256"] == sha
+
+    monkeypatch.setenv("BENCH_TRAIN_JUDGE", "1")
+    _, trained = load_or_train(tmp_path / "b", "k", train=lambda: (x, y), test=lambda: (x, y), epochs=1,
+                               pinned_dir=pinned)
+    assert trained["origin"] == "trained here" and trained["sha256"] != sha and "trained_on" in trained
+    monkeypatch.delenv("BENCH_TRAIN_JUDGE")
+
+    state = pinned_net.state_dict()
+    state["head.bias"] = state["head.bias"] + 1e-3
+    torch.save(state, pinned / f"{name}.pt")
+    with pytest.raises(BenchError, match="reinstall otbench"):
+        load_or_train(tmp_path / "c", "k", train=no_training, test=lambda: (x, y), epochs=1, pinned_dir=pinned)

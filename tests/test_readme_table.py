@@ -7,6 +7,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _pinned_judge() -> str:
+    from bench.datasets.digits import DigitsTask
+    assert len(DigitsTask.pinned_judges) == 1
+    return next(iter(DigitsTask.pinned_judges))
+
+
+PINNED = _pinned_judge()
+
+
 def _row(tmp: Path, method: str, seed: int, acc: float, fid: float, **extra):
     row = {"method": method, "budget": "cpu", "task": "digits", "seed": seed, "acc": acc, "fid": fid,
            "fit_s": 600.0, "transport_s": 60.0, "eval_s": 240.0, **extra}
@@ -75,7 +84,7 @@ def test_readme_block_matches_committed_rows(script):
 def test_rows_of_the_noise_fragile_judge_get_their_own_table(tmp_path, script):
     mod = script("readme_table")
     _row(tmp_path, "otcs", 0, 10.0, 90.0, classifier_sha256="a" * 64)          # no noisy record: the first judge
-    _row(tmp_path, "otcs", 1, 30.0, 95.0, classifier_sha256="b" * 64, classifier_test_acc_noisy=93.9)
+    _row(tmp_path, "otcs", 1, 30.0, 95.0, classifier_sha256=PINNED, classifier_test_acc_noisy=93.9)
     _row(tmp_path, "not", 0, 8.0, 80.0, classifier_sha256="a" * 64)
     text = mod.table(tmp_path)
     top, rest = text.split("Not yet regenerated: 2 rows judged by the first, noise-fragile classifier", 1)
@@ -83,3 +92,16 @@ def test_rows_of_the_noise_fragile_judge_get_their_own_table(tmp_path, script):
     assert "| 0 | 10.00 | 90.0 |" in rest and "| NOT (" in rest
     (tmp_path / "otcs-cpu-seed1.json").unlink()
     assert mod.table(tmp_path).startswith("No `cpu` row judged by the noise-robust classifier yet")
+
+
+def test_rows_scored_by_another_judge_than_the_pinned_one_are_named_not_averaged(tmp_path, script):
+    """A noise-robust judge trained on some machine (each CPU kind trains other weights) is not the pinned one:
+    its rows are kept apart, never averaged with the pinned judge's."""
+    mod = script("readme_table")
+    _row(tmp_path, "otcs", 0, 10.0, 90.0, classifier_sha256=PINNED, classifier_test_acc_noisy=93.7)
+    _row(tmp_path, "otcs", 1, 14.0, 94.0, classifier_sha256=PINNED, classifier_test_acc_noisy=93.7)
+    _row(tmp_path, "otcs", 2, 50.0, 50.0, classifier_sha256="7e7d9caa" + "0" * 56, classifier_test_acc_noisy=93.8)
+    text = mod.table(tmp_path)
+    otcs = next(line for line in text.splitlines() if line.startswith("| OTCS"))
+    assert "| 0, 1 | 12.00 ± 2.83 | 92.0 ± 2.8 |" in otcs
+    assert "otcs seed 2 (judge=7e7d9caa)" in text.splitlines()[-1]

@@ -8,6 +8,13 @@ next to a json record holding the sha256 of the weights themselves (``weights_sh
 file's own bytes change with every ``torch.save``), checked every time the weights are loaded.  The 128-d penultimate activations
 (``features``) give the classifier Frechet distance, a cheap domain-specific complement to FID
 (never to be reported as FID).
+
+Bit-identical weights need the same CPU kind as well: the digits judge trained on three of this
+project's machines had three sha256s (float rounding differs between instruction sets and BLAS
+kernels). So a task may ship **pinned** weights (``pinned_dir``): one trained instance, committed
+with its record, which every machine copies into its cache instead of training its own, so Acc is
+scored by the same network everywhere. ``BENCH_TRAIN_JUDGE=1`` trains locally instead (the
+recipe's own check: on the CPU kind the pinned record names, training gives the same sha256).
 """
 from __future__ import annotations
 
@@ -170,45 +177,76 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _load_verified(weights: Path, record: dict, classes: int, fix: str) -> SmallCNN:
+    """The network in ``weights`` if its sha256 is the record's; a one-line BenchError naming ``fix`` if not."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BenchError(f"classifier weights {weights} cannot be read ({type(exc).__name__}); {fix}") from None
+    got = weights_sha256(state)
+    if got != record.get("sha256"):
+        raise BenchError(f"classifier weights {weights} do not match their recorded sha256 "
+                         f"({got[:12]}... vs {str(record.get('sha256'))[:12]}...); {fix}")
+    net = SmallCNN(classes, channels=int(record.get("channels", 1)))
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def _store(weights: Path, record_path: Path, net: nn.Module, record: dict) -> None:
+    """Weights, then their record, each written atomically (a record never names weights not yet there)."""
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, weights)
+    tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(tmp, record_path)
+
+
+def trained_on() -> str:
+    """The CPU that trains a judge (its weights are bit-identical only on the same CPU kind)."""
+    from ..runner import cpu_model
+    return f"cpu ({cpu_model()}), torch {torch.__version__}"
+
+
 def load_or_train(cache_dir, key: str, train: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                   test: Callable[[], tuple[torch.Tensor, torch.Tensor]], classes: int = 10,
-                  epochs: int = 8, seed: int = 0) -> tuple[SmallCNN, dict]:
-    """The cached classifier for ``key`` (trained on ``train()`` if absent), and its record:
-    {"sha256", "test_acc", "key", "arch", "epochs", "seed"}.  The weights' sha256 is verified on load."""
+                  epochs: int = 8, seed: int = 0, pinned_dir=None) -> tuple[SmallCNN, dict]:
+    """The cached classifier for ``key``, and its record: {"sha256", "test_acc", "test_acc_noisy", "key",
+    "arch", "epochs", "seed", "origin", ...}.  The weights' sha256 is verified on every load.
+
+    If the cache has none: the pinned weights of the same name in ``pinned_dir`` when there are some (their
+    accuracies re-measured on this machine; ``origin`` "pinned"), else a network trained here on ``train()``
+    (``origin`` "trained here"; also when ``BENCH_TRAIN_JUDGE=1``)."""
     folder = Path(cache_dir) / "classifiers"
-    weights = folder / f"{key}_{ARCH_VERSION}_e{epochs}_s{seed}_w.pt"
+    name = f"{key}_{ARCH_VERSION}_e{epochs}_s{seed}_w.pt"
+    weights = folder / name
     record_path = weights.with_suffix(".json")
     with cache_entry_lock(weights):  # one process trains; concurrent ones wait, then load its files
         if weights.is_file() and record_path.is_file():
             record = json.loads(record_path.read_text())
-            try:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise BenchError(f"classifier weights {weights} cannot be read ({type(exc).__name__}); "
-                                 f"delete it and its .json record to retrain") from None
-            got = weights_sha256(state)
-            if got != record.get("sha256"):
-                raise BenchError(f"classifier weights {weights} do not match their recorded sha256 "
-                                 f"({got[:12]}... vs {str(record.get('sha256'))[:12]}...); delete both files to retrain")
-            net = SmallCNN(classes, channels=int(record.get("channels", 1)))
-            net.load_state_dict(state)
-            return net.eval(), record
-        x, y = train()
-        net = train_classifier(x, y, classes=classes, epochs=epochs, seed=seed)
+            net = _load_verified(weights, record, classes, "delete it and its .json record to rebuild it")
+            return net, record
+        pinned = Path(pinned_dir) / name if pinned_dir is not None else None
+        use_pinned = (pinned is not None and pinned.is_file() and pinned.with_suffix(".json").is_file()
+                      and os.environ.get("BENCH_TRAIN_JUDGE", "") in ("", "0"))
+        if use_pinned:
+            record = json.loads(pinned.with_suffix(".json").read_text())
+            net = _load_verified(pinned, record, classes, "the installed package is damaged: reinstall otbench, "
+                                 "or set BENCH_TRAIN_JUDGE=1 to train a judge here")
+            record["origin"] = f"pinned ({pinned.name}, trained on {record.get('trained_on', 'an unrecorded CPU')})"
+        else:
+            x, y = train()
+            net = train_classifier(x, y, classes=classes, epochs=epochs, seed=seed)
+            record = {"sha256": weights_sha256(net.state_dict()),
+                      "sha256_of": "weights (bench.metrics.classifier.weights_sha256)",
+                      "key": key, "arch": ARCH_VERSION, "channels": int(x.shape[1]), "epochs": epochs, "seed": seed,
+                      "train_n": len(x), "trained_on": trained_on(), "origin": "trained here"}
+        # the accuracies are measured on this machine, also for pinned weights (float rounding may differ)
         xt, yt = test()
-        test_acc = accuracy(net, xt, yt)
-        test_acc_noisy = accuracy(net, noisy(xt.float(), NOISY_TEST_STD), yt)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
-        torch.save(net.state_dict(), tmp)
-        os.replace(tmp, weights)
-        record = {"sha256": weights_sha256(net.state_dict()), "sha256_of": "weights (bench.metrics.classifier.weights_sha256)",
-                  "test_acc": test_acc, "test_acc_noisy": test_acc_noisy, "noisy_test_std": NOISY_TEST_STD,
-                  "key": key, "arch": ARCH_VERSION, "channels": int(x.shape[1]),
-                  "epochs": epochs, "seed": seed, "train_n": len(x), "test_n": len(xt)}
-        tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-        os.replace(tmp, record_path)
+        record.update(test_acc=accuracy(net, xt, yt), test_acc_noisy=accuracy(net, noisy(xt.float(), NOISY_TEST_STD), yt),
+                      noisy_test_std=NOISY_TEST_STD, test_n=len(xt))
+        _store(weights, record_path, net, record)
         return net, record
 
 
