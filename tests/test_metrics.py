@@ -334,7 +334,13 @@ def test_pinned_judge_is_copied_not_trained_and_verified(tmp_path, monkeypatch):
     _, trained = load_or_train(tmp_path / "b", "k", train=lambda: (x, y), test=lambda: (x, y), epochs=1,
                                pinned_dir=pinned)
     assert trained["origin"] == "trained here" and trained["sha256"] != sha and "trained_on" in trained
+    assert load_or_train(tmp_path / "b", "k", train=no_training, test=None, epochs=1,
+                         pinned_dir=pinned)[1]["sha256"] == trained["sha256"]  # kept while the variable is set
     monkeypatch.delenv("BENCH_TRAIN_JUDGE")
+    # without it, a judge trained here (e.g. cached before one was pinned) gives way to the pinned one
+    net, again = load_or_train(tmp_path / "b", "k", train=no_training, test=lambda: (x, y), epochs=1,
+                               pinned_dir=pinned)
+    assert again["sha256"] == sha and again["origin"].startswith("pinned") and weights_sha256(net.state_dict()) == sha
 
     state = pinned_net.state_dict()
     state["head.bias"] = state["head.bias"] + 1e-3

@@ -215,23 +215,26 @@ def load_or_train(cache_dir, key: str, train: Callable[[], tuple[torch.Tensor, t
     """The cached classifier for ``key``, and its record: {"sha256", "test_acc", "test_acc_noisy", "key",
     "arch", "epochs", "seed", "origin", ...}.  The weights' sha256 is verified on every load.
 
-    If the cache has none: the pinned weights of the same name in ``pinned_dir`` when there are some (their
-    accuracies re-measured on this machine; ``origin`` "pinned"), else a network trained here on ``train()``
-    (``origin`` "trained here"; also when ``BENCH_TRAIN_JUDGE=1``)."""
+    Pinned weights of the same name in ``pinned_dir``, when there are some, replace any other cached network
+    (their accuracies re-measured on this machine; ``origin`` "pinned"); otherwise, or with ``BENCH_TRAIN_JUDGE=1``,
+    a cache without the network gets one trained here on ``train()`` (``origin`` "trained here")."""
     folder = Path(cache_dir) / "classifiers"
     name = f"{key}_{ARCH_VERSION}_e{epochs}_s{seed}_w.pt"
     weights = folder / name
     record_path = weights.with_suffix(".json")
+    pinned = Path(pinned_dir) / name if pinned_dir is not None else None
+    use_pinned = (pinned is not None and pinned.is_file() and pinned.with_suffix(".json").is_file()
+                  and os.environ.get("BENCH_TRAIN_JUDGE", "") in ("", "0"))
+    pinned_record = json.loads(pinned.with_suffix(".json").read_text()) if use_pinned else None
     with cache_entry_lock(weights):  # one process trains; concurrent ones wait, then load its files
         if weights.is_file() and record_path.is_file():
             record = json.loads(record_path.read_text())
-            net = _load_verified(weights, record, classes, "delete it and its .json record to rebuild it")
-            return net, record
-        pinned = Path(pinned_dir) / name if pinned_dir is not None else None
-        use_pinned = (pinned is not None and pinned.is_file() and pinned.with_suffix(".json").is_file()
-                      and os.environ.get("BENCH_TRAIN_JUDGE", "") in ("", "0"))
+            # a judge cached before one was pinned (trained on this machine) gives way to the pinned one
+            if pinned_record is None or record.get("sha256") == pinned_record.get("sha256"):
+                net = _load_verified(weights, record, classes, "delete it and its .json record to rebuild it")
+                return net, record
         if use_pinned:
-            record = json.loads(pinned.with_suffix(".json").read_text())
+            record = dict(pinned_record)
             net = _load_verified(pinned, record, classes, "the installed package is damaged: reinstall otbench, "
                                  "or set BENCH_TRAIN_JUDGE=1 to train a judge here")
             record["origin"] = f"pinned ({pinned.name}, trained on {record.get('trained_on', 'an unrecorded CPU')})"
