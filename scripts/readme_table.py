@@ -42,7 +42,7 @@ NOTES = {
     "scones": ("SCONES (3,500 score steps, lr 2e-3, 10 x 5 Langevin steps)",
                "clean, varied Chinese numerals, unrelated to the source's class"),
     "dpmot": ("DPM-OT (4,000 score steps, lr 2e-3, map at t_M 0.002, 10 reverse steps; not in the paper's table)",
-              "clean Chinese numerals of every class (retrieved training images), unrelated to the source's class"),
+              "dim, clean Chinese numerals of every class (retrieved training images), unrelated to the source's class"),
     "knot": ("KNOT (600 outer steps, constant lr)", "dimmed copies of the inputs"),
 }
 
