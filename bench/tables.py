@@ -49,28 +49,20 @@ def load_rows(out: Path, task: str | None = None, rows_dir: Path | None = None) 
             continue
         row["run_dir"] = str(path.parent if rows_dir is None else path)
         row["variant"] = current_variant(row)
-        if row.get("classifier_sha256") and row.get("classifier_test_acc_noisy") is None:
+        judge, pinned = row.get("classifier_sha256"), _pinned_judges(row.get("task"))
+        if judge and row.get("classifier_test_acc_noisy") is None:
             row["variant"] = ",".join(filter(None, [row["variant"], FRAGILE_JUDGE]))
-        elif row.get("classifier_sha256") and row["classifier_sha256"] not in _pinned_judges(row.get("task")):
+        elif judge and pinned and judge not in pinned:
             row["variant"] = ",".join(filter(None, [row["variant"], f"judge={row['classifier_sha256'][:8]}"]))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _pinned_judges(task: str | None):
-    """The sha256s of the judges a task pins (the same network on every machine), or everything when it pins
-    none: a row scored by another judge (trained on some machine) is labelled and never averaged with them."""
+def _pinned_judges(task: str | None) -> frozenset[str]:
+    """The sha256s of the judges a task pins (the same network on every machine; empty if it pins none): a row
+    scored by another judge (trained on some machine) is labelled and never averaged with theirs."""
     from .registry import tasks
-    pinned = getattr(tasks().get(task), "pinned_judges", None) if task else None
-    return pinned if pinned else _ANY
-
-
-class _Any:
-    def __contains__(self, item) -> bool:
-        return True
-
-
-_ANY = _Any()
+    return frozenset(getattr(tasks().get(task), "pinned_judges", ()) if task else ())
 
 
 def current_variant(row: dict) -> str:
