@@ -223,6 +223,23 @@ def in_rows(net, x: torch.Tensor, t, cond=None, rows: int = CPU_ROWS, cpu_only: 
                       for i in range(0, x.shape[0], rows)])
 
 
+def grad_in_rows(energy, y: torch.Tensor, *args, rows: int = CPU_ROWS) -> torch.Tensor:
+    """d/dy of ``energy(y, *args).sum()`` for an energy of one value per row, taken ``rows`` rows at a time
+    on the CPU (every tensor in ``args`` is sliced with ``y``); the same gradient, since row i's energy
+    depends on row i only.  Like ``in_rows``, it keeps a conv net's activations (and here their backward)
+    inside the caches; on an accelerator, or for vectors, one call."""
+    def one(yy, aa):
+        with torch.enable_grad():
+            y_req = yy.detach().requires_grad_(True)
+            g, = torch.autograd.grad(energy(y_req, *aa).sum(), y_req)
+        return g
+    n = y.shape[0]
+    if y.dim() != 4 or n <= rows or y.device.type != "cpu":
+        return one(y, args)
+    sl = lambda a, i: a[i:i + rows] if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == n else a
+    return torch.cat([one(y[i:i + rows], [sl(a, i) for a in args]) for i in range(0, n, rows)])
+
+
 class Chunked(nn.Module):
     """Evaluates a network on images ``rows`` rows at a time when no gradient is taken (``in_rows``, on
     any device); the same function.

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
-from bench.diffusion import sample_sde
+from bench.diffusion import grad_in_rows, sample_sde
 from bench.nn import MLP, timestep_embedding
 from bench.nn.unet import Downsample, ResBlock, _norm
 from bench.options import Option
@@ -217,9 +217,7 @@ class EGSDE(Method):
         def guided_eps(y_t, t):
             # score - grad E  <=>  eps + sigma(t) grad E  (score = -eps / sigma)
             eps = model(y_t, t).float()
-            with torch.enable_grad():
-                y_req = y_t.detach().requires_grad_(True)
-                grad, = torch.autograd.grad(self.energy(y_req, sde.perturb(x0, t, e), t).sum(), y_req)
+            grad = grad_in_rows(self.energy, y_t, sde.perturb(x0, t, e), t)  # t: one time per row
             shape = (-1,) + (1,) * (y_t.dim() - 1)
             return eps + sde.sigma(t).reshape(shape) * grad
 

@@ -344,6 +344,28 @@ def test_in_rows_splits_images_on_the_cpu_only():
         assert torch.equal(in_rows(net, x, t, rows=4), net(x, t)) and net.calls == [4, 4, 2, 10]
 
 
+def test_grad_in_rows_is_the_whole_batch_gradient_taken_rows_at_a_time():
+    from bench.diffusion import grad_in_rows
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 3, 3, padding=1)
+    sizes = []
+
+    def energy(y, x_t, t):  # one value per row; x_t and t are sliced with y
+        sizes.append((y.shape[0], x_t.shape[0], t.shape[0]))
+        return (conv(y) * conv(x_t)).flatten(1).sum(1) * t + y.pow(2).flatten(1).sum(1)
+
+    y, x_t, t = torch.randn(10, 1, 4, 4), torch.randn(10, 1, 4, 4), torch.rand(10)
+    with torch.no_grad():  # called from a sampler that takes no gradient itself
+        got = grad_in_rows(energy, y, x_t, t, rows=4)
+    assert sizes == [(4, 4, 4), (4, 4, 4), (2, 2, 2)]
+    y_req = y.clone().requires_grad_(True)
+    want, = torch.autograd.grad(energy(y_req, x_t, t).sum(), y_req)
+    assert torch.allclose(got, want, atol=1e-5) and not got.requires_grad
+    sizes.clear()
+    grad_in_rows(energy, y, x_t, t, rows=16)  # fewer rows than a chunk: one call
+    assert sizes == [(10, 10, 10)]
+
+
 def test_score_model_samples_in_cpu_rows_and_matches_one_call():
     from bench.diffusion import CPU_ROWS
     from bench.scoremodel import ScoreModel
