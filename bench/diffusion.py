@@ -211,12 +211,17 @@ class Guided(nn.Module):
 CPU_ROWS = 128  # rows per network call on the CPU (results/digits/perf_cpu.md, "Transport: rows per network call")
 
 
+def _splits(x: torch.Tensor, rows: int, cpu_only: bool = True) -> bool:
+    """Whether a batch is worth cutting into ``rows``-row calls: images (conv nets; the slowdown with batch size
+    was measured on them only), more rows than a chunk, and, with ``cpu_only``, on the CPU."""
+    return x.dim() == 4 and x.shape[0] > rows and (not cpu_only or x.device.type == "cpu")
+
+
 def in_rows(net, x: torch.Tensor, t, cond=None, rows: int = CPU_ROWS, cpu_only: bool = True) -> torch.Tensor:
     """``net(x, t[, cond])`` evaluated ``rows`` rows a call when no gradient is taken and ``x`` is a batch
     of images (and, with ``cpu_only``, on the CPU); the same function, called on slices.  Vectors (MLPs)
     go in one call: the slowdown with batch size was measured on conv nets only."""
-    if (torch.is_grad_enabled() or x.dim() != 4 or x.shape[0] <= rows
-            or (cpu_only and x.device.type != "cpu")):
+    if torch.is_grad_enabled() or not _splits(x, rows, cpu_only):
         return _call(net, x, t, cond)
     t = _per_row(t, x)
     return torch.cat([_call(net, x[i:i + rows], t[i:i + rows], None if cond is None else cond[i:i + rows])
@@ -234,7 +239,7 @@ def grad_in_rows(energy, y: torch.Tensor, *args, rows: int = CPU_ROWS) -> torch.
             g, = torch.autograd.grad(energy(y_req, *aa).sum(), y_req)
         return g
     n = y.shape[0]
-    if y.dim() != 4 or n <= rows or y.device.type != "cpu":
+    if not _splits(y, rows):
         return one(y, args)
     sl = lambda a, i: a[i:i + rows] if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == n else a
     return torch.cat([one(y[i:i + rows], [sl(a, i) for a in args]) for i in range(0, n, rows)])
