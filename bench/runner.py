@@ -236,14 +236,32 @@ def prepare(spec: RunSpec, rundir: Path, method: Method, task: Task, *, data_roo
     return Prepared(spec, Path(rundir), task, method, data, run, dev, sources, labels, bool(bf16), bool(compile))
 
 
+def probe_indices(count: int, n: int, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    """Sorted indices of at most ``n`` of ``count`` evaluation sources for learning-curve probes, chosen
+    without drawing a random number, and how they were chosen.  With labels, the same number from each
+    class, evenly spread within it ("class-balanced"), so a curve's Acc is not the share of one class when a
+    method maps everything there; without labels, or with ``n`` below the number of classes, evenly spread
+    over all sources ("evenly spread")."""
+    def spread(ids: torch.Tensor, k: int) -> torch.Tensor:
+        return ids[torch.linspace(0, len(ids) - 1, min(k, len(ids))).round().long().unique()]
+
+    everything = torch.arange(count)
+    classes = None if labels is None else labels.reshape(-1).cpu()
+    if classes is None or n < len(classes.unique()):
+        return spread(everything, n), "evenly spread"
+    per = n // len(classes.unique())
+    return torch.cat([spread(everything[classes == c], per) for c in classes.unique()]).sort().values, \
+        "class-balanced"
+
+
 def attach_probe(p: Prepared, every: int, n: int, *, cache_dir: Path, data_root: Path, batch_size: int = 500) -> None:
-    """A learning curve: every ``every`` steps of the method's ``probe_loop``, transport a fixed,
-    evenly spread subset of ``n`` evaluation sources (own random stream) and log the task's
-    ``probe`` metrics as stage "probe" of log.jsonl.  Training is not changed by it: the probe
+    """A learning curve: every ``every`` steps of the method's ``probe_loop``, transport a fixed subset of
+    ``n`` evaluation sources (``probe_indices``: class-balanced when labels are known; own random stream) and
+    log the task's ``probe`` metrics as stage "probe" of log.jsonl.  Training is not changed by it: the probe
     draws no number from the training streams, and its time is kept out of the loop's timing."""
     if not p.method.probe_loop:
         return
-    idx = torch.linspace(0, len(p.sources) - 1, min(n, len(p.sources))).round().long().unique()
+    idx, subset = probe_indices(len(p.sources), n, p.labels)
     src = p.sources[idx]
     lab = None if p.labels is None else p.labels[idx]
     ctx = EvalContext(cache_dir=Path(cache_dir), device=p.device, budget=p.run.budget, seed=p.spec.seed,
@@ -253,7 +271,7 @@ def attach_probe(p: Prepared, every: int, n: int, *, cache_dir: Path, data_root:
         out = transport_all(p.method, src, p.device, batch_size, p.spec.seed + 2, progress=False)
         values = p.task.probe(p.data, src, out, lab, ctx)
         if values is not None:
-            p.run.log("probe", step, loop=loop, **values)
+            p.run.log("probe", step, loop=loop, subset=subset, **values)
 
     p.run.probe, p.run.probe_loops = probe, {p.method.probe_loop: int(every)}
 

@@ -46,8 +46,8 @@ def main(argv=None) -> int:
         ax.set_ylabel(m)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    n = points[-1].get("n")
-    fig.suptitle(f"learning curves ({n} evaluation sources per point)", fontsize=9)
+    n, subset = points[-1].get("n"), points[-1].get("subset", "evenly spread")  # older logs: evenly spread
+    fig.suptitle(f"learning curves ({n} {subset} evaluation sources per point)", fontsize=9)
     fig.tight_layout()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.out, dpi=110)

@@ -131,6 +131,20 @@ def test_learning_curve_probes_log_points_without_changing_training(tmp_path, on
     (log,) = (tmp_path / "probed").glob("probed-task/not/*/log.jsonl")
     points = [json.loads(line) for line in log.read_text().splitlines() if '"stage": "probe"' in line]
     assert [p["step"] for p in points] == [10, 20, 30] and all(p["n"] == 8 and p["loop"] == "saddle" for p in points)
+    assert all(p["subset"] == "evenly spread" for p in points)  # the toy task has no labels
+
+
+def test_probe_sources_are_class_balanced_when_labels_are_known():
+    from bench.runner import probe_indices
+    # sorted by index, not by class, and unbalanced at the front: evenly spread indices would give 4 of class 1
+    labels = torch.tensor([1, 1, 1, 1, 0, 2, 1, 0, 2, 0, 2, 1, 0, 2, 1, 0, 2, 1, 0, 2])
+    idx, how = probe_indices(len(labels), 9, labels)
+    assert how == "class-balanced" and torch.equal(idx, idx.sort().values) and len(idx.unique()) == 9
+    assert torch.bincount(labels[idx], minlength=3).tolist() == [3, 3, 3]
+    assert probe_indices(len(labels), 2, labels)[1] == "evenly spread"  # fewer than one per class
+    idx, how = probe_indices(20, 5)
+    assert how == "evenly spread" and idx.tolist() == [0, 5, 10, 14, 19]
+    assert len(probe_indices(20, 50, labels)[0]) == 20  # never more than there are
 
 
 def test_every_image_task_rejects_outputs_of_the_wrong_shape_in_one_line():
