@@ -246,12 +246,12 @@ def probe_indices(count: int, n: int, labels: torch.Tensor | None = None) -> tup
         return ids[torch.linspace(0, len(ids) - 1, min(k, len(ids))).round().long().unique()]
 
     everything = torch.arange(count)
-    classes = None if labels is None else labels.reshape(-1).cpu()
-    if classes is None or n < len(classes.unique()):
+    labels = None if labels is None else labels.reshape(-1).cpu()
+    classes = None if labels is None else labels.unique()
+    if classes is None or n < len(classes):
         return spread(everything, n), "evenly spread"
-    per = n // len(classes.unique())
-    return torch.cat([spread(everything[classes == c], per) for c in classes.unique()]).sort().values, \
-        "class-balanced"
+    per = n // len(classes)
+    return torch.cat([spread(everything[labels == c], per) for c in classes]).sort().values, "class-balanced"
 
 
 def attach_probe(p: Prepared, every: int, n: int, *, cache_dir: Path, data_root: Path, batch_size: int = 500) -> None:
