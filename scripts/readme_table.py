@@ -45,6 +45,12 @@ NOTES = {
     "dpmot": ("DPM-OT (4,000 score steps, lr 2e-3, map at t_M 0.002, 10 reverse steps; not in the paper's table)",
               "dim, clean Chinese numerals of every class (retrieved training images), unrelated to the source's class"),
     "knot": ("KNOT (600 outer steps, constant lr)", "dimmed copies of the inputs"),
+    # references: no training, so one seed where the output is deterministic
+    "identity": ("identity (reference: the source unchanged)", "the MNIST sources themselves"),
+    "keypoint-nn": ("keypoint-nn (reference: the target of the guiding pair whose source is nearest)",
+                    "the ten guiding Chinese numerals, one per output"),
+    "label-oracle": ("label-oracle (ceiling; reads labels: a random target training image of the source's class)",
+                     "real Chinese numerals of the source's class"),
 }
 
 
