@@ -14,9 +14,9 @@ Inception features of each image set are computed once.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.data import cache_dir, resolve_root  # noqa: E402
 from bench.metrics.fid import fid_features  # noqa: E402
 from bench.metrics.frechet import feature_stats, frechet_distance  # noqa: E402
+from bench.runner import _device_name  # noqa: E402
 from datasets.digits import DigitsTask, _to_unit, load_mnist  # noqa: E402
 
 
@@ -56,8 +57,6 @@ def main(argv=None) -> int:
     def fid(x, y):
         return frechet_distance(*feature_stats(x), *feature_stats(y))
 
-    from bench.runner import _device_name
-    import time
     lines = [f"# FID small-sample bias on digits (prep={a.prep}, clean-fid features, measured by scripts/fid_bias.py)", "",
              f"Measured {time.strftime('%Y-%m-%d')} on {_device_name(torch.device('cpu'))}; the two MNIST sets are "
              "disjoint class-balanced draws (seed 0) from the MNIST test split, n < 2,000 their first n.", "",

@@ -48,7 +48,7 @@ NOTES = {
     # references: no training, so one seed where the output is deterministic
     "identity": ("identity (reference: the source unchanged)", "the MNIST sources themselves"),
     "keypoint-nn": ("keypoint-nn (reference: the target of the guiding pair whose source is nearest)",
-                    "the ten guiding Chinese numerals, one per output"),
+                    "each output one of the ten guiding Chinese numerals"),
     "label-oracle": ("label-oracle (ceiling; reads labels: a random target training image of the source's class)",
                      "real Chinese numerals of the source's class"),
 }
