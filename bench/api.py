@@ -105,6 +105,12 @@ class Method:
     uses_pairs: ClassVar[bool] = False  # reads TaskData.pairs
     paper: ClassVar[str] = ""
     notes: ClassVar[str] = ""  # shown by `bench list`: adaptations, what is ignored
+    # what this implementation was checked against (the authors' repository at a commit, or the paper's
+    # sections), and each algorithmic difference from it that no option's ``authors=`` value covers, one line
+    # each with its reason; `bench deviations` renders both with every option whose value differs from
+    # the authors'.  An empty ``deviations`` with a ``compared_against`` reads "none found".
+    compared_against: ClassVar[str] = ""
+    deviations: ClassVar[tuple[str, ...]] = ()
     # the loop whose progress a learning curve follows (``bench run --probe-every N``); None: no curve
     probe_loop: ClassVar[str | None] = None
     # name -> value or bench.options.Option (a type and one value per budget); see bench/options.py

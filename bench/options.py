@@ -21,7 +21,8 @@ class Option:
     """One option: a default (or one value per budget), its type, and optional choices."""
 
     def __init__(self, default: Any = _UNSET, *, type: type | None = None, choices: tuple | None = None,
-                 nullable: bool | None = None, help: str = "", sampling: bool = False, **per_budget: Any) -> None:
+                 nullable: bool | None = None, help: str = "", sampling: bool = False,
+                 authors: Any = _UNSET, source: str = "", **per_budget: Any) -> None:
         from .budgets import BUDGET_NAMES
         bad = set(per_budget) - set(BUDGET_NAMES)
         if bad:
@@ -33,12 +34,21 @@ class Option:
         # sampling=True: the option acts only in ``transport``, never in ``fit``, so runs that differ only in such
         # options share one fit (the runner starts them from a finished sibling's final checkpoint)
         self.sampling = bool(sampling)
+        # the value the method's authors use and where it is written (repository file or paper section);
+        # `bench deviations` lists every budget whose value differs from it
+        if authors is not _UNSET and not source:
+            raise TypeError("Option(authors=...) needs source= naming where the authors' value is written")
+        self.authors, self.source = authors, str(source)
         values = [v for v in ([default] if default is not _UNSET else []) + list(per_budget.values())
                   if v is not None]
         if type is None and values:
             type = _kind(values[0])
         self.type = type
         self.nullable = any(v is None for v in [default, *per_budget.values()]) if nullable is None else nullable
+
+    @property
+    def has_authors(self) -> bool:
+        return self.authors is not _UNSET
 
     def value_for(self, budget: str) -> Any:
         return self.per_budget.get(budget, self.default)

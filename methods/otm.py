@@ -11,10 +11,12 @@ paper's fixed embedding of the source space into the target space when their dim
 script; zero padding for vectors), the identity when they agree; T acts on Q(x).
 
 It is the same saddle problem as strong NOT (methods/not_.py) with f = -psi, so this class is NOT
-with three differences, and only those are code here:
+with four differences, and only those are code here:
 
 - the cost is the inner product -<Q(x), T(x)> / D, not NOT's ||x - T(x)||^2 / D (same optimal map,
   a different split between cost and potential, so a different function for the critic to learn);
+- the map's output ends in tanh on images, as the authors' (``map_head``): with the inner-product cost
+  the map's objective is linear in T, and only a bound keeps T in the pixel range;
 - the authors' update order and settings: one potential update first, then K_G = 5 map updates
   (their restoration scripts; 2 in their MNIST generation script), Adam betas (0, 0.9) at lr 1e-4;
 - the optional gradient-optimality penalty on the potential (``lambda_go``; authors: 10 for MNIST
@@ -52,6 +54,17 @@ def embed(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return y
 
 
+class TanhHead(torch.nn.Module):
+    """net(x) squashed into (-1, 1): the pixel range of the target images."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.tanh(self.net(x, **kwargs))
+
+
 class OTM(NOT):
     name = "otm"
     family = "OT"
@@ -65,6 +78,11 @@ class OTM(NOT):
     default_options: dict[str, Any] = {
         **NOT.default_options,
         "cost": Option("strong", choices=("strong",), help="a deterministic map (OTM has no weak cost)"),
+        "map_head": Option("tanh", choices=("tanh", "linear"),
+                           help="images: the map's output squashed by tanh into the pixel range, or left linear "
+                                "(NOT's UNet); vectors are always linear",
+                           authors="tanh", source="LituRout/OptimalTransportModeling source/otm_mnist_32x32.py, "
+                                                  "otm_celeba_denoise_64x64.py (TransportMap ends in nn.Tanh)"),
         "lambda_go": Option(0.0, help="gradient-optimality penalty (authors: 0 for restoration, 10 for generation)"),
         "inner_steps": Option(5, help="K_G: map updates per potential update (authors' restoration: 5)"),
         "critic_first": Option(True, help="the potential is updated first (authors)"),
@@ -78,6 +96,21 @@ class OTM(NOT):
         "toy_steps": Option(smoke=1000, cpu=3000, fast=5000, paper=10_000),
     }
     test_options: dict[str, Any] = {**NOT.test_options, "steps": 3}
+    # rows stored before ``map_head`` existed had NOT's linear output
+    options_before = {"map_head": "linear"}
+    compared_against = ("LituRout/OptimalTransportModeling @8287054 (source/otm_mnist_32x32.py, "
+                        "source/otm_celeba_denoise_64x64.py); ICLR 2022 paper eq. 10")
+    deviations = (
+        "networks: NOT's UNet map and ResNet critic (no normalisation) vs the authors' ResNet generator and "
+        "conv/avg-pool (restoration) or NCSN-style (MNIST) critic: one map network for every map-based method",
+        "gradient-optimality penalty compares grad f with cost_scale Q(x) / D (the per-coordinate cost's "
+        "gradient) where the authors omit 1/D; off by default, as the authors' restoration runs",
+    )
+
+    def setup(self, data: TaskData, run) -> None:
+        super().setup(data, run)
+        if data.is_image and self.options["map_head"] == "tanh":
+            self.T = TanhHead(self.T)  # the same parameters, already handed to the saddle trainer
 
     def check_setting(self, data: TaskData) -> None:
         Method.check_setting(self, data)  # differing shapes are what Q is for (NOT refuses them)

@@ -22,7 +22,7 @@ The algorithm, top to bottom:
    then one denoising step y + sigma_L^2 s(y, sigma_L).  The VE score comes from the VP model:
    at the time t with sigma(t) / alpha(t) = sigma_i, s(y, sigma_i) = -eps(alpha(t) y, t) / sigma_i
    (``bench.diffusion.VPSDE.ve_time``).  grad_y log H = (grad v(y) - grad_y c(x, y)) / eps is taken by
-   autograd (the authors' hand-written gradient drops the cost's factor 2).  NFE = levels x
+   autograd (the same value as the authors' hand-written gradient).  NFE = levels x
    n_steps_each + 1.
 
 Guiding pairs are unused (semi-paired tasks are accepted).  The authors' noise levels are for
@@ -93,7 +93,8 @@ class SCONES(Method):
         "potential_depth": Option(smoke=2, cpu=2, fast=2, paper=2),
         "ot_steps": Option(smoke=300, cpu=5000, fast=5001, paper=5001),
         "ot_batch": Option(smoke=256, cpu=256, fast=1000, paper=1000),
-        "ot_lr": Option(1e-4, help="Adam learning rate of the potentials (authors: 1e-5 with 1000 pairs)"),
+        "ot_lr": Option(1e-5, help="Adam learning rate of the potentials",
+                        authors=1e-5, source="mdnls/scones MNIST->USPS compatibility config (lr 1e-5, batch 1000)"),
         # sampling (authors, MNIST->USPS: sigma 1 -> 0.01 over 10 geometric levels, 10 steps each, step_lr 5e-5,
         # data_init, denoise; on [-1, 1] pixels: sigma 2 -> 0.02, step_lr 2e-4)
         "sigma_begin": Option(2.0, help="largest noise level (VE); the source plus this noise starts the chain"),

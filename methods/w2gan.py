@@ -22,7 +22,8 @@ generator, with NOT's UNet as net) and x + s net((x - m) / s) on vectors, with n
 zero at initialisation, so G starts at the identity and follows the W2 gradient flow towards Q:
 the paper's argument for why the generator ends at (an approximation of) the OT map rather than at
 any map onto Q.  u and e are MLPs on the flattened image, as the authors' (``potential_net="resnet"``
-for NOT's ResNet critic), their outputs multiplied by the mean source-target cost.
+for NOT's ResNet critic), unscaled as theirs on images; ``potential_scale="mean-cost"`` multiplies their
+outputs by the mean source-target cost (the vector path's default).
 
 Each outer step makes ``critic_steps`` (authors: d_iters = 5) dual updates, then one generator
 update, with Adam betas (0, 0.9) and lr 1e-4 (the authors').  The loop is
@@ -108,7 +109,7 @@ class W2GAN(Method):
     probe_loop = "saddle"
     notes = ("unpaired: on semi-paired tasks the guiding pairs are ignored; residual generator G(x) = x + "
              "2 tanh(UNet(x)) started at the identity (authors: an MLP on flattened 16x16 images); dual potentials "
-             "u, v = -u + e as MLPs on the flattened image (authors), scaled by the mean cost; L2-regularised dual "
+             "u, v = -u + e as MLPs on the flattened image (authors), unscaled on images; L2-regularised dual "
              "(reg='entropy' for the entropic one) with the authors' interpolate, equality and epsilon penalties; "
              "cost ||a - b||^2 / 2 on NOT's 32x32 canvas")
     default_options: dict[str, Any] = {
@@ -117,15 +118,17 @@ class W2GAN(Method):
         "ineq_interp": Option(True, help="also penalise violations on random interpolates (authors: on)"),
         "lambda_eq": Option(10.0, help="images: equality penalty on the potentials' Brenier pairs; 0 = off "
                                        "(authors' image experiments: 10)"),
-        "toy_lambda_eq": Option(0.0, help="vectors: the same (authors' 2-D experiments: off; on toy1d it "
-                                          "pulled the generator onto the decreasing map)"),
+        "toy_lambda_eq": Option(0.0, help="vectors: the same; 0 because on toy1d it pulled the generator onto the "
+                                          "decreasing map",
+                                authors=200.0, source="jshe/wasserstein-2 exp_2d/options.py @99d9cac (eq_phi 1, "
+                                                      "lambda_eq = lambda_ineq = 200; eq_phi 0 at 33f399d)"),
         "lambda_eps": Option(10.0, help="penalty on v(G(x))_+^2; 0 = off (authors: 10)"),
         **SADDLE_OPTIONS,
         # one outer step = critic_steps dual updates + 1 generator update (the authors' train_iters);
         # cpu: 1.55 s per outer step measured (UNet base 16, MLP potentials 512 x 2, batch 64, 32x32 canvas,
         # one thread on this busy 2-core machine), so 1100 steps ~ 28 min of training; smoke: 0.36 s per step
-        "steps": Option(smoke=30, cpu=1100, fast=20_000, paper=50_000,
-                        help="generator updates (authors: train_iters 50k)"),
+        "steps": Option(smoke=30, cpu=1100, fast=20_000, paper=100_000, help="generator updates",
+                        authors=100_000, source="jshe/wasserstein-2 exp_da/options.py (train_iters 100000)"),
         "inner_steps": Option(1, help="generator updates per outer step"),
         "critic_steps": Option(5, help="dual updates per generator update (authors: d_iters 5)"),
         "critic_first": Option(True, help="dual updates first, as the authors"),
@@ -136,6 +139,13 @@ class W2GAN(Method):
         "toy_batch_size": 64,
         "toy_lr": Option(1e-3, help="vectors: the potentials' lr"),
         "toy_map_lr": Option(3e-4, help="vectors: the generator's lr (slower than the potentials, which must track it)"),
+        "potential_scale": Option("none", choices=("none", "mean-cost"),
+                                  help="images: multiply the potentials' outputs by the mean source-target cost",
+                                  authors="none", source="jshe/wasserstein-2 exp_da/networks.py (unscaled duals)"),
+        "toy_potential_scale": Option("mean-cost", choices=("none", "mean-cost"),
+                                      help="vectors: the same; on toy1d the potentials reach ~30 and unscaled the "
+                                           "critic took hundreds of steps to grow while the generator moved",
+                                      authors="none", source="jshe/wasserstein-2 exp_2d (unscaled duals)"),
         "potential_net": Option("mlp", choices=("mlp", "resnet"),
                                 help="images: u and e as MLPs on the flattened image (authors) or ResNet critics"),
         "potential_hidden": Option(512, help="images, mlp: width (authors: 200 then 500 on 16x16 USPS)"),
@@ -143,6 +153,14 @@ class W2GAN(Method):
         # the generator's UNet and the vector MLPs: NOT's sizes on every budget (the same map network)
         **{k: NOT.default_options[k] for k in NETWORK_OPTIONS},
     }
+    # rows stored before ``potential_scale`` existed scaled the image potentials by the mean cost
+    options_before = {"potential_scale": "mean-cost", "toy_potential_scale": "mean-cost"}
+    compared_against = "jshe/wasserstein-2 @99d9cac (exp_da/, exp_mvg/, exp_2d/: w2_model.py, losses.py, networks.py, options.py)"
+    deviations = (
+        "generator: residual x + 2 tanh(UNet(x)) on NOT's 32x32 canvas vs the authors' 2-layer MLP + BatchNorm on "
+        "16x16 resized images: one map network for every map-based method of this benchmark",
+        "potentials: SiLU MLPs 512 x 2 on the flattened 32x32 canvas vs ReLU 256-200-500 on 16x16 images",
+    )
     test_options: dict[str, Any] = {"steps": 4, "toy_steps": 4, "critic_steps": 2, "batch_size": 8,
                                     "toy_batch_size": 8, "unet_base": 8, "unet_mults": [1, 2],
                                     "unet_blocks": 1, "unet_attention": [], "critic_base": 8,
@@ -166,7 +184,7 @@ class W2GAN(Method):
                        attention_resolutions=tuple(o["unet_attention"]), time_conditional=False,
                        image_size=self.canvas)  # output convolution starts at zero: G starts at the identity
             self.G = Residual(net, 2.0, squash=True)
-            scale = self._cost_scale(data)
+            scale = self._cost_scale(data) if o["potential_scale"] == "mean-cost" else 1.0
             self.u, self.e = (Potential(MLP(c * self.canvas ** 2, 1, hidden=o["potential_hidden"],
                                             depth=o["potential_depth"]), scale, flatten=True) if mlp else
                               Potential(ResNetCritic(c, image_size=self.canvas, base=o["critic_base"]), scale)
@@ -181,7 +199,7 @@ class W2GAN(Method):
             centre, spread = both.mean(0), both.std(0).clamp(min=1e-6)
             src = data.source_train.float()
             self.G = Residual(net, spread, squash=False, centre=src.mean(0), spread=src.std(0).clamp(min=1e-6))
-            scale = self._cost_scale(data)
+            scale = self._cost_scale(data) if o["toy_potential_scale"] == "mean-cost" else 1.0
             self.u, self.e = (Potential(MLP(dim, 1, hidden=o["mlp_hidden"], depth=o["mlp_depth"]), scale,
                                         centre, spread) for _ in range(2))
             self.batch_size, steps, lr, critic_lr = o["toy_batch_size"], o["toy_steps"], o["toy_map_lr"], o["toy_lr"]
