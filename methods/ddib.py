@@ -57,14 +57,22 @@ class DDIB(Method):
         # iteration count; 300k per model is this project's choice
         **training_options("score", steps=Option(smoke=60, cpu=2000, fast=10_000, paper=300_000),
                             lr=score_lr()),
-        "encoder": Option("ddim", choices=ode.ENCODERS, help="deterministic encoder/decoder (authors: ddim)"),
+        "encoder": Option("ddim", choices=ode.ENCODERS, help="deterministic encoder/decoder (authors: ddim)",
+                authors='ddim', source='suxuann/ddib scripts/imagenet_translation.py (ddim_reverse_sample_loop)'),
         # paper: the authors run DDIM over all 1000 steps of their chain (no respacing)
-        "ddim_steps": Option(smoke=8, cpu=25, fast=100, paper=1000, help="steps of each ODE on images"),
+        "ddim_steps": Option(smoke=8, cpu=25, fast=100, paper=1000, help="steps of each ODE on images",
+                authors=1000, source='suxuann/ddib scripts/imagenet_translation.py (DDIM over all 1,000 steps)'),
         "toy_ddim_steps": Option(200, help="steps of each ODE on vector tasks"),
         # authors: the DDIM decoder clips x0_hat to [-1, 1] (guided-diffusion's clip_denoised), the encoder does not
-        "clip_x0": Option(True, help="clip the x0 prediction to [-1, 1] while DDIM-decoding images (authors)"),
+        "clip_x0": Option(True, help="clip the x0 prediction to [-1, 1] while DDIM-decoding images (authors)",
+                authors=True, source='suxuann/ddib scripts/imagenet_translation.py (decoder clip_denoised=True)'),
         "cycle_n": Option(smoke=32, cpu=128, fast=1000, paper=1000, help="held source samples for the cycle errors"),
     }
+    compared_against = 'suxuann/ddib (scripts/imagenet_translation.py, guided_diffusion/gaussian_diffusion.py)'
+    deviations = (
+        "two unconditional per-domain score models trained from scratch (the authors use pretrained ADM, class-conditional with classifier guidance on ImageNet): the paper's two-domain formulation",
+        "the encoder ends at alpha(T) = 0.0066 of the continuous VP-SDE where the authors' last step uses alpha_bar_next = 0",
+    )
     test_options: dict[str, Any] = {**tiny_options("score"), "ddim_steps": 3, "toy_ddim_steps": 3, "cycle_n": 8}
 
     def __init__(self, budget: str = "smoke", **options: Any) -> None:

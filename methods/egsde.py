@@ -128,7 +128,8 @@ class EGSDE(Method):
                             lr=score_lr()),
         # the domain classifier (authors: 5000 iterations, batch 32, AdamW lr 3e-4, weight decay 0.05,
         # linear decay; width 128 at 256 px)
-        "cls_steps": Option(smoke=60, cpu=1000, fast=5000, paper=5000),
+        "cls_steps": Option(smoke=60, cpu=1000, fast=5000, paper=5000,
+                authors=5000, source='ML-GSAI/EGSDE classifier fine-tuning (5k steps)'),
         "toy_cls_steps": Option(smoke=1000, cpu=2000, fast=2000, paper=2000),
         "cls_batch": Option(smoke=16, cpu=32, fast=32, paper=32, help="noisy images per domain per step"),
         "toy_cls_batch": Option(256, help="noisy samples per domain per step on vector tasks"),
@@ -136,14 +137,21 @@ class EGSDE(Method):
         "cls_weight_decay": Option(0.05),
         "cls_width": Option(smoke=16, cpu=32, fast=64, paper=128, help="classifier width on images"),
         # sampling (authors, cat->dog: t = 500 of 1000, ls 500, li 2, cosine / neg_l2, down_N 32 at 256 px)
-        "t0": Option(0.5, help="the intermediate time M the source is perturbed to (in (0, T])"),
+        "t0": Option(0.5, help="the intermediate time M the source is perturbed to (in (0, T])",
+                authors=0.5, source='ML-GSAI/EGSDE profiles/cat2dog, runners/egsde.py (t = 500 of 1000)'),
         "lambda_s": Option(500.0, help="weight of the realism energy"),
         "lambda_i": Option(2.0, help="weight of the faithfulness energy"),
         "realism": Option("cosine", choices=REALISM),
         "lowpass_side": Option(8, help="the low-pass image's side in pixels (authors: 256 / 32 = 8)"),
-        "sde_steps": Option(smoke=10, cpu=30, fast=500, paper=500, help="reverse-SDE steps from t0 (NFE)"),
+        "sde_steps": Option(smoke=10, cpu=30, fast=500, paper=500, help="reverse-SDE steps from t0 (NFE)",
+                authors=500, source='ML-GSAI/EGSDE profiles/cat2dog, runners/egsde.py (500 ancestral steps)'),
         "toy_sde_steps": Option(200),
     }
+    compared_against = 'ML-GSAI/EGSDE (functions/denoising.py, runners/egsde.py, profiles/cat2dog)'
+    deviations = (
+        'score model trained from scratch on the target domain (the authors use a pretrained ADM); domain classifier a width-32 CNN trained from scratch on noisy images of both domains (the authors fine-tune an ImageNet ADM classifier)',
+        "Euler-Maruyama on the continuous VP-SDE from t0 with beta(t)dt as the energy weight, the continuous form of the authors' beta_t / sqrt(alpha_t), plus a final denoising step",
+    )
     test_options: dict[str, Any] = {**tiny_options("score"), "cls_steps": 4, "toy_cls_steps": 4, "cls_batch": 8,
                                     "toy_cls_batch": 8, "cls_width": 8, "sde_steps": 3, "toy_sde_steps": 3}
 

@@ -71,19 +71,28 @@ class KNOT(NOT):
         # 55k and 70k steps (fractions of the steps on `paper`). The smoke / cpu / fast budgets end before
         # the authors' first halving (15k), so their lr is constant, as the authors' is over those steps;
         # the fractions on cpu's first 200 steps had cut the lr to 1/8 by step 100 and left the identity.
-        "n_z": Option(4, help="noise samples per source in the map loss (authors: 4)"),
+        "n_z": Option(4, help="noise samples per source in the map loss (authors: 4)",
+                authors=4, source='iamalexkorotin/KernelNeuralOptimalTransport notebooks (kernel NOT training) (Z_SIZE 4)'),
         "lr_schedule": Option(smoke="constant", cpu="constant", fast="constant", paper="multistep",
                               choices=("constant", "multistep", "cosine")),
         "lr_milestones": Option([0.15, 0.25, 0.40, 0.55, 0.70], type=list),
         "lr_decay": 0.5,
         # cpu: batch 16 x n_z 4 = the 64 UNet evaluations per map step of NOT's batch 64; 3.1 s per outer
         # step alone on 2 cores. 200 steps (14.9 min in all) returned the inputs; 600: 33.4 min in all (measured)
-        "steps": Option(smoke=3, cpu=600, fast=4000, paper=100_000, help="outer steps"),
-        "batch_size": Option(smoke=4, cpu=16, fast=64, paper=64),
+        "steps": Option(smoke=3, cpu=600, fast=4000, paper=100_000, help="outer steps",
+                authors=100000, source='iamalexkorotin/KernelNeuralOptimalTransport notebooks (kernel NOT training) (MAX_STEPS 100k)'),
+        "batch_size": Option(smoke=4, cpu=16, fast=64, paper=64,
+                authors=64, source='iamalexkorotin/KernelNeuralOptimalTransport notebooks (kernel NOT training) (BATCH_SIZE 64)'),
         "distance_per_dim": Option(False, help="divide the distance kernel by sqrt(D) (authors: no)"),
         "noise": Option("cond-norm", choices=("channel", "cond-norm")),
-        "z_std": Option(1.0, help="std of the injected noise (authors: N(0, 1))"),
+        "z_std": Option(1.0, help="std of the injected noise (authors: N(0, 1))",
+                authors=1.0, source='iamalexkorotin/KernelNeuralOptimalTransport notebooks (kernel NOT training) (z ~ N(0, 1))'),
     }
+    compared_against = 'iamalexkorotin/KernelNeuralOptimalTransport (kernel NOT training notebooks, src/cunet.py)'
+    deviations = (
+        "map network: this benchmark's UNet with the noise injected by conditional normalisation at every layer (as the authors) in place of their CUNet (base 48, BatchNorm)",
+        'distance kernel on the plain Euclidean norm of the flattened images (as the authors; `distance_per_dim` off)',
+    )
     test_options: dict[str, Any] = {**NOT.test_options, "n_z": 2}
 
     def _validate(self) -> None:

@@ -58,9 +58,11 @@ class NOT(Method):
              "the data dimension")
     default_options: dict[str, Any] = {
         "cost": Option("strong", choices=COSTS),
-        "gamma": Option(0.66, help="weak cost: variance reward (authors' image setting)"),
+        "gamma": Option(0.66, help="weak cost: variance reward (authors' image setting)",
+                authors=0.66, source='iamalexkorotin/NeuralOptimalTransport notebooks/NOT_training_strong.ipynb, NOT_training_weak.ipynb (GAMMA, weak cost)'),
         "gamma_warmup": Option(0.25, help="share of the steps over which gamma grows linearly from 0"),
-        "n_z": Option(8, help="weak cost: noise samples per source in the map loss (authors: Z_SIZE 8)"),
+        "n_z": Option(8, help="weak cost: noise samples per source in the map loss (authors: Z_SIZE 8)",
+                authors=8, source='iamalexkorotin/NeuralOptimalTransport notebooks/NOT_training_strong.ipynb, NOT_training_weak.ipynb (Z_SIZE)'),
         "noise": Option("channel", choices=("channel", "cond-norm"),
                         help="how z enters the image map: one extra input channel (NOT authors) or a "
                              "noise_dim vector through conditional normalisation at every layer (KNOT authors)"),
@@ -74,7 +76,8 @@ class NOT(Method):
         # 3.4 s per outer step when the machine is quiet (measured 2026-11-25, steps 0-20 of the digits cpu run).
         # 200 steps (the first choice) left the map a dimmed copy of its input (Acc 7.9 %, FID 81.0; the critic
         # had seen 200 updates and Cls-FD was still falling); 600 steps ~34 min quiet + ~5 min evaluation
-        "steps": Option(smoke=24, cpu=600, fast=4000, paper=100_000, help="outer steps (authors: 100k)"),
+        "steps": Option(smoke=24, cpu=600, fast=4000, paper=100_000, help="outer steps (authors: 100k)",
+                authors=100000, source='iamalexkorotin/NeuralOptimalTransport notebooks/NOT_training_strong.ipynb, NOT_training_weak.ipynb (MAX_STEPS 100k)'),
         "batch_size": Option(smoke=16, cpu=64, fast=64, paper=64),
         "toy_steps": Option(smoke=400, cpu=2000, fast=5000, paper=10_000),
         "toy_batch_size": 64,
@@ -88,6 +91,12 @@ class NOT(Method):
         "mlp_depth": 3,
     }
     # trains in a few seconds on bench.testing.tiny_images() / tiny_vectors()
+    compared_against = 'iamalexkorotin/NeuralOptimalTransport (notebooks/NOT_training_strong.ipynb, NOT_training_weak.ipynb; src/resnet2.py, src/unet.py)'
+    deviations = (
+        "no MNIST experiment in the authors' code: images padded 28 -> 32 so the UNet and the ResNet critic's levels divide",
+        "map network: this benchmark's DDPM-style UNet (GroupNorm, nearest upsampling) vs the authors' milesial UNet (BatchNorm, bilinear, base 48); the critic is a ResNet like theirs",
+        "vectors: MLPs of width 256 and depth 3 (the authors' toys 100-100-100) at lr 1e-3",
+    )
     test_options: dict[str, Any] = {"steps": 6, "toy_steps": 6, "inner_steps": 2, "batch_size": 8,
                                     "toy_batch_size": 8, "unet_base": 8,
                                     "unet_mults": [1, 2], "unet_blocks": 1, "unet_attention": [],

@@ -88,11 +88,15 @@ class SCONES(Method):
                             lr=score_lr()),
         # stage I (authors, MNIST->USPS: entropic eps 0.01 on [0, 1] pixels, FCN 1024 x 2, Adam lr 1e-5,
         # batch 1000, 5001 iterations; CelebA: eps 0.005, FCN 2048 x 8)
-        "epsilon_rel": Option(0.1, help="entropic eps relative to the mean cost of a probe batch"),
-        "potential_hidden": Option(smoke=128, cpu=512, fast=1024, paper=1024),
+        "epsilon_rel": Option(0.1, help="entropic eps relative to the mean cost of a probe batch",
+                authors=0.1, source='mdnls/scones MNIST->USPS compatibility config (eps 0.01 absolute on [0, 1] pixels, ~0.094 of the mean cost)'),
+        "potential_hidden": Option(smoke=128, cpu=512, fast=1024, paper=1024,
+                authors=1024, source='mdnls/scones MNIST->USPS compatibility config (FCN 1024 x 2)'),
         "potential_depth": Option(smoke=2, cpu=2, fast=2, paper=2),
-        "ot_steps": Option(smoke=300, cpu=5000, fast=5001, paper=5001),
-        "ot_batch": Option(smoke=256, cpu=256, fast=1000, paper=1000),
+        "ot_steps": Option(smoke=300, cpu=5000, fast=5001, paper=5001,
+                authors=5001, source='mdnls/scones MNIST->USPS compatibility config (5,001 iterations)'),
+        "ot_batch": Option(smoke=256, cpu=256, fast=1000, paper=1000,
+                authors=1000, source='mdnls/scones MNIST->USPS compatibility config (batch 1,000)'),
         "ot_lr": Option(1e-5, help="Adam learning rate of the potentials",
                         authors=1e-5, source="mdnls/scones MNIST->USPS compatibility config (lr 1e-5, batch 1000)"),
         # sampling (authors, MNIST->USPS: sigma 1 -> 0.01 over 10 geometric levels, 10 steps each, step_lr 5e-5,
@@ -107,6 +111,12 @@ class SCONES(Method):
         "toy_levels": Option(50),
         "toy_step_lr": Option(1e-4),
     }
+    compared_against = 'mdnls/scones (MNIST->USPS compatibility configs at bdbfc0e / 0d2a9d7, scones/models/langevin_dynamics.py)'
+    deviations = (
+        'target score model: VP-SDE trained from scratch, its VE score read through -eps(y / sqrt(1 + s^2), t(s)) / s (exact); the authors use a pretrained NCSN',
+        "noise levels doubled and the step size quadrupled for pixels in [-1, 1] (the authors' levels are for [0, 1]: the same dynamics)",
+        'the final denoising step omits grad log H (effect ~1e-5)',
+    )
     test_options: dict[str, Any] = {**tiny_options("score"), "potential_hidden": 16, "ot_steps": 4, "ot_batch": 16,
                                     "levels": 2, "n_steps_each": 2, "toy_levels": 2}
 

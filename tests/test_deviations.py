@@ -1,0 +1,53 @@
+"""The committed deviation table is what the plugins declare, and every method declares something."""
+from pathlib import Path
+
+import pytest
+
+from bench.deviations import committed_block, generate, method_section, write
+from bench.options import Option
+from bench.registry import methods
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_deviation_table_is_current():
+    committed = committed_block(ROOT / "results" / "deviations.md")
+    assert committed is not None, "results/deviations.md has no generated block"
+    assert committed == generate(), ("results/deviations.md is stale: run "
+                                     "`bench deviations --write results/deviations.md` and commit it")
+
+
+@pytest.mark.parametrize("name", sorted(methods()))
+def test_every_method_says_what_it_was_compared_against(name):
+    cls = methods()[name]
+    assert cls.family == "Reference" or cls.compared_against, f"{name} declares no compared_against"
+
+
+def test_a_budget_that_differs_from_the_authors_is_listed_and_bold():
+    from bench.api import Method
+
+    class Toy(Method):
+        name = "toy-deviations"
+        compared_against = "nothing real"
+        default_options = {"lr": Option(1e-3, authors=1e-4, source="their train.py"),
+                           "steps": Option(smoke=10, cpu=10, fast=10, paper=500, authors=500, source="paper"),
+                           "width": Option(64, authors=64, source="model.py")}
+
+    text = method_section(Toy)
+    assert "| `lr` | **0.001** | **0.001** | **0.001** | **0.001** | 0.0001 | their train.py |" in text
+    assert "| `steps` | **10** | **10** | **10** | 500 | 500 | paper |" in text
+    assert "At the authors' value on every budget: `width`." in text
+    assert "none found" not in text  # it has differing values
+
+
+def test_write_keeps_the_notes_below_the_block(tmp_path):
+    path = tmp_path / "d.md"
+    write(path, generate({}))
+    path.write_text(path.read_text() + "a hand-written note\n")
+    assert write(path, generate({})) is False
+    assert "a hand-written note" in path.read_text()
+
+
+def test_an_authors_value_needs_its_source():
+    with pytest.raises(TypeError, match="source"):
+        Option(1.0, authors=2.0)
