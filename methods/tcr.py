@@ -146,6 +146,11 @@ class TCR(Method):
             x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
         return crop_to(self.f(pad_to(x, self.canvas)), h, w)
 
+    @property
+    def criterion(self):
+        """The loss of both terms: mean squared (the paper) or mean absolute error (the authors' script)."""
+        return F.l1_loss if self.options["loss"] == "l1" else F.mse_loss
+
     def transforms(self, n: int, generator: torch.Generator) -> torch.Tensor:
         o = self.options
         shift = 2.0 * o["max_translation"] if self.is_image else o["toy_max_translation"]  # normalised: side = 2
@@ -161,7 +166,7 @@ class TCR(Method):
         px, py = (p.to(run.device) for p in data.pairs)
         source = data.source_train.to(run.device)
         lam = float(o["tcr_weight"])
-        criterion = F.l1_loss if o["loss"] == "l1" else F.mse_loss
+        criterion = self.criterion
         for step in run.loop("fit", int(steps)):
             with run.autocast():
                 supervised = criterion(self.regress(px), py)
