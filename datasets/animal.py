@@ -233,7 +233,8 @@ class AnimalTask(Task):
     name = "animal"
     setting = SEMI_PAIRED
     metrics = (Metric("fid", "FID", higher_is_better=False, digits=2),
-               Metric("acc", "Acc (%)", higher_is_better=True, digits=2))
+               Metric("acc", "Acc (%)", higher_is_better=True, digits=2),
+               Metric("copy", "Copy (%)", higher_is_better=False, digits=1))
     description = ("AFHQ cat/fox/leopard -> lion/tiger/wolf (species list species.csv), 3 guiding pairs chosen "
                    "by the seed; 256 px fast/paper, 64 cpu, 32 smoke")
     paper_values = paper_values("animal")
@@ -325,6 +326,7 @@ class AnimalTask(Task):
                  labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, Any]:
         from bench.metrics.classifier import predict
         from bench.metrics.fid import fid_against
+        from bench.metrics.memorisation import copy_share
 
         n = len(outputs)
         if labels is None:
@@ -347,4 +349,5 @@ class AnimalTask(Task):
                                "val-target", f"afhq:val:lion+tiger+wolf:{len(ref)}", ctx))
         row.update({k: x[k] for k in ("resolution", "prep_version", "train_n_source", "train_n_target", "test_n",
                                       "pairs")})
+        row.update(copy_share(outputs, data.target_train, data.target_test))
         return row

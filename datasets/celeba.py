@@ -217,7 +217,8 @@ class CelebASR(Task):
     setting = UNPAIRED
     metrics = (Metric("fid", "FID", higher_is_better=False, digits=2),
                Metric("ssim", "SSIM", higher_is_better=True, digits=4),
-               Metric("ssim_src", "SSIM vs source", higher_is_better=True, digits=4))
+               Metric("ssim_src", "SSIM vs source", higher_is_better=True, digits=4),
+               Metric("copy", "Copy (%)", higher_is_better=False, digits=1))
     description = ("CelebA unpaired super-resolution (SCONES/OTCS split): train odd rows degraded "
                    "(crop 140, down to hr/2, up to hr) -> train even rows (crop 140, hr); 64 px fast/paper, "
                    "32 cpu, 16 smoke")
@@ -309,6 +310,7 @@ class CelebASR(Task):
     def evaluate(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,
                  labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, Any]:
         from bench.metrics.fid import fid_against
+        from bench.metrics.memorisation import copy_share
         from bench.metrics.ssim import ssim
 
         n = len(outputs)
@@ -317,7 +319,7 @@ class CelebASR(Task):
         x, ref = data.extra, data.target_test
         fid = fid_against(outputs, ref, f"celeba_{x['resolution']}px_p{PREP_VERSION}_{x['test_list_sha256'][:12]}",
                           "test-hr", f"celeba:test-hr:{len(ref)}", ctx)
-        return {**fid,
+        return {**fid, **copy_share(outputs, data.target_train, data.target_test),
                 "ssim": ssim(outputs, truth), "ssim_ref": "ground-truth high-resolution test image",
                 "ssim_src": ssim(outputs, sources.detach().float().cpu()),
                 **{k: x[k] for k in ("resolution", "lr_resolution", "crop", "prep_version", "train_n_source",

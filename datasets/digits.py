@@ -214,7 +214,8 @@ class DigitsTask(Task):
     name = "digits"
     setting = SEMI_PAIRED
     metrics = (Metric("fid", "FID", higher_is_better=False), Metric("acc", "Acc (%)", higher_is_better=True),
-               Metric("cfd", "Cls-FD", higher_is_better=False), Metric("plan_acc", "plan Acc (%)", True))
+               Metric("cfd", "Cls-FD", higher_is_better=False), Metric("plan_acc", "plan Acc (%)", True),
+               Metric("copy", "Copy (%)", higher_is_better=False, digits=1))
     description = ("MNIST -> Chinese-MNIST numerals 0-9 (28x28), 10 guiding pairs chosen by the seed, "
                    "writer-disjoint target split (suites 1-80 / 81-100)")
     # OTCS Table 1, digits column (bench/otcs_table1.csv, the published table)
@@ -318,6 +319,7 @@ class DigitsTask(Task):
                  labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, Any]:
         from bench.metrics.classifier import predict
         from bench.metrics.frechet import feature_stats, frechet_distance
+        from bench.metrics.memorisation import copy_share
         if labels is None:
             raise BenchError("digits evaluation needs the source labels (MNIST test labels)")
         outputs = self.images_to_score(data, outputs)
@@ -334,9 +336,12 @@ class DigitsTask(Task):
                "classifier_test_acc_noisy": record.get("test_acc_noisy"),
                "classifier_origin": record.get("origin", "trained here")}
         row.update(self.fid(outputs, ctx))
+        row.update(copy_share(outputs, data.target_train, data.target_test))
         if hasattr(ctx.method, "coupling_row"):
             row["plan_acc"] = plan_accuracy(ctx.method, sources, labels, data.target_train,
                                             data.target_train_labels, ctx.device)
+        if hasattr(ctx.method, "plan_diagnostics"):  # OTCS: its cost's exact plan, each side's relation accuracy
+            row.update(ctx.method.plan_diagnostics(data))
         return row
 
     def probe(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,

@@ -347,3 +347,19 @@ def test_pinned_judge_is_copied_not_trained_and_verified(tmp_path, monkeypatch):
     torch.save(state, pinned / f"{name}.pt")
     with pytest.raises(BenchError, match="reinstall otbench"):
         load_or_train(tmp_path / "c", "k", train=no_training, test=lambda: (x, y), epochs=1, pinned_dir=pinned)
+
+
+def test_copy_share_tells_retrieval_from_fresh_samples_and_noise():
+    from bench.metrics.memorisation import COPY_FLAG, copy_share, nearest_distance
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(400, 1, 6, 6, generator=g)
+    held_out = torch.randn(400, 1, 6, 6, generator=g)
+    fresh = torch.randn(400, 1, 6, 6, generator=g)
+    # nearest distances agree with a brute-force cdist
+    want = torch.cdist(fresh.flatten(1), train.flatten(1)).min(1).values
+    assert torch.allclose(nearest_distance(fresh, train, chunk=64), want, atol=1e-4)
+    retrieved = train[torch.randint(len(train), (200,), generator=g)] + 1e-3
+    assert copy_share(retrieved, train, held_out)["copy"] == 100.0
+    fresh_share = copy_share(fresh, train, held_out)["copy"]
+    assert 1.0 < fresh_share < 10.0 < COPY_FLAG  # about the 5 % a new draw from the domain scores
+    assert copy_share(3 * torch.randn(200, 1, 6, 6, generator=g), train, held_out)["copy"] == 0.0
