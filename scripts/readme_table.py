@@ -19,6 +19,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.metrics.memorisation import COPY_FLAG  # noqa: E402
 from bench.paper import paper_values  # noqa: E402
 from bench.tables import FRAGILE_JUDGE, _fmt, load_rows  # noqa: E402
 
@@ -91,9 +92,17 @@ def _head_to_head(df: pd.DataFrame, a: str, b: str, paper: dict) -> str:
             f"FID {num(pa, 'fid')} against {num(pb, 'fid')}).")
 
 
-HEADER = ["| method | seeds | Acc (%) | FID (n = 2,000) | plan_acc (%) | paper Acc | paper FID "
+HEADER = ["| method | seeds | Acc (%) | FID (n = 2,000) | copy (%) | plan_acc (%) | paper Acc | paper FID "
           "| run min (per seed) | vs paper: Acc / FID | what the grids show |",
-          "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+
+
+def _copy_cell(values) -> str:
+    """The copy share, marked when its mean is at the flag (bench.metrics.memorisation): the row retrieves."""
+    vals = _numbers(values)
+    if vals.empty:
+        return "-"
+    return _cell(vals, 1) + (" **copies**" if vals.mean() >= COPY_FLAG else "")
 
 
 def _lines(df: pd.DataFrame, paper: dict) -> list[str]:
@@ -108,7 +117,8 @@ def _lines(df: pd.DataFrame, paper: dict) -> list[str]:
         plan = sub["plan_acc"] if "plan_acc" in sub else []
         p = paper.get(method, {})
         lines.append(" | ".join([
-            f"| {label}", seeds, _cell(sub["acc"], 2), _cell(sub["fid"], 1), _cell(list(plan), 1),
+            f"| {label}", seeds, _cell(sub["acc"], 2), _cell(sub["fid"], 1),
+            _copy_cell(sub["copy"] if "copy" in sub else []), _cell(list(plan), 1),
             f"{p['acc']:.2f}" if "acc" in p else "-", f"{p['fid']:.2f}" if "fid" in p else "-",
             " / ".join(f"{m:.1f}" for m in total),
             f"{_versus(sub['acc'], p.get('acc'), True)} / {_versus(sub['fid'], p.get('fid'), False)}",
@@ -135,7 +145,9 @@ def table(rows_dir: Path) -> str:
     else:
         lines = HEADER + _lines(df, paper)
         legend = ("\"vs paper\": *better* / *worse* when every seed is on that side of the published value, "
-                  "*mixed* when the seeds fall on both sides.")
+                  "*mixed* when the seeds fall on both sides. \"copy\": the share of outputs closer to a target "
+                  "training image than 95 % of held-out target images are (a fresh sample of the domain scores ~5 %); "
+                  f"**copies** marks a mean of {COPY_FLAG:.0f} % or more; - where the row predates the measure.")
         lines += ["", " ".join(filter(None, [legend, _head_to_head(df, "otcs", "not", paper)]))]
     if not stale.empty:
         lines += ["", "Not in the means (run before a `cpu` default changed, or scored by another judge than the pinned one; their rows are kept): " + "; ".join(
