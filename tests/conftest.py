@@ -108,11 +108,13 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def script():
-    """Load one of the repository's scripts/<name>.py as a module, to test the functions it runs."""
+    """Load a script of the repository as a module, to test the functions it runs: ``script("readme_table")``
+    is scripts/readme_table.py, ``script("studies/otcs_stage2/otcs_condition_use.py")`` a study's script."""
     import importlib.util
 
     def load(name: str):
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        path = REPO / name if name.endswith(".py") else REPO / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(path.stem, path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod

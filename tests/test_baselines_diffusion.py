@@ -300,9 +300,9 @@ def test_cpu_score_lr_is_the_measured_winner_and_only_on_cpu():
     from bench.registry import get_method
     from bench.scoremodel import CPU_SCORE_LR
 
-    # the unconditional score models' study, and OTCS's own for its conditional stage II (scripts/otcs_lr_study.py)
-    for study in ("score_lr_study_2000", "otcs_lr_study"):
-        rows = list(csv.DictReader(open(Path(__file__).parents[1] / "results/digits" / study / "curve.csv")))
+    # studies/score_lr: the unconditional score models' study, and OTCS's own for its conditional stage II
+    for study in ("unconditional_2000", "otcs_stage2"):
+        rows = list(csv.DictReader(open(Path(__file__).parents[1] / "studies/score_lr" / study / "curve.csv")))
         last = max(int(r["step"]) for r in rows)
         best = min((r for r in rows if int(r["step"]) == last), key=lambda r: float(r["held_out_mse"]))
         assert float(best["lr"]) == CPU_SCORE_LR, study

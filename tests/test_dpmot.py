@@ -143,7 +143,7 @@ class _FakeTask:
 
 def test_generation_experiment_rows(script):
     from bench.methods.dpmot import DPMOT
-    generation_experiment = script("dpmot_generation").generation_experiment
+    generation_experiment = script("studies/dpmot_generation/dpmot_generation.py").generation_experiment
     data = tiny_images()
     m = _fit_dpmot(data, **DPMOT.test_options)
     task = _FakeTask(data.shape)

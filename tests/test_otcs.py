@@ -278,10 +278,10 @@ class _IgnoresCondition(torch.nn.Module):
 
 
 def test_condition_use_tells_a_model_that_follows_its_condition_from_one_that_ignores_it(script):
-    """scripts/otcs_condition_use.py: shuffling the sources costs eps-MSE and moves the samples only for
+    """studies/otcs_stage2/otcs_condition_use.py: shuffling the sources costs eps-MSE and moves the samples only for
     a model that uses them."""
     from types import SimpleNamespace
-    mod = script("otcs_condition_use")
+    mod = script("studies/otcs_stage2/otcs_condition_use.py")
     m, xs, yt, H, exact = _two_row_plan()
     m._H = lambda: H
     m._prob = SimpleNamespace(xs=xs, yt=yt)
