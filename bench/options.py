@@ -8,11 +8,14 @@ directory's hash and the result row record, so a row is enough to re-run it.
 """
 from __future__ import annotations
 
+import difflib
+import math
 from typing import Any, Mapping
 
 from .api import BenchError
 
 _UNSET = object()
+POSITIVE_SUFFIXES = ("lr", "steps", "batch_size", "batch")
 _TYPES = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string",
           list: "a JSON list, e.g. [1,2]", dict: "a JSON object"}
 
@@ -22,7 +25,8 @@ class Option:
 
     def __init__(self, default: Any = _UNSET, *, type: type | None = None, choices: tuple | None = None,
                  nullable: bool | None = None, help: str = "", sampling: bool = False,
-                 authors: Any = _UNSET, source: str = "", **per_budget: Any) -> None:
+                 authors: Any = _UNSET, source: str = "", low: float | None = None, high: float | None = None,
+                 **per_budget: Any) -> None:
         from .budgets import BUDGET_NAMES
         bad = set(per_budget) - set(BUDGET_NAMES)
         if bad:
@@ -31,6 +35,9 @@ class Option:
             raise TypeError(f"Option without a default needs a value for every budget {BUDGET_NAMES}, "
                             f"got {sorted(per_budget)}")
         self.default, self.per_budget, self.choices, self.help = default, dict(per_budget), choices, help
+        # the valid range of a number given on the command line, both ends included; without one, an option
+        # named *lr, *steps, *batch_size or *batch must be > 0 (see ``bounds``)
+        self.low, self.high = low, high
         # sampling=True: the option acts only in ``transport``, never in ``fit``, so runs that differ only in such
         # options share one fit (the runner starts them from a finished sibling's final checkpoint)
         self.sampling = bool(sampling)
@@ -83,7 +90,26 @@ class Option:
                              f"pass e.g. --opt {name}={_example(self)}")
         if self.choices is not None and value not in self.choices:
             raise BenchError(f"{owner} option {name}={value!r} is not one of {', '.join(map(str, self.choices))}")
+        low, high, strict = self.bounds(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (low, high) != (None, None):
+            if not math.isfinite(value):
+                raise BenchError(f"{owner} option {name}={value!r} is not a finite number; pass e.g. "
+                                 f"--opt {name}={_example(self)}")
+            if (low is not None and (value <= low if strict else value < low)) or (high is not None and value > high):
+                want = " and ".join(([f"{'>' if strict else '>='} {low:g}"] if low is not None else [])
+                                    + ([f"<= {high:g}"] if high is not None else []))
+                raise BenchError(f"{owner} option {name}={value!r} must be {want}; "
+                                 f"pass e.g. --opt {name}={_example(self)}")
         return value
+
+    def bounds(self, name: str) -> tuple[float | None, float | None, bool]:
+        """(low, high, low is exclusive): the declared range, else > 0 for learning rates, step counts and batch
+        sizes (named *lr, *steps, *batch_size, *batch), else none.  A number with a range must also be finite."""
+        if self.low is not None or self.high is not None:
+            return self.low, self.high, False
+        if name.endswith(POSITIVE_SUFFIXES):
+            return 0, None, True
+        return None, None, False
 
     def describe(self) -> str:
         if self.per_budget:
@@ -133,9 +159,56 @@ def resolve(owner: str, defaults: Mapping[str, Any], given: Mapping[str, Any], b
     spec = declared(defaults)
     unknown = sorted(set(given) - set(spec))
     if unknown:
-        raise BenchError(f"{owner} has no option(s) {unknown}; known: {sorted(spec) or 'none'}")
+        raise BenchError(f"{owner} has no option(s) {unknown}; {_suggest(unknown[0], spec, owner)}")
     out = {}
     for name, opt in spec.items():
         value = given[name] if name in given else opt.value_for(budget)
         out[name] = opt.validate(owner, name, value) if name in given else value
     return out
+
+
+def suggest(name: str, known) -> str | None:
+    """The known name closest to a mistyped ``name`` ("did you mean"), or None."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _suggest(name: str, spec: Mapping[str, Any], owner: str) -> str:
+    close = suggest(name, spec)
+    hint = f"did you mean {close}? " if close else ""
+    if owner.startswith("method ") and len(spec) > 8:  # "method 'otcs'": the list is long, point at it
+        return hint + f"all of them: `bench list --method {owner.split(' ', 1)[1].strip(chr(39))}`"
+    return hint + f"known: {', '.join(sorted(spec)) or 'none'}"
+
+
+# -- options one kind of task ignores ----------------------------------------------------------------
+def path_only(defaults: Mapping[str, Any]) -> dict[str, tuple[str, list[str]]]:
+    """``{option: (kind, counterparts)}`` for the options only image or only vector tasks read, by the naming
+    convention of the methods: ``toy_X`` is read on vector tasks in place of ``X`` (then ``X`` is image-only),
+    and a ``toy_Y`` with no ``Y`` stands for every ``*_Y`` on vector tasks (NOT's ``toy_lr`` replaces its
+    ``map_lr`` and ``critic_lr``).  ``kind`` is "image" or "vector"; ``counterparts`` the options that play
+    the same part on the other kind."""
+    names = list(defaults)
+    out: dict[str, tuple[str, list[str]]] = {}
+    for toy in (n for n in names if n.startswith("toy_")):
+        base = toy[4:]
+        images = [base] if base in names else [n for n in names if n.endswith("_" + base) and not n.startswith("toy_")
+                                                  and "toy_" + n not in names]
+        out[toy] = ("vector", images)
+        for n in images:
+            out[n] = ("image", [toy])
+    return out
+
+
+def check_path(owner: str, defaults: Mapping[str, Any], given: Mapping[str, Any], budget: str, *,
+               is_image: bool, task: str, prefix: str = "") -> None:
+    """A one-line BenchError for a given option (not at its default) that a task of this kind never reads:
+    a run would record and hash a setting that changed nothing."""
+    spec = declared(defaults)
+    for name, (kind, other) in path_only(spec).items():
+        if name not in given or given[name] == spec[name].value_for(budget) or (kind == "image") == is_image:
+            continue
+        fix = (f"where {' / '.join(other)} plays its part: pass " + " or ".join(f"--opt {prefix}{o}=..." for o in other)
+               + " instead") if other else "which never reads it: drop it"
+        raise BenchError(f"{owner} option {name} applies to {kind} tasks only and {task} is "
+                         f"{'an image' if is_image else 'a vector'} task, {fix}")

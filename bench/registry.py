@@ -66,8 +66,10 @@ class Registry(Generic[T]):
     def get(self, name: str) -> type:
         table = self.all()
         if name not in table:
-            raise BenchError(f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(table)} "
-                             f"(see `bench list`)")
+            from .options import suggest
+            close = suggest(name, table)
+            raise BenchError(f"unknown {self.kind} {name!r}; " + (f"did you mean {close!r}? " if close else "")
+                             + f"known {self.kind}s: {', '.join(table)} (see `bench list`)")
         return table[name]
 
 
