@@ -116,8 +116,13 @@ class KnownMapTask(Task):
         """T*(x) in float64 (never shown to a method)."""
         raise NotImplementedError
 
+    _stats_cache: ClassVar[dict[str, tuple[np.ndarray, np.ndarray, float]]] = {}
+
     def target_stats(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """Mean, covariance and total variance Var(Q) = tr Cov(Q) of the target."""
+        """Mean, covariance and total variance Var(Q) = tr Cov(Q) of the target (estimated once per process
+        from STATS_SAMPLES draws when there is no closed form)."""
+        if self._stats is None:
+            self._stats = self._stats_cache.get(self.name)
         if self._stats is None:
             g = _gen(PROBLEM_SEED, f"{self.name}-stats")
             total, outer, n = 0.0, 0.0, 0
@@ -126,7 +131,7 @@ class KnownMapTask(Task):
                 total, outer, n = total + y.sum(0), outer + y.T @ y, n + len(y)
             mean = total / n
             cov = (outer - n * np.outer(mean, mean)) / (n - 1)
-            self._stats = (mean, cov, float(np.trace(cov)))
+            self._stats = self._stats_cache[self.name] = (mean, cov, float(np.trace(cov)))
         return self._stats
 
     # -- the Task interface -------------------------------------------------------------------
