@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Learning curves from the probe points of run directories (``bench run --probe-every N``).
 
-    python scripts/plot_curves.py runs/digits/otcs/cpu-seed0-* --metrics acc,cfd --out results/digits/curve_otcs.png
+    python scripts/plot_curves.py runs/digits/otcs/cpu-seed0-* --metrics acc,cfd --out curve.png
 
 One panel per metric, one line per run directory (label: method/seed); x = step of the method's
 probe loop.  Points come from log.jsonl records with stage "probe".
