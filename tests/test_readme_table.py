@@ -24,16 +24,17 @@ def _row(tmp: Path, method: str, seed: int, acc: float, fid: float, **extra):
 
 def test_cells_are_mean_and_sample_std_over_seeds(tmp_path, script):
     mod = script("readme_table")
-    _row(tmp_path, "otcs", 0, 10.0, 90.0, plan_acc=20.0)
-    _row(tmp_path, "otcs", 1, 12.0, 110.0, plan_acc=16.0)
-    _row(tmp_path, "not", 0, 8.0, 80.0)
+    _row(tmp_path, "otcs", 0, 10.0, 90.0, plan_acc=20.0, copy=4.0)
+    _row(tmp_path, "otcs", 1, 12.0, 110.0, plan_acc=16.0, copy=6.0)
+    _row(tmp_path, "not", 0, 8.0, 80.0, copy=90.0)
     text = mod.table(tmp_path)
     otcs = next(line for line in text.splitlines() if line.startswith("| OTCS"))
     cells = [c.strip() for c in otcs.strip("|").split("|")]
-    # seeds, Acc, FID, plan_acc, paper Acc, paper FID, minutes per seed
-    assert cells[1:8] == ["0, 1", "11.00 ± 1.41", "100.0 ± 14.1", "18.0 ± 2.8", "67.42", "5.12", "15.0 / 15.0"]
+    # seeds, Acc, FID, copy, plan_acc, paper Acc, paper FID, minutes per seed
+    assert cells[1:9] == ["0, 1", "11.00 ± 1.41", "100.0 ± 14.1", "5.0 ± 1.4", "18.0 ± 2.8", "67.42", "5.12",
+                          "15.0 / 15.0"]
     nrow = next(line for line in text.splitlines() if line.startswith("| NOT"))
-    assert "| 0 | 8.00 | 80.0 | - |" in nrow
+    assert "| 0 | 8.00 | 80.0 | 90.0 **copies** | - |" in nrow  # a retrieving row is marked
     assert "KNOT" not in text                     # a method with no row is left out
 
 
@@ -47,8 +48,8 @@ def test_comparisons_with_the_paper_and_otcs_against_not_are_computed(tmp_path, 
     text = mod.table(tmp_path)
     cells = {line.split("|")[1].strip().split(" ")[0]: [c.strip() for c in line.strip("|").split("|")]
              for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")}
-    assert cells["OTCS"][8] == "mixed / better"
-    assert cells["NOT"][8] == "mixed / mixed"
+    assert cells["OTCS"][9] == "mixed / better"
+    assert cells["NOT"][9] == "mixed / mixed"
     assert "OTCS against NOT on the 2 seeds both have run: higher Acc on 1 of 2, lower FID on 1 of 2" in text
 
 
