@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from bench import ot
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, EvalContext, TaskData
 from bench.datasets.toy import Toy1D, Toy2D
 from bench.methods.otcs import OTCS
@@ -401,3 +402,103 @@ def test_condition_dropout_learns_a_null_and_guidance_changes_the_samples():
         OTCS(guidance=2.0)
     with pytest.raises(BenchError, match="cond_drop"):
         OTCS(cond_drop=1.0)
+
+
+def test_each_stage_one_role_sees_its_own_feature_map():
+    """features (the potentials), relation_features (the relation graph) and cost_features (the plain cost) may
+    name different maps (bench/features.py); `same` follows `features`, and the defaults are the authors' pixels."""
+    from bench import features as fmaps
+    from bench.testing import fit_in_memory, tiny_images
+    data = tiny_images(SEMI_PAIRED, n=64)
+    opts = {**OTCS.test_options, "relations": "spread", "spread_k": 5, "relation_features": "glyph-hog",
+            "alpha": 0.5, "cost_features": "hog"}
+    m = fit_in_memory(OTCS, data, **opts)
+    assert m.u_net.net[0].in_features == 16  # pool of 8 x 8 (features=auto)
+    assert m.spread_fx.shape[1] == fmaps.HOG_DIM and m.spread_fy.shape[1] == fmaps.HOG_DIM
+    x, y = data.source_test[:3], data.target_test[:4]
+    assert torch.allclose(m.features(x, "relation"), fmaps.compute("glyph-hog", x))
+    assert torch.allclose(m.features(x, "cost"), fmaps.compute("hog", x))
+    want = 0.5 * ot.cost_matrix(fmaps.compute("hog", x), fmaps.compute("hog", y)) + 0.5 * ot.js_matrix(
+        m._relations(fmaps.compute("glyph-hog", x), "x"), m._relations(fmaps.compute("glyph-hog", y), "y"))
+    assert torch.allclose(m.xi_raw(x, y), want, atol=1e-6)
+    d = OTCS(budget="cpu").options
+    assert (d["features"], d["relation_features"], d["cost_features"], d["relations"]) == ("auto", "same", "same",
+                                                                                           "distance")
+    with pytest.raises(BenchError, match="relation_features"):
+        OTCS(relation_features="sift")
+
+
+def test_potentials_may_read_the_relation_vectors():
+    """potential_input=relations: u and v read the K relation vectors, of which a pure-guidance cost is a function."""
+    from bench.testing import fit_in_memory, tiny_images, tiny_vectors
+    data = tiny_images(SEMI_PAIRED, n=64)
+    m = fit_in_memory(OTCS, data, **{**OTCS.test_options, "relations": "spread", "spread_k": 5,
+                                     "potential_input": "relations"})
+    assert m.u_net.net[0].in_features == 2 and m.v_net.net[0].in_features == 2  # two guiding pairs
+    assert torch.equal(m._prob.fx, m._relations(m.spread_fx, "x"))
+    rows = m.coupling_row(data.source_test[:4], data.target_test[:9])
+    assert rows.shape == (4, 9) and torch.allclose(rows.sum(1), torch.ones(4))
+    with pytest.raises(BenchError, match="potential_input"):
+        OTCS(potential_input="relations").check_setting(tiny_vectors(UNPAIRED))
+
+
+def test_plan_retrieval_draws_target_training_images_from_the_stage_one_plan():
+    """stage2=retrieve (the plan-retrieval reference): no score model; a source becomes a target training image
+    drawn from pi_hat(.|x) of the learned potentials, reproducibly, also after a state round trip."""
+    from bench.testing import fit_in_memory, tiny_images
+    data = tiny_images(SEMI_PAIRED, n=64)
+    opts = {**OTCS.test_options, "relations": "spread", "spread_k": 5, "stage2": "retrieve"}
+    m = fit_in_memory(OTCS, data, **opts)
+    assert not hasattr(m, "score") and m.nfe == 0 and m.bound_terms() is None
+    x = data.source_test
+    y = m.transport(x, generator=torch.Generator().manual_seed(0))
+    flat = data.target_train.flatten(1)
+
+    def which(out):  # the training target each output equals (-1: none)
+        eq = (out.flatten(1)[:, None, :] == flat[None]).all(-1)
+        return torch.where(eq.any(1), eq.float().argmax(1), torch.full((len(out),), -1))
+
+    assert y.shape == (len(x), *data.shape) and bool((which(y) >= 0).all())  # every output is a training target
+    # the draws follow the plan's rows: many draws of one source land in proportion to pi_hat(.|x)
+    w = m.coupling_row(x[:1], data.target_train)[0]
+    draws = m.transport(x[:1].expand(4000, *x.shape[1:]), generator=torch.Generator().manual_seed(1))
+    j = which(draws)
+    top = int(w.argmax())
+    assert abs(float((j == top).float().mean()) - float(w[top])) < 0.03
+    m2 = OTCS(**opts)
+    m2.setup(data, Run(None, device="cpu", seed=0, budget="smoke", progress=False))
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2.transport(x, generator=torch.Generator().manual_seed(0)), y)
+    assert OTCS(budget="cpu").options["stage2"] == "diffusion"
+
+
+def test_plan_diagnostics_score_the_exact_plan_and_each_sides_relations():
+    from bench.testing import fit_in_memory, tiny_images
+    data = tiny_images(SEMI_PAIRED, n=64)
+    data.extra = {"pair_indices": {"source": [int(torch.nonzero(data.source_train_labels == c)[0, 0]) for c in (0, 1)],
+                                   "target": [int(torch.nonzero(data.target_train_labels == c)[0, 0]) for c in (0, 1)]}}
+    m = fit_in_memory(OTCS, data, **{**OTCS.test_options, "relations": "spread", "spread_k": 5})
+    d = m.plan_diagnostics(data, n=40)
+    assert d["plan_exact_n"] == [40, 40]
+    for k in ("plan_acc_exact", "rel_acc_src", "rel_acc_tgt"):
+        assert 0.0 <= d[k] <= 100.0, k
+    assert d["rel_acc_src"] == 100.0 and d["rel_acc_tgt"] == 100.0  # the two blob classes (test above)
+    assert d["plan_acc_exact"] == pytest.approx(100.0)
+    nolabels = TaskData(name="x", setting=SEMI_PAIRED, source_train=data.source_train, target_train=data.target_train,
+                        source_test=data.source_test, target_test=data.target_test, pairs=data.pairs)
+    assert m.plan_diagnostics(nolabels) == {}
+
+
+def test_the_glyph_variant_is_registered_with_its_own_defaults():
+    from bench.methods.otcs import GLYPH_VARIANT, OTCSGlyph
+    from bench.testing import fit_in_memory, tiny_images
+    assert methods()["otcs-glyph"] is OTCSGlyph and OTCSGlyph.name == "otcs-glyph"
+    for budget in ("smoke", "cpu", "fast", "paper"):
+        o, base = OTCSGlyph(budget=budget).options, OTCS(budget=budget).options
+        assert {k: o[k] for k in GLYPH_VARIANT} == GLYPH_VARIANT, budget
+        assert {k: v for k, v in o.items() if k not in GLYPH_VARIANT} == \
+            {k: v for k, v in base.items() if k not in GLYPH_VARIANT}, budget
+    assert OTCS(budget="cpu").options["relations"] == "distance"  # otcs stays the authors' model
+    m = fit_in_memory(OTCSGlyph, tiny_images(SEMI_PAIRED, n=64), **{**OTCS.test_options, "spread_k": 5})
+    y = m.transport(tiny_images(SEMI_PAIRED).source_test[:3], generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(y).all()
