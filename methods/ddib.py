@@ -50,9 +50,8 @@ class DDIB(Method):
     default_options: dict[str, Any] = {
         **network_options(),
         **diffusion_options(),
-        # cpu, measured on this 2-core machine (1 thread): a step of the base-16 UNet at 28x28, batch 64, takes
-        # 0.30 s at load 2.8 and 0.50 s at load 7; 2 x 25 DDIM steps over 500 sources 127 s at load 7, the
-        # cycle errors 53 s. 2 x 2000 steps + transporting 2000 sources: ~28 min quiet, ~43 min loaded.
+        # cpu: sized so that the whole run (fit + transport + evaluation) stays within the 45-minute cap on a 2-core
+        # CPU; each row records its measured minutes per stage (`timings`), studies/cpu_perf has the step costs
         # paper: the authors train with guided-diffusion's loop (lr 1e-4, EMA 0.9999) and publish no
         # iteration count; 300k per model is this project's choice
         **training_options("score", steps=Option(smoke=60, cpu=2000, fast=10_000, paper=300_000),

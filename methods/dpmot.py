@@ -70,7 +70,7 @@ class DPMOT(Method):
              "potential, Adam dual ascent) from diffused SOURCE images at level t_M onto the target "
              "training set diffused to t_M; transport = diffuse to t_M, OT-map to a target latent, M "
              "reverse steps (NFE = M). Guiding pairs are accepted but unused. "
-             "scripts/dpmot_generation.py runs the paper's own few-step generation claim.")
+             "studies/dpmot_generation/ runs the paper's own few-step generation claim.")
     default_options: dict[str, Any] = {
         # score model (target domain, unconditional)
         "score_steps": Option(smoke=100, cpu=4000, fast=8000, paper=300_000),

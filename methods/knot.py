@@ -77,8 +77,10 @@ class KNOT(NOT):
                               choices=("constant", "multistep", "cosine")),
         "lr_milestones": Option([0.15, 0.25, 0.40, 0.55, 0.70], type=list),
         "lr_decay": 0.5,
-        # cpu: batch 16 x n_z 4 = the 64 UNet evaluations per map step of NOT's batch 64; 3.1 s per outer
-        # step alone on 2 cores. 200 steps (14.9 min in all) returned the inputs; 600: 33.4 min in all (measured)
+        # cpu: batch 16 x n_z 4 = the 64 UNet evaluations per map step of NOT's batch 64; 200 steps returned the
+        # inputs, so 600
+        # cpu: sized so that the whole run (fit + transport + evaluation) stays within the 45-minute cap on a 2-core
+        # CPU; each row records its measured minutes per stage (`timings`), studies/cpu_perf has the step costs
         "steps": Option(smoke=3, cpu=600, fast=4000, paper=100_000, help="outer steps",
                 authors=100000, source='iamalexkorotin/KernelNeuralOptimalTransport notebooks (kernel NOT training) (MAX_STEPS 100k)'),
         "batch_size": Option(smoke=4, cpu=16, fast=64, paper=64,

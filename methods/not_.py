@@ -72,10 +72,10 @@ class NOT(Method):
         "cost_scale": Option(1.0, help="multiplies the cost; 1 = the authors' mse without the 1/2"),
         **SADDLE_OPTIONS,
         # images (toy_* on vector tasks); smoke: about a minute on a 2-core CPU for 28x28 digits
-        # cpu: one outer step = K_T = 10 map steps + 1 critic step of the base-16 UNet / ResNet at 32x32, batch 64:
-        # 3.4 s per outer step when the machine is quiet (measured 2026-11-25, steps 0-20 of the digits cpu run).
-        # 200 steps (the first choice) left the map a dimmed copy of its input (Acc 7.9 %, FID 81.0; the critic
-        # had seen 200 updates and Cls-FD was still falling); 600 steps ~34 min quiet + ~5 min evaluation
+        # cpu: one outer step = K_T = 10 map steps + 1 critic step; 200 steps left the map a dimmed copy of its
+        # input with the critic still improving, so 600
+        # cpu: sized so that the whole run (fit + transport + evaluation) stays within the 45-minute cap on a 2-core
+        # CPU; each row records its measured minutes per stage (`timings`), studies/cpu_perf has the step costs
         "steps": Option(smoke=24, cpu=600, fast=4000, paper=100_000, help="outer steps (authors: 100k)",
                 authors=100000, source='iamalexkorotin/NeuralOptimalTransport notebooks/NOT_training_strong.ipynb, NOT_training_weak.ipynb (MAX_STEPS 100k)'),
         "batch_size": Option(smoke=16, cpu=64, fast=64, paper=64),

@@ -47,9 +47,9 @@ class OTICNN(Method):
              "[-1, 1] on images")
     default_options: dict[str, Any] = {
         **SADDLE_OPTIONS,
-        # one outer step = inner_steps updates of g + 1 update of f; measured on this busy 2-core machine (one
-        # thread, digits 784-d, batch 60): 0.55 s per outer step at width 512 (1.49 s at the authors' 1024), so
-        # cpu = 3000 steps ~ 28 min of training; smoke: 0.09 s per step at width 128, batch 32
+        # one outer step = inner_steps updates of g + 1 update of f; width 512 on cpu (the authors' 1024 costs ~3x)
+        # cpu: sized so that the whole run (fit + transport + evaluation) stays within the 45-minute cap on a 2-core
+        # CPU; each row records its measured minutes per stage (`timings`), studies/cpu_perf has the step costs
         "steps": Option(smoke=100, cpu=3000, fast=10_000, paper=40_000,
                         help="updates of f (authors, 784-d: 40 epochs of 1000 batches)",
                 authors=40000, source='AmirTag/OT-ICNN High_dim_experiments/Gaussian_to_Gaussian.py (40 epochs of 1,000 batches)'),

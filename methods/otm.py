@@ -88,8 +88,9 @@ class OTM(NOT):
         "critic_first": Option(True, help="the potential is updated first (authors)"),
         "betas": Option([0.0, 0.9], help="Adam betas (authors: 0, 0.9)"),
         "weight_decay": 0.0,
-        # one outer step = 1 potential + K_G = 5 map updates of the base-16 UNet / ResNet at 32x32, batch 64:
-        # 2.9 s measured on this busy 2-core machine (one thread), so cpu = 550 steps ~ 27 min; smoke 0.5 s
+        # one outer step = 1 potential + K_G = 5 map updates
+        # cpu: sized so that the whole run (fit + transport + evaluation) stays within the 45-minute cap on a 2-core
+        # CPU; each row records its measured minutes per stage (`timings`), studies/cpu_perf has the step costs
         "steps": Option(smoke=24, cpu=550, fast=8000, paper=95_000,
                         help="potential updates (authors' MNIST script: 101 epochs of 937 batches)"),
         # vectors: the inner-product cost converges more slowly than NOT's on toy1d (300 steps: T(-4) = 3.1)

@@ -80,9 +80,8 @@ class SCONES(Method):
     default_options: dict[str, Any] = {
         **network_options(),
         **diffusion_options(),
-        # cpu, measured on this 2-core machine (1 thread, load 7): 0.49 s per step of the base-16 UNet at 28x28,
-        # batch 64 (0.30 s at load 2.8), 0.044 s per potential step, 10 x 5 Langevin steps over 500 sources 77 s.
-        # 3500 + 5000 steps and 2000 sources: ~25 min quiet, ~37 min loaded.
+        # cpu: sized so that the whole run (fit + transport + evaluation) stays within the 45-minute cap on a 2-core
+        # CPU; each row records its measured minutes per stage (`timings`), studies/cpu_perf has the step costs
         # paper: the authors use a pretrained NCSN; 300k here is this project's choice
         **training_options("score", steps=Option(smoke=60, cpu=3500, fast=10_000, paper=300_000),
                             lr=score_lr()),

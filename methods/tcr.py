@@ -84,12 +84,17 @@ class TCR(Method):
         "max_rotation": Option(10.0, help="degrees (authors' default 10)"),
         "max_translation": Option(0.1, help="fraction of the image side (authors: 6 px)"),
         "max_zoom": Option(0.03, help="zoom in 1 +- this (authors' demo: 0.97..1.03)"),
+        "regressor": Option("unet", choices=("unet", "mlp"),
+                            help="images: f as the shared UNet (local, like the authors' convolutional net) or an "
+                                 "MLP on the flattened image (global: every output pixel sees the whole input)"),
+        "image_mlp_hidden": Option(1024, help="images, regressor=mlp: width"),
+        "image_mlp_depth": Option(2, help="images, regressor=mlp: hidden layers"),
         "flip_prob": Option(0.0, help="probability of a horizontal flip (authors' loss: none)"),
         "toy_max_translation": Option(0.0, help="vectors: translation in data units"),
-        # one step = the K pairs + batch_size unpaired sources through f twice: 0.35 s measured for the
-        # base-16 UNet at 28x28, batch 64, alone on the 2-core machine (probes included); the probe's Cls-FD was
-        # still falling at 2,400, so cpu = 4,000 steps: 23.2-23.5 min fit, 27.5-27.8 min with transport and
-        # evaluation (three seeds, results/digits/PROTOCOL.md); smoke 0.11 s per step
+        # one step = the K pairs + batch_size unpaired sources through f twice; the probes' Cls-FD was still falling
+        # at 2,400 steps, so 4,000
+        # cpu: sized so that the whole run (fit + transport + evaluation) stays within the 45-minute cap on a 2-core
+        # CPU; each row records its measured minutes per stage (`timings`), studies/cpu_perf has the step costs
         "steps": Option(smoke=100, cpu=4000, fast=20_000, paper=20_000,
                         help="updates (the paper publishes no count for digits)"),
         "batch_size": Option(smoke=16, cpu=64, fast=64, paper=64),
@@ -102,7 +107,7 @@ class TCR(Method):
         "unet_attention": Option(smoke=[], cpu=[], fast=[14], paper=[14]),
         "log_every": 100,
     }
-    options_before = {"loss": "mse"}
+    options_before = {"loss": "mse", "regressor": "unet", "image_mlp_hidden": 1024, "image_mlp_depth": 2}
     compared_against = ("aamir-mustafa/Transformation-CR @e6552b4 (compute_tcr_loss.py, pytorch_tcr.py, "
                         "train_tcr.py); ECCV 2020 paper")
     deviations = (
@@ -131,6 +136,12 @@ class TCR(Method):
         if not data.is_image:
             self.f = MLP(data.source_shape[0], data.shape[0], hidden=o["mlp_hidden"], depth=o["mlp_depth"])
             return
+        if o["regressor"] == "mlp":
+            self.flat = True
+            self.f = MLP(math.prod(data.shape), math.prod(data.shape), hidden=o["image_mlp_hidden"],
+                         depth=o["image_mlp_depth"])
+            return
+        self.flat = False
         # a UNet from the source's channels to the target's, on the smallest canvas its levels divide
         self.canvas = canvas_side(*data.shape[-2:], multiple=2 ** (len(o["unet_mults"]) - 1))
         self.f = UNet(data.source_shape[0], data.shape[0], base=o["unet_base"], mults=tuple(o["unet_mults"]),
@@ -144,6 +155,10 @@ class TCR(Method):
         h, w = self.shape[-2:]
         if x.shape[-2:] != (h, w):
             x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
+        if self.flat:
+            if x.shape[1] != self.shape[0]:
+                x = x.mean(1, keepdim=True).expand(-1, self.shape[0], -1, -1)
+            return self.f(x.flatten(1)).view(-1, *self.shape)
         return crop_to(self.f(pad_to(x, self.canvas)), h, w)
 
     @property

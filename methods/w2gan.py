@@ -124,9 +124,9 @@ class W2GAN(Method):
                                                       "lambda_eq = lambda_ineq = 200; eq_phi 0 at 33f399d)"),
         "lambda_eps": Option(10.0, help="penalty on v(G(x))_+^2; 0 = off (authors: 10)"),
         **SADDLE_OPTIONS,
-        # one outer step = critic_steps dual updates + 1 generator update (the authors' train_iters);
-        # cpu: 1.55 s per outer step measured (UNet base 16, MLP potentials 512 x 2, batch 64, 32x32 canvas,
-        # one thread on this busy 2-core machine), so 1100 steps ~ 28 min of training; smoke: 0.36 s per step
+        # one outer step = critic_steps dual updates + 1 generator update (the authors' train_iters)
+        # cpu: sized so that the whole run (fit + transport + evaluation) stays within the 45-minute cap on a 2-core
+        # CPU; each row records its measured minutes per stage (`timings`), studies/cpu_perf has the step costs
         "steps": Option(smoke=30, cpu=1100, fast=20_000, paper=100_000, help="generator updates",
                         authors=100_000, source="jshe/wasserstein-2 exp_da/options.py (train_iters 100000)"),
         "inner_steps": Option(1, help="generator updates per outer step"),
