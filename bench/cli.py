@@ -63,9 +63,27 @@ def _split(value: str) -> list[str]:
 
 def _seeds(value: str) -> list[int]:
     try:
-        return [int(s) for s in _split(value)]
+        seeds = [int(s) for s in _split(value)]
     except ValueError:
-        raise BenchError(f"--seeds {value!r} must be comma-separated integers, e.g. 0,1,2") from None
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise BenchError(f"--seeds {value!r} must be comma-separated integers >= 0, e.g. 0,1,2")
+    return seeds
+
+
+def _check_task_kind(specs: list, data_root) -> None:
+    """Refuse, before any run starts, a given option that the task's kind (images or vectors) never reads; the
+    task's data is loaded once for it, and only when such an option is given."""
+    from .options import path_only
+    from .registry import get_method
+    from .runner import check_options_apply
+
+    todo = [s for s in specs if set(s.options) & set(path_only(get_method(s.method).default_options))]
+    if todo:
+        _, task = todo[0].build()
+        data = task.load(data_root, todo[0].seed, budget=todo[0].budget)
+        for spec in todo:
+            check_options_apply(spec, spec.build()[0], data.is_image)
 
 
 def _grid(methods: str, task: str, seeds: str, budget: str, opts, task_opts) -> list:
@@ -138,15 +156,16 @@ def run(methods, task, seeds, budget, out, data_root, device, bf16, compile_, op
     Exit code 0 when every run is finished (or left to the process that holds it), 1 when a run
     failed or crashed, 2 for bad input.
     """
-    from .executors import Settings, run_grid, summary
-    from .runner import check_writable
+    from .executors import Settings, check_executor, run_grid, summary
+    from .runner import check_run_settings, check_writable
 
     specs = _grid(methods, task, seeds, budget, opts, task_opts)
-    if jobs < 1:
-        raise BenchError(f"--jobs {jobs}: pass a number of worker processes >= 1")
-    if executor != "local" and jobs != 1:
-        raise BenchError(f"--jobs applies to --executor local; {executor} runs one task per run")
+    check_run_settings(device=device, batch_size=batch_size, checkpoint_every=checkpoint_every,
+                       probe_every=probe_every, probe_n=probe_n)
+    check_executor(executor, jobs=jobs, slurm_local=slurm_local, slurm_time=slurm_time, slurm_cpus=slurm_cpus,
+                   slurm_gpus=slurm_gpus, ray_cpus=ray_cpus, ray_gpus=ray_gpus)
     check_writable(out)
+    _check_task_kind(specs[: len(_split(methods))], _data_root(data_root))
     settings = Settings(out=Path(out), data_root=_data_root(data_root), cache_dir=_cache_dir(), device=device,
                         bf16=bf16, compile=compile_, force=force, retry_failed=retry_failed,
                         wait_locked=wait_locked, progress=progress and jobs == 1, batch_size=batch_size,
@@ -198,8 +217,8 @@ def status(task, methods, seeds, budget, opts, task_opts, out):
 @cli.command()
 @click.option("--task", "-t", required=True)
 @click.option("--out", default="runs", show_default=True, type=click.Path(path_type=Path))
-@click.option("--format", "fmt", default="markdown", show_default=True,
-              type=click.Choice(["markdown", "latex", "csv"]))
+@click.option("--format", "fmt", default=None, type=click.Choice(["text", "markdown", "latex", "csv"]),
+              help="default: text on a terminal (best bold, second underlined), markdown when piped or saved")
 @click.option("--budget", default=None, help="only rows of this budget")
 @click.option("--save", default=None, type=click.Path(path_type=Path), help="also write the table to this file")
 @click.option("--paper-rows/--no-paper-rows", default=True, help="list paper-only methods too")

@@ -128,8 +128,8 @@ def _print(msg: str) -> None:
 
 def settled(spec, settings: Settings) -> Outcome | None:
     """A run that needs no worker (finished, or failed and not retried), checked before submitting."""
-    from .runner import FAILED_FILE, ROW_FILE, read_failure, run_directory
     from . import store
+    from .runner import FAILED_FILE, ROW_FILE, read_failure, read_row, run_directory
 
     if settings.force:
         return None
@@ -137,10 +137,10 @@ def settled(spec, settings: Settings) -> Outcome | None:
     rundir = run_directory(settings.out, spec.task, spec.method, spec.budget, spec.seed, method.options,
                            task.options)
     try:
-        if (rundir / ROW_FILE).exists() and isinstance(store.read_json(rundir / ROW_FILE), dict):
+        if read_row(rundir) is not None:
             return Outcome(spec, "finished", f"skip {spec.label()}: finished, {rundir / ROW_FILE}", str(rundir))
-    except BenchError:
-        return None  # damaged row: a worker re-scores it
+    except store.CorruptFile:
+        return None  # damaged row: a worker moves it aside and re-scores the run
     failure = read_failure(rundir)
     if failure is not None and not settings.retry_failed:
         from .runner import earlier_failure
@@ -328,6 +328,36 @@ def run_slurm(specs: list, settings: Settings, *, partition: str | None = None, 
         log(outcome.message)
         outcomes.append(outcome)
     return outcomes
+
+
+def check_executor(executor: str, *, jobs: int = 1, slurm_local: bool = False, slurm_time: str = "60",
+                   slurm_cpus: int = 1, slurm_gpus: int | None = None, ray_cpus: float = 1,
+                   ray_gpus: float | None = None) -> None:
+    """One-line BenchErrors, before any run starts, for an executor this machine cannot use or a bad setting."""
+    import math
+    import shutil
+
+    if executor not in EXECUTORS:
+        raise BenchError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if jobs < 1:
+        raise BenchError(f"--jobs {jobs}: pass a number of worker processes >= 1")
+    if executor != "local" and jobs != 1:
+        raise BenchError(f"--jobs applies to --executor local; {executor} runs one task per run")
+    if executor == "ray":
+        _require("ray", "ray", "--executor ray")
+        if not (math.isfinite(ray_cpus) and ray_cpus > 0):
+            raise BenchError(f"--ray-cpus {ray_cpus}: pass a number of CPUs per run > 0")
+        if ray_gpus is not None and not (math.isfinite(ray_gpus) and ray_gpus >= 0):
+            raise BenchError(f"--ray-gpus {ray_gpus}: pass a number of GPUs per run >= 0")
+    if executor == "slurm":
+        _require("submitit", "slurm", "--executor slurm")
+        parse_minutes(slurm_time)
+        if slurm_cpus < 1 or (slurm_gpus is not None and slurm_gpus < 0):
+            raise BenchError(f"--slurm-cpus {slurm_cpus} / --slurm-gpus {slurm_gpus}: pass cpus >= 1 and gpus >= 0")
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if missing and not slurm_local:
+            raise BenchError(f"--executor slurm: no SLURM on this machine ({' and '.join(missing)} not found on "
+                             f"PATH); add --slurm-local to run the jobs here, or use --executor local")
 
 
 def run_grid(specs: Iterable, settings: Settings, *, executor: str = "local", jobs: int = 1,

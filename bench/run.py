@@ -44,16 +44,24 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The torch device for ``--device``: auto, cpu, cuda, cuda:N or mps; a one-line BenchError for a name torch
+    cannot parse or a device this machine does not have."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(name)
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise BenchError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from .api import BenchError
-        raise BenchError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        raise BenchError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BenchError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not mps:
+        raise BenchError(f"--device {name} was asked for but MPS is not available; use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise BenchError(f"--device {name}: otbench runs on cpu, cuda or mps; use --device auto")
     return dev
 
 
@@ -83,6 +91,7 @@ class Run:
         self.progress: dict[str, int] = {}  # loop name -> steps completed
         self.timings: dict[str, float] = {}  # loop/stage name -> seconds
         self.method = None  # set by the runner so loops can checkpoint it
+        self.config: dict | None = None  # the run's config.json, recorded in every checkpoint (set by the runner)
         self.fit_elapsed_before = 0.0  # fit seconds spent in earlier (interrupted) sessions
         self._fit_t0: float | None = None
         self._last_ckpt = time.monotonic()
@@ -179,16 +188,25 @@ class Run:
             return
         state = {"method": self.method.state_dict(), "progress": dict(self.progress),
                  "timings": dict(self.timings), "fit_seconds": self.fit_seconds(),
-                 "streams": {**self._saved_streams, **{k: g.get_state() for k, g in self._streams.items()}}}
+                 "streams": {**self._saved_streams, **{k: g.get_state() for k, g in self._streams.items()}},
+                 **({"config": self.config} if self.config is not None else {})}
         store.torch_save(self.dir / "checkpoint.pt", state)
         self._last_ckpt = time.monotonic()
 
     def restore(self) -> bool:
-        """Load the last checkpoint into ``self.method``; True when there was one."""
-        if self.dir is None or not (self.dir / "checkpoint.pt").exists():
+        """Load the last checkpoint into ``self.method``; True when there was one.  A checkpoint that is damaged
+        or does not fit the method's networks raises :class:`bench.store.CorruptFile` (the method may then be
+        half loaded: set it up again)."""
+        path = None if self.dir is None else self.dir / "checkpoint.pt"
+        if path is None or not path.exists():
             return False
-        state = store.torch_load(self.dir / "checkpoint.pt")
-        self.method.load_state_dict(state["method"])
+        from .schema import check_checkpoint
+        state = check_checkpoint(path, store.torch_load(path))
+        try:
+            self.method.load_state_dict(state["method"])
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            raise store.CorruptFile(path, f"it does not fit the method's networks: "
+                                          f"{' '.join(str(exc).split())[:200]}") from None
         self.method.to(self.device)
         self.progress = dict(state["progress"])
         self.timings = dict(state.get("timings", {}))

@@ -24,12 +24,10 @@ one run.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import platform
-import re
 import socket
 import subprocess
 import time
@@ -41,14 +39,15 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, store
+from . import __version__, schema, store
 from .api import BenchError, EvalContext, Metric, Method, Task, TaskData
 from .budgets import Budget
 from .locks import RunLock
-from .options import sampling_names
+from .options import check_path, sampling_names
 from .plots import save_grid
 from .registry import _plain, get_method, get_task, options_variant
 from .run import Run, RunFailed, pick_device, seed_everything
+from .schema import options_digest
 
 ROW_FILE = "row.json"
 FAILED_FILE = "failed.json"
@@ -58,12 +57,6 @@ CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 
 Log = Callable[[str], Any]
-
-
-def options_digest(method_options: dict[str, Any], task_options: dict[str, Any]) -> str:
-    """8 hex digits of the resolved options: equal digests = the same computation."""
-    blob = json.dumps({"method": method_options, "task": task_options}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
 def run_directory(out: Path, task: str, method: str, budget: str, seed: int,
@@ -86,6 +79,8 @@ class RunSpec:
     def build(self) -> tuple[Method, Task]:
         """The method (options resolved for the budget) and the task; BenchError on bad options."""
         Budget(self.budget)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise BenchError(f"seed {self.seed!r} must be an integer >= 0, e.g. --seeds 0,1,2")
         task = get_task(self.task)(**self.task_options)
         method = get_method(self.method)(budget=self.budget, **self.options)
         return method, task
@@ -218,22 +213,40 @@ class Prepared:
 
 def prepare(spec: RunSpec, rundir: Path, method: Method, task: Task, *, data_root: Path, device: str = "auto",
             bf16: bool = False, compile: bool = False, progress: bool = True,
-            checkpoint_every: float = 120.0) -> Prepared:
-    """Load the data, check the setting, set the method up on its device (no training)."""
+            checkpoint_every: float = 120.0, check_options: bool = False) -> Prepared:
+    """Load the data, check the setting (and, with ``check_options``, that no given option is one this kind of
+    task never reads), set the method up on its device (no training)."""
     dev = pick_device(device)
     seed_everything(spec.seed)
     data = task.load(data_root, spec.seed, budget=spec.budget)
     method.check_setting(data)
+    if check_options:
+        check_options_apply(spec, method, data.is_image)
     run = Run(rundir, device=dev, seed=spec.seed, budget=Budget(spec.budget), bf16=bf16, compile=compile,
               checkpoint_every=checkpoint_every, progress=progress)
-    run.method = method
-    seed_everything(spec.seed)
-    method.setup(data, run)
-    method.to(dev)
     n_eval = task.eval_sizes.get(spec.budget)
     sources = data.source_test if n_eval is None else data.source_test[:n_eval]
     labels = None if data.source_test_labels is None else data.source_test_labels[: len(sources)]
-    return Prepared(spec, Path(rundir), task, method, data, run, dev, sources, labels, bool(bf16), bool(compile))
+    p = Prepared(spec, Path(rundir), task, method, data, run, dev, sources, labels, bool(bf16), bool(compile))
+    set_up(p, method)
+    return p
+
+
+def check_options_apply(spec: RunSpec, method: Method, is_image: bool) -> None:
+    """A one-line BenchError for a given option that this kind of task (images or vectors) never reads
+    (:func:`bench.options.check_path`): the run would record and hash a setting that changed nothing."""
+    check_path(f"method {spec.method!r}", type(method).default_options,
+               {k: method.options[k] for k in method.given_options}, spec.budget, is_image=is_image,
+               task=spec.task, prefix=f"{spec.method}.")
+
+
+def set_up(p: Prepared, method: Method) -> None:
+    """Seed, then build ``method``'s networks for the data on the run's device (again after a checkpoint that
+    did not fit: a half-loaded method must not be trained on)."""
+    p.method = p.run.method = method
+    seed_everything(p.spec.seed)
+    method.setup(p.data, p.run)
+    method.to(p.device)
 
 
 def probe_indices(count: int, n: int, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
@@ -282,22 +295,21 @@ def restore(p: Prepared, warn: Log) -> str:
     try:
         return "restored" if p.run.restore() else "none"
     except store.CorruptFile as exc:
-        quarantine(path, exc.reason, warn, "training again from scratch")
+        quarantine(exc, warn, "training again from scratch")
+        set_up(p, type(p.method)(budget=p.spec.budget, **p.method.given_options))
         return "corrupt"
 
 
-def load_samples(rundir: Path, warn: Log, action: str = "transporting again from the checkpoint") -> dict | None:
-    """The stored samples, or None when missing or unreadable (then moved aside with a warning)."""
-    path = Path(rundir) / SAMPLES_FILE
+def load_samples(p: Prepared, warn: Log, action: str = "transporting again from the checkpoint") -> dict | None:
+    """The stored samples, or None when missing or unusable (then moved aside with a warning): unreadable, or
+    not 1 to len(p.sources) samples of the task's target shape."""
+    path = p.rundir / SAMPLES_FILE
     if not path.exists():
         return None
     try:
-        saved = store.torch_load(path)
-        if not isinstance(saved, dict) or not isinstance(saved.get("outputs"), torch.Tensor):
-            raise store.CorruptFile(path, "it holds no 'outputs' tensor")
-        return saved
+        return schema.check_samples(path, store.torch_load(path), len(p.sources), tuple(p.data.shape))
     except store.CorruptFile as exc:
-        quarantine(path, exc.reason, warn, action)
+        quarantine(exc, warn, action)
         return None
 
 
@@ -395,28 +407,46 @@ def event(rundir: Path, name: str, **fields: Any) -> None:
                                                  "host": socket.gethostname(), **fields})
 
 
-def quarantine(path: Path, reason: str, warn: Log, action: str) -> None:
+def quarantine(exc: store.CorruptFile, warn: Log, action: str) -> None:
+    path = exc.path
     target = path.with_name(path.name + ".corrupt")
     try:
         os.replace(path, target)
     except FileNotFoundError:
         return
-    warn(f"warning: {path} is unreadable ({reason}); moved to {target.name}, {action}")
-    event(path.parent, "recovered", file=path.name, reason=reason, action=action)
+    warn(f"warning: {exc}; moved to {target.name}, {action}")
+    event(path.parent, "recovered", file=path.name, reason=exc.reason, action=action)
+
+
+def task_metric_keys(task: str) -> list[Metric]:
+    """The metric columns of a task by name ([] when it is not installed here)."""
+    try:
+        return [m if isinstance(m, Metric) else Metric(m) for m in get_task(task).metrics]
+    except BenchError:
+        return []
+
+
+def read_row(rundir: Path) -> dict | None:
+    """The row of a finished run checked against its directory (:func:`bench.schema.check_row`), None when there
+    is none; :class:`bench.store.CorruptFile` when it is damaged, incomplete or another run's."""
+    path = Path(rundir) / ROW_FILE
+    return read_row_file(path, schema.run_id(rundir)) if path.exists() else None
+
+
+def read_row_file(path: Path, rid: schema.RunId | None) -> dict:
+    """A row file checked against the run identity ``rid`` (None: a collected copy, checked on its own)."""
+    row = store.read_json(path)
+    task = rid.task if rid is not None else row.get("task") if isinstance(row, dict) else None
+    return schema.check_row(path, row, rid, task_metric_keys(task) if isinstance(task, str) else [])
 
 
 def finished_row(rundir: Path, warn: Log) -> dict | None:
     """The row of a finished run, or None (a damaged row is moved aside: the run is re-scored)."""
     path = Path(rundir) / ROW_FILE
-    if not path.exists():
-        return None
     try:
-        row = store.read_json(path)
-        if not isinstance(row, dict) or "method" not in row:
-            raise store.CorruptFile(path, "not a result row")
-        return row
+        return read_row(rundir)
     except store.CorruptFile as exc:
-        quarantine(path, exc.reason, warn, "scoring the run again")
+        quarantine(exc, warn, "scoring the run again")
         return None
 
 
@@ -466,6 +496,8 @@ def run_one(spec: RunSpec, *, out: Path, data_root: Path, cache_dir: Path, devic
     """
     warn = warn or log
     method, task = spec.build()
+    check_run_settings(device=device, batch_size=batch_size, checkpoint_every=checkpoint_every,
+                       probe_every=probe_every, probe_n=probe_n)
     rundir = run_directory(out, spec.task, spec.method, spec.budget, spec.seed, method.options, task.options)
 
     def settled() -> dict | None:
@@ -483,6 +515,7 @@ def run_one(spec: RunSpec, *, out: Path, data_root: Path, cache_dir: Path, devic
     row = settled()
     if row is not None:
         return row
+    fresh = not rundir.exists()
     check_writable(rundir)
     with RunLock(rundir, wait=wait_locked):
         row = settled()  # again under the lock: another process may have finished it meanwhile
@@ -502,33 +535,67 @@ def run_one(spec: RunSpec, *, out: Path, data_root: Path, cache_dir: Path, devic
         except RunFailed as exc:
             record_failure(rundir, spec, method, task, exc)
             raise
-        except Exception as exc:  # a crash is an interruption: the run resumes next time
-            event(rundir, "error", error=f"{type(exc).__name__}: {exc}"[:500],
-                  traceback=traceback.format_exc()[-4000:])
+        except Exception as exc:
+            if isinstance(exc, BenchError) and fresh and _only_lock_files(rundir):
+                _remove_empty(rundir)  # bad input (data, options) found before any work: no run left
+            else:  # a crash is an interruption: the run resumes next time
+                event(rundir, "error", error=f"{type(exc).__name__}: {exc}"[:500],
+                      traceback=traceback.format_exc()[-4000:])
             raise
+
+
+def _only_lock_files(rundir: Path) -> bool:
+    from .locks import LOCK_FILE, OWNER_FILE
+    return all(f.name in (LOCK_FILE, OWNER_FILE) for f in Path(rundir).iterdir())
+
+
+def _remove_empty(rundir: Path) -> None:
+    """Remove a run directory this process created and holds, with nothing in it but its lock, and its method and
+    task folders when that leaves them empty (so that `bench status` shows no run that never started)."""
+    from .locks import LOCK_FILE, OWNER_FILE
+    try:
+        (rundir / OWNER_FILE).unlink(missing_ok=True)
+        (rundir / LOCK_FILE).unlink(missing_ok=True)
+        for d in (rundir, rundir.parent, rundir.parent.parent):
+            d.rmdir()
+    except OSError:  # not empty (another process started there meanwhile), or already gone
+        pass
+
+
+def check_run_settings(*, device: str = "auto", batch_size: int = 500, checkpoint_every: float = 120.0,
+                       probe_every: int | None = None, probe_n: int = 500) -> None:
+    """One-line BenchErrors for run settings that would fail (or silently misbehave) after training."""
+    pick_device(device)
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--probe-n", probe_n, 1),
+                             ("--probe-every", 1 if probe_every is None else probe_every, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise BenchError(f"{flag} {value!r}: pass an integer >= {low}")
+    if not (isinstance(checkpoint_every, (int, float)) and math.isfinite(checkpoint_every) and checkpoint_every >= 0):
+        raise BenchError(f"--checkpoint-every {checkpoint_every!r}: pass a number of seconds >= 0")
 
 
 def _run_locked(spec: RunSpec, rundir: Path, method: Method, task: Task, *, data_root, cache_dir, device,
                 bf16, compile, progress, batch_size, checkpoint_every, log: Log, warn: Log,
                 probe_every: int | None = None, probe_n: int = 500) -> dict[str, Any]:
     p = prepare(spec, rundir, method, task, data_root=data_root, device=device, bf16=bf16, compile=compile,
-                progress=progress, checkpoint_every=checkpoint_every)
+                progress=progress, checkpoint_every=checkpoint_every, check_options=True)
     if probe_every:
         attach_probe(p, probe_every, probe_n, cache_dir=cache_dir, data_root=data_root, batch_size=batch_size)
     fit_from = share_fit(rundir, spec, method, task, bf16=bool(bf16), log=log)
     if fit_from is None and (rundir / CHECKPOINT_FILE).exists():  # resumed: keep what its start recorded
         fit_from = _config_fit_from(rundir)
-    store.write_json(rundir / CONFIG_FILE, {
-        "method": spec.method, "task": spec.task, "seed": spec.seed, "budget": spec.budget,
-        "options": method.options, "task_options": task.options, "device": str(p.device),
-        "bf16": bool(bf16), "compile": bool(compile), "probe_every": probe_every,
-        **({"fit_from": fit_from} if fit_from else {})})
+    config = {"method": spec.method, "task": spec.task, "seed": spec.seed, "budget": spec.budget,
+              "options": method.options, "task_options": task.options, "device": str(p.device),
+              "bf16": bool(bf16), "compile": bool(compile), "probe_every": probe_every,
+              **({"fit_from": fit_from} if fit_from else {})}
+    store.write_json(rundir / CONFIG_FILE, config)
+    p.run.config = _plain(config)  # every checkpoint records it: config.json can be rebuilt from it
     state = restore(p, warn)
     saved = None
     if state == "corrupt":  # samples came from a model that can no longer be restored
         _remove(rundir, SAMPLES_FILE)
     else:
-        saved = load_samples(rundir, warn)
+        saved = load_samples(p, warn)
     try:
         if saved is None:
             saved = fit_and_transport(p, batch_size=batch_size, progress=progress,
@@ -553,8 +620,9 @@ def _run_locked(spec: RunSpec, rundir: Path, method: Method, task: Task, *, data
 def _config_fit_from(rundir: Path) -> str | None:
     """The sibling whose fit this run shares, as recorded when it was started (None if it trained itself)."""
     try:
-        return store.read_json(rundir / CONFIG_FILE).get("fit_from") if (rundir / CONFIG_FILE).exists() else None
-    except store.CorruptFile:
+        config = schema.check_config(rundir / CONFIG_FILE, store.read_json(rundir / CONFIG_FILE), schema.run_id(rundir))
+        return config["fit_from"] if isinstance(config.get("fit_from"), str) else None
+    except (store.CorruptFile, FileNotFoundError):
         return None
 
 
@@ -576,7 +644,7 @@ def share_fit(rundir: Path, spec: RunSpec, method: Method, task: Task, *, bf16: 
         if sib == rundir or not all((sib / f).exists() for f in (ROW_FILE, CHECKPOINT_FILE, CONFIG_FILE)):
             continue
         try:
-            cfg = store.read_json(sib / CONFIG_FILE)
+            cfg = schema.check_config(sib / CONFIG_FILE, store.read_json(sib / CONFIG_FILE), schema.run_id(sib))
         except store.CorruptFile:
             continue
         theirs = _plain({k: v for k, v in (cfg.get("options") or {}).items() if k not in transport_only})
@@ -605,13 +673,72 @@ RUN_DIR_HINT = (f"pass a run directory under your --out tree (one with {CONFIG_F
                 f"e.g. runs/digits/identity/smoke-seed0-1a2b3c4d")
 
 
-def read_spec(rundir: Path) -> RunSpec:
-    """The RunSpec a run directory was made from (its config.json); a one-line error if it has none."""
-    if not (Path(rundir) / CONFIG_FILE).exists():
+def read_config(rundir: Path, warn: Log | None = None) -> dict:
+    """A run's config.json, checked against its directory (:func:`bench.schema.check_config`).
+
+    When it is damaged, or was edited after the run (its options no longer hash to the directory's digest), the
+    copy that row.json or checkpoint.pt records and that does agree is used, and written back with a one-line
+    warning; a one-line BenchError naming the file and the fix when no copy agrees."""
+    rundir = Path(rundir)
+    path = rundir / CONFIG_FILE
+    if not path.exists():
         raise BenchError(f"{rundir} is not a run directory (no {CONFIG_FILE}); {RUN_DIR_HINT}")
-    config = store.read_json(Path(rundir) / CONFIG_FILE)
-    return RunSpec(config["method"], config["task"], int(config["seed"]), config["budget"],
-                   dict(config.get("options") or {}), dict(config.get("task_options") or {}))
+    rid = schema.run_id(rundir)
+    try:
+        return schema.check_config(path, store.read_json(path), rid)
+    except store.CorruptFile as exc:
+        problem = exc
+    for name in (ROW_FILE, CHECKPOINT_FILE):
+        if not (rundir / name).exists():
+            continue
+        try:
+            found = store.read_json(rundir / name) if name == ROW_FILE else store.torch_load(rundir / name)
+            found = found.get("config") if name == CHECKPOINT_FILE and isinstance(found, dict) else found
+            config = {k: v for k, v in schema.check_config(rundir / name, found, rid).items()
+                      if k in ("method", "task", "seed", "budget", "options", "task_options", "fit_from")}
+        except store.CorruptFile:
+            continue
+        (warn or print)(f"warning: {problem}; using the run's options as {name} records them, written back to "
+                        f"{CONFIG_FILE}")
+        store.write_json(path, config)
+        return config
+    digest = f" (they hash to {rid.digest})" if rid is not None and rid.digest else ""
+    raise BenchError(f"{problem}, and neither {ROW_FILE} nor {CHECKPOINT_FILE} records the run's options; restore it "
+                     f"from a copy, or start the run again with `bench run` and the options it was made with{digest}")
+
+
+def read_spec(rundir: Path, warn: Log | None = None) -> RunSpec:
+    """The RunSpec a run directory was made from (:func:`read_config`); a one-line error if it has none."""
+    c = read_config(rundir, warn)
+    return RunSpec(c["method"], c["task"], c["seed"], c["budget"], dict(c["options"]), dict(c["task_options"]))
+
+
+def rerun_command(spec: RunSpec, rundir: Path, *, force: bool = False) -> str:
+    """The `bench run` command line of this run: its options that differ from today's defaults as --opt, its
+    --out, and ``--force`` (which trains it again from scratch) when asked."""
+    import shlex
+
+    def arg(key: str, value: Any) -> str:
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        if isinstance(value, str):
+            try:
+                json.loads(value)
+                text = json.dumps(value)  # "1" or "true" as a string: quoted, or --opt would read a number
+            except ValueError:
+                pass
+        return f"{key}={text}"
+
+    base = _plain(get_method(spec.method).resolve_options(spec.budget, {}))
+    tbase = _plain(get_task(spec.task)().options)
+    args = ["bench", "run", "--methods", spec.method, "--task", spec.task, "--seeds", str(spec.seed),
+            "--budget", spec.budget, "--out", str(Path(rundir).parent.parent.parent)]
+    for key, value in sorted(_plain(spec.options).items()):
+        if base.get(key, object()) != value:
+            args += ["--opt", arg(f"{spec.method}.{key}", value)]
+    for key, value in sorted(_plain(spec.task_options).items()):
+        if tbase.get(key, object()) != value:
+            args += ["--task-opt", arg(key, value)]
+    return " ".join(shlex.quote(a) for a in args + (["--force"] if force else []))
 
 
 def load_run(rundir: Path, *, data_root: Path, device: str = "cpu") -> Prepared:
@@ -636,13 +763,13 @@ def evaluate_dir(rundir: Path, *, data_root: Path, cache_dir: Path, device: str 
     """
     warn = warn or log
     rundir = Path(rundir)
-    spec = read_spec(rundir)
+    spec = read_spec(rundir, warn)
     method, task = spec.build()
     old_row = finished_row(rundir, warn) or {}
     has_samples = (rundir / SAMPLES_FILE).exists()
     if not has_samples and not (old_row and (rundir / CHECKPOINT_FILE).exists()):
-        raise BenchError(f"{rundir} is not a finished run (no {SAMPLES_FILE}); run `bench run` to finish it, "
-                         f"or {RUN_DIR_HINT}")
+        raise BenchError(f"{rundir} is not a finished run (no {SAMPLES_FILE}); finish it with "
+                         f"`{rerun_command(spec, rundir)}`, or {RUN_DIR_HINT}")
     with RunLock(rundir, wait=False):
         p = prepare(spec, rundir, method, task, data_root=data_root, device=device, progress=progress)
         try:
@@ -651,12 +778,13 @@ def evaluate_dir(rundir: Path, *, data_root: Path, cache_dir: Path, device: str 
                 try:
                     restored = p.run.restore()
                 except store.CorruptFile as exc:
-                    raise BenchError(f"{exc}; run `bench run` for this run again to retrain it") from None
-            saved = load_samples(rundir, warn)
+                    raise BenchError(f"{exc}; train the run again with "
+                                     f"`{rerun_command(spec, rundir, force=True)}`") from None
+            saved = load_samples(p, warn)
             if saved is None:  # a finished run's checkpoint is its final state: transport again
                 if not (old_row and restored):
-                    raise BenchError(f"{rundir / SAMPLES_FILE} is unreadable and the run never finished; "
-                                     f"run `bench run` for this run again")
+                    raise BenchError(f"{rundir / SAMPLES_FILE} is unusable and the run never finished; finish it "
+                                     f"with `{rerun_command(spec, rundir)}`")
                 saved = transport_and_store(p, dict(old_row.get("timings") or {}), batch_size=batch_size,
                                             progress=progress)
             check_samples(saved["outputs"])
@@ -671,15 +799,12 @@ def evaluate_dir(rundir: Path, *, data_root: Path, cache_dir: Path, device: str 
 
 
 # -- bench status ---------------------------------------------------------------------------------
-_RUN_NAME = re.compile(r"^(?P<budget>[A-Za-z0-9_]+)-seed(?P<seed>\d+)(?:-[0-9a-f]{8})?$")
-
-
 def find_runs(out: Path, task: str, *, budget: str | None = None,
               seeds: list[int] | None = None) -> list[tuple[str, int, str, Path]]:
     """(method, seed, budget, directory) of every run directory of ``task`` under ``out``."""
     found = []
     for d in sorted(Path(out, task).glob("*/*")):
-        m = _RUN_NAME.match(d.name)
+        m = schema.RUN_NAME.match(d.name)
         if not d.is_dir() or not m:
             continue
         if budget is not None and m["budget"] != budget:
@@ -714,15 +839,15 @@ def run_state(rundir: Path) -> tuple[str, str]:
     if owner is not None:
         where = _position(records)
         return "running", f"{describe_owner(owner)}" + (f", at {where}" if where else "")
-    row_path = rundir / ROW_FILE
-    if row_path.exists():
-        try:
-            row = store.read_json(row_path)
-            keys = [str(m) for m in get_task(row["task"]).metrics] if "task" in row else []
-            shown = [f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), (int, float))]
+    try:
+        row = read_row(rundir)
+        if row is not None:
+            shown = [f"{k}={row[k]:.4g}" for k in map(str, task_metric_keys(row["task"]))
+                     if isinstance(row.get(k), (int, float))]
             return "done", ", ".join(shown[:4])
-        except (BenchError, KeyError, TypeError):
-            return "interrupted", f"{ROW_FILE} is unreadable; `bench run` scores the run again"
+    except store.CorruptFile as exc:
+        return "interrupted", (f"{exc.path.name} is unusable ({exc.reason[:120]}); `bench eval` on this directory "
+                               f"scores the run again")
     failure = read_failure(rundir)
     if failure is not None:
         return "failed", str(earlier_failure(failure))

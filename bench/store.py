@@ -26,10 +26,10 @@ from .api import BenchError
 class CorruptFile(BenchError):
     """A run file exists but cannot be read safely; ``path`` names it."""
 
-    def __init__(self, path: Path, reason: str):
+    def __init__(self, path: Path, reason: str, what: str = "unreadable"):
         self.path = Path(path)
         self.reason = reason
-        super().__init__(f"{self.path} is unreadable ({reason})")
+        super().__init__(f"{self.path} is {what} ({reason})")
 
 
 _TMP_SUFFIX = ".tmp"  # _atomic writes ``.<name>.<random>.tmp`` beside its target, then renames it

@@ -1,13 +1,13 @@
-"""Result rows -> Table 1 layout (markdown, LaTeX, CSV).
+"""Result rows -> Table 1 layout (text for a terminal, markdown, LaTeX, CSV).
 
-Rows are the ``row.json`` files under ``OUT/<task>/**``. Cells are mean +- std over seeds for
-each (method, budget); the best value per metric column is bold and the second underlined
-(reference rows and oracles are shown but never ranked); the paper's published value stands
-beside each measured cell.
+Rows are the ``row.json`` files under ``OUT/<task>/**``, each checked against its run directory
+(:mod:`bench.schema`). Cells are mean +- std over seeds for each (method, budget); the best value
+per metric column is bold and the second underlined where the gap exceeds the rows' seed spread
+(:func:`ranks`; reference rows, oracles and the smoke budget are shown but never ranked); the
+paper's published value stands beside each measured cell.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from .api import BenchError, Metric
 from .registry import options_variant
 
 BOUND_PREFIX = "bound_"
+FORMATS = ("text", "markdown", "latex", "csv")  # text: for a terminal (bold/underline as ANSI styles)
 # variant label of a row judged by a classifier without a noise-robustness record (the first digits / animal
 # judges, which read faint pixel noise as one class): never averaged with rows of a noise-robust judge
 FRAGILE_JUDGE = "judge=noise-fragile"
@@ -37,14 +38,21 @@ def load_rows(out: Path, task: str | None = None, rows_dir: Path | None = None) 
     else:
         pattern = f"{task}/*/*/row.json" if task else "*/*/*/row.json"
         paths = sorted(Path(out).glob(pattern))
+    from .runner import read_row_file
+    from .schema import run_id
+    from .store import CorruptFile
+
     rows = []
     for path in paths:
+        # a run directory's row must agree with its path (task, method, budget, seed, options digest): what the
+        # table shows of a run is what its directory proves, never a field someone edited
+        rid = run_id(path.parent) if rows_dir is None else None
         try:
-            row = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BenchError(f"cannot read result row {path} ({exc}); delete it and re-run that run") from None
-        if not isinstance(row, dict) or "method" not in row or "budget" not in row:
-            raise BenchError(f"{path} is not a result row (no method/budget); remove it from {path.parent}")
+            row = read_row_file(path, rid)
+        except CorruptFile as exc:
+            fix = (f"score the run again with `bench eval {path.parent}`" if rows_dir is None
+                   else f"restore it from git or remove it from {path.parent}")
+            raise BenchError(f"{path} is not a result row ({exc.reason}); {fix}") from None
         if task and row.get("task", task) != task:
             continue
         row["run_dir"] = str(path.parent if rows_dir is None else path)
@@ -88,11 +96,48 @@ def _fmt(mean: float, std: float, n: int, digits: int) -> str:
 
 
 def _mark(text: str, rank: int | None, fmt: str) -> str:
+    # text: ANSI bold / underline, which click.echo drops when the output is not a terminal
     if rank == 0:
-        return {"markdown": f"**{text}**", "latex": f"\\textbf{{{text}}}"}.get(fmt, text)
+        return {"markdown": f"**{text}**", "latex": f"\\textbf{{{text}}}",
+                "text": f"\033[1m{text}\033[0m"}.get(fmt, text)
     if rank == 1:
-        return {"markdown": f"<ins>{text}</ins>", "latex": f"\\underline{{{text}}}"}.get(fmt, text)
+        return {"markdown": f"<ins>{text}</ins>", "latex": f"\\underline{{{text}}}",
+                "text": f"\033[4m{text}\033[0m"}.get(fmt, text)
     return text
+
+
+def _cell(text: str, fmt: str) -> str:
+    """A name or label cell that cannot break the table: one line, its separators escaped."""
+    text = " ".join(str(text).split())
+    if fmt == "markdown":
+        return text.replace("|", "\\|")
+    if fmt == "latex":
+        return "".join("\\" + c if c in "&%$#_{}" else c for c in text)
+    return text
+
+
+def ranks(summary: pd.DataFrame, metrics: list[str], specs: dict[str, Metric]) -> dict[tuple, dict[str, int]]:
+    """{(method, variant, budget): {metric: 0 best / 1 second}} among the non-reference, non-oracle rows of each
+    budget but smoke (a plumbing check whose values are near chance): the best is marked only when it beats the
+    next row by more than either row's seed std and by something visible at the column's digits, the second only
+    when the best is marked and it beats the third likewise (a single seed has no spread: its std counts as 0)."""
+    out: dict[tuple, dict[str, int]] = {}
+    oracle = summary["oracle"].fillna(False).astype(bool) if "oracle" in summary else False
+    keep = (summary["family"] != "Reference") & ~oracle & (summary["budget"] != "smoke")
+    for _, group in summary[keep].groupby("budget", sort=False):
+        for m in metrics:
+            digits, col = specs[m].digits, f"{m}_mean"
+            order = group.dropna(subset=[col]).sort_values(col, ascending=not specs[m].higher_is_better)
+            vals = [((r["method"], r["variant"], r["budget"]), r[col], 0.0 if pd.isna(r[f"{m}_std"]) else r[f"{m}_std"])
+                    for _, r in order.iterrows()]
+            for k in (0, 1):  # the second is looked at only once the best is marked
+                if k + 1 >= len(vals):
+                    break
+                (key, a, sa), (_, b, sb) = vals[k], vals[k + 1]
+                if abs(a - b) <= max(sa, sb) or round(a, digits) == round(b, digits):
+                    break
+                out.setdefault(key, {})[m] = k
+    return out
 
 
 def summarise(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
@@ -118,8 +163,8 @@ def summarise(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None,
            paper_rows: bool = True, rows_dir: Path | None = None) -> str:
-    if fmt not in ("markdown", "latex", "csv"):
-        raise BenchError(f"unknown table format {fmt!r}; use markdown, latex or csv")
+    if fmt not in FORMATS:
+        raise BenchError(f"unknown table format {fmt!r}; use {', '.join(FORMATS)}")
     df = load_rows(out, task_cls.name, rows_dir)
     if rows_dir is not None:
         out = rows_dir
@@ -141,17 +186,7 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
             table[f"{m}_paper"] = [paper.get(meth, {}).get(m) for meth in table["method"]]
         return table.to_csv(index=False)
 
-    ranked = summary[(summary["family"] != "Reference") & (~summary["oracle"].astype(bool))]
-    ranks: dict[tuple[str, str, str], dict[str, int]] = {}
-    for m in metrics:
-        col = f"{m}_mean"
-        higher = specs[m].higher_is_better
-        order = ranked[["method", "variant", "budget", col]].dropna()
-        digits = specs[m].digits  # ties as displayed share a rank
-        levels = sorted({round(v, digits) for v in order[col]}, reverse=higher)
-        for _, line in order.iterrows():
-            rank = levels.index(round(line[col], digits))
-            ranks.setdefault((line["method"], line["variant"], line["budget"]), {})[m] = rank
+    marks = ranks(summary, metrics, specs)
 
     headers = ["Method", "Family", "Budget", "Seeds"]
     for m in metrics:
@@ -161,14 +196,14 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
     for _, s in summary.iterrows():
         name = s["method"] + (f" [{s['variant']}]" if s["variant"] else "")
         name += " (oracle)" if bool(s.get("oracle")) else ""
-        cells = [name, s.get("family", ""), s["budget"], int(s.get("seed", 1))]
+        cells = [_cell(name, fmt), _cell(s.get("family", ""), fmt), s["budget"], int(s.get("seed", 1))]
         n_seeds = int(s.get("seed", 1))
         for m in metrics:
             digits = specs[m].digits
             text = _fmt(s.get(f"{m}_mean"), s.get(f"{m}_std"), n_seeds, digits)
             if m == "fid" and text != "-" and not pd.isna(s.get("fid_n")):
                 text += f" (n={int(s['fid_n'])})"
-            cells.append(_mark(text, ranks.get((s["method"], s["variant"], s["budget"]), {}).get(m), fmt))
+            cells.append(_mark(text, marks.get((s["method"], s["variant"], s["budget"]), {}).get(m), fmt))
             pv = paper.get(s["method"], {}).get(m)
             cells.append("-" if pv is None else f"{pv:.{digits}f}")
         gpu = s.get("gpu_minutes")
@@ -181,13 +216,13 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
         for meth, vals in paper.items():
             if meth in measured:
                 continue
-            cells = [meth, "(paper only)", "-", 0]
+            cells = [_cell(meth, fmt), "(paper only)", "-", 0]
             for m in metrics:
                 pv = vals.get(m)
                 cells += ["-", "-" if pv is None else f"{pv:.{specs[m].digits}f}"]
             cells += ["-", "-", "-"]
             lines.append(cells)
-    tablefmt = {"markdown": "github", "latex": "latex_raw"}[fmt]
+    tablefmt = {"markdown": "github", "latex": "latex_raw", "text": "simple"}[fmt]
     text = tabulate(lines, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
     bound_cols = sorted(c for c in df.columns if c.startswith(BOUND_PREFIX) or c.startswith("lhs_"))
@@ -197,14 +232,17 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
             bdf = bdf.assign(variant=bdf["variant"].fillna(""))
             g = bdf.groupby(["method", "variant", "budget"], sort=False)[bound_cols].mean(
                 numeric_only=True).reset_index()
-            bl = [[r["method"] + (f" [{r['variant']}]" if r["variant"] else ""), r["budget"],
+            bl = [[_cell(r["method"] + (f" [{r['variant']}]" if r["variant"] else ""), fmt), r["budget"],
                    *[_num(r.get(c)) for c in bound_cols]] for _, r in g.iterrows()]
             text += "\n\nTheorem 2 terms (mean over seeds; C1..C3 unknown, so terms not a bound):\n\n"
             text += tabulate(bl, headers=["Method", "Budget", *bound_cols], tablefmt=tablefmt,
                              disable_numparse=True)
-    if fmt == "markdown":
-        text += ("\n\nBold: best, <ins>underlined</ins>: second best among non-reference, non-oracle rows. "
-                 "`paper`: the value published in OTCS Table 1 (protocols differ; see PROTOCOL.md).")
+    if fmt in ("markdown", "text"):
+        text += ("\n\n" + ("Bold: best, <ins>underlined</ins>: second best" if fmt == "markdown" else
+                            "Bold: best, underlined: second best (on a terminal)")
+                 + " among the non-reference, non-oracle rows of a budget, marked only where the gap exceeds both "
+                   "rows' seed std, and never on smoke. `paper`: the value published in OTCS Table 1 (protocols "
+                   "differ; see PROTOCOL.md).")
         judges = sorted(df["classifier_sha256"].dropna().unique()) if "classifier_sha256" in df else []
         if len(judges) > 1:  # e.g. the digits classifier trained on CPUs with other instruction sets
             text += (f"\n\nThese rows were judged by {len(judges)} different classifiers (sha256 "

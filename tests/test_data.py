@@ -102,7 +102,7 @@ def test_corrupt_file_flipped_byte(tmp_path, data_root, monkeypatch):
     assert "bench data --download" in msg
 
 
-def test_verification_is_cached_by_size_and_mtime(tmp_path, data_root, monkeypatch):
+def test_verification_is_hashed_once_per_process(tmp_path, data_root, monkeypatch):
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
     root, files = _small_root(tmp_path, data_root)
     calls = []
@@ -111,8 +111,8 @@ def test_verification_is_cached_by_size_and_mtime(tmp_path, data_root, monkeypat
     bdata.ensure(root, files)
     assert len(calls) == len(files)
     bdata.ensure(root, files)
-    assert len(calls) == len(files)  # served from verified.json
-    assert (tmp_path / "cache" / "verified.json").is_file()
+    assert len(calls) == len(files)  # once per process: nothing is trusted from an earlier one
+    assert not (tmp_path / "cache" / "verified.json").exists()
     os.utime(root / files[1].path, ns=(0, 10**18))  # touched: hashed again
     bdata.ensure(root, files)
     assert calls[-1] == (root / files[1].path).resolve() and len(calls) == len(files) + 1

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bench import store
+from bench.api import BenchError
 from bench.locks import holder
 from bench.runner import RunSpec, run_one
 
@@ -240,3 +241,271 @@ def test_four_processes_on_one_grid_run_each_run_exactly_once(tmp_path):
     ran = sum(out_text.count("\ndone ") + out_text.startswith("done ") for out_text, _ in results)
     assert ran == 4, [r[0] for r in results]
     assert all("4 run(s):" in out_text for out_text, _ in results)
+
+
+# -- issue 39: every error path one line and recoverable -------------------------------------------------------
+# R = a finished NOT run on tiny-vectors (a few seconds), copied for each test; the CLI runs in this process.
+TINY_NOT = {"toy_steps": 30, "inner_steps": 2, "mlp_hidden": 16, "log_every": 10}
+TINY_ARGS = [a for k, v in TINY_NOT.items() for a in ("--opt", f"{k}={v}")]
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, list[str]]:
+    """``bench ARGS`` in this process: (exit code, stdout, the non-empty stderr lines)."""
+    from bench.cli import main
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, [ln for ln in err.splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def finished_tree(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "runs"
+    row = run_one(RunSpec("not", "tiny-vectors", 0, "smoke", dict(TINY_NOT)), out=out, data_root=out,
+                  cache_dir=out.parent / "cache", device="cpu", progress=False, log=lambda *_: None)
+    return out, row
+
+
+@pytest.fixture
+def R(finished_tree, tmp_path):
+    """A copy of the finished run: its directory; ``R.out`` the --out tree, ``R.row`` its row."""
+    import shutil
+
+    out = tmp_path / "runs"
+    shutil.copytree(finished_tree[0], out)
+    rundir = next((out / "tiny-vectors" / "not").glob("smoke-seed0-*"))
+
+    class Run(type(rundir)):
+        pass
+    run = Run(rundir)
+    run.out, run.row = out, finished_tree[1]
+    return run
+
+
+def _edit_json(path: Path, change) -> None:
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj))
+
+
+def _run_R(capsys, R, *extra):
+    return _cli(capsys, "run", "-m", "not", "-t", "tiny-vectors", "--out", R.out, "--no-progress", *TINY_ARGS, *extra)
+
+
+def _one_error(code, err, *needles):
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
+    for needle in needles:
+        assert needle in err[0], (needle, err[0])
+
+
+def test_r01_a_non_utf8_row_is_one_line_and_bench_eval_recovers(R, capsys):
+    with open(R / "row.json", "ab") as fh:
+        fh.write(b"\xff")
+    code, _, err = _cli(capsys, "table", "-t", "tiny-vectors", "--out", R.out)
+    _one_error(code, err, "row.json", f"bench eval {R}")
+    code, _, err = _cli(capsys, "eval", R, "--no-progress")
+    assert code == 0 and len(err) == 1 and "row.json is unreadable" in err[0], err
+    code, out, _ = _cli(capsys, "table", "-t", "tiny-vectors", "--out", R.out)
+    assert code == 0 and "| not " in out
+
+
+def test_r02_a_row_without_metrics_is_not_finished(R, capsys):
+    (R / "row.json").write_text('{"method":"not","budget":"smoke","task":"tiny-vectors","seed":0}')
+    code, out, _ = _cli(capsys, "status", "-t", "tiny-vectors", "--out", R.out)
+    assert code == 0 and " done " not in out and "interrupted" in out and "row.json is unusable" in out, out
+    code, _, err = _cli(capsys, "table", "-t", "tiny-vectors", "--out", R.out)
+    _one_error(code, err, "row.json", "not a result row")
+    code, out, err = _run_R(capsys, R)  # re-scored from the stored samples, no training
+    assert code == 0 and "1 run now" in out and "row.json is unusable" in out, (out, err)
+    assert json.loads((R / "row.json").read_text())["w2"] == R.row["w2"]
+    assert len(_events(R, "fit_start")) == 1
+    assert "1 done" in _cli(capsys, "status", "-t", "tiny-vectors", "--out", R.out)[1]
+
+
+def test_r03_a_row_that_is_a_list_is_not_done(R, capsys):
+    (R / "row.json").write_text("[1,2]")
+    code, out, _ = _cli(capsys, "status", "-t", "tiny-vectors", "--out", R.out)
+    assert code == 0 and "1 interrupted" in out and "not a JSON object" in out, out
+    assert _run_R(capsys, R)[0] == 0 and json.loads((R / "row.json").read_text())["w2"] == R.row["w2"]
+
+
+def test_r04_a_metric_that_is_a_string_is_refused(R, capsys):
+    _edit_json(R / "row.json", lambda row: row.update(w2="abc"))
+    code, _, err = _cli(capsys, "table", "-t", "tiny-vectors", "--out", R.out)
+    _one_error(code, err, "metric w2 is 'abc'")
+    assert "row.json is unusable" in _cli(capsys, "status", "-t", "tiny-vectors", "--out", R.out)[1]
+
+
+@pytest.mark.parametrize("damage", [lambda c: c.clear() or c.update(method="not"), lambda c: c.update(seed="abc")])
+def test_r05_a_damaged_config_is_rebuilt_from_what_the_run_recorded(R, capsys, damage):
+    _edit_json(R / "config.json", damage)
+    code, _, err = _cli(capsys, "eval", R, "--no-progress")
+    assert code == 0 and len(err) == 1 and "config.json is unusable" in err[0], err
+    config = json.loads((R / "config.json").read_text())
+    assert config["seed"] == 0 and config["options"] == R.row["options"]
+    assert json.loads((R / "row.json").read_text())["w2"] == pytest.approx(R.row["w2"])
+
+
+def test_r06_a_truncated_checkpoint_names_the_command_that_retrains(R, capsys):
+    import shlex
+
+    _truncate(R / "checkpoint.pt")
+    code, _, err = _cli(capsys, "eval", R, "--no-progress")
+    _one_error(code, err, "checkpoint.pt is unreadable", "--force")
+    command = shlex.split(err[0].split("`")[1])
+    assert command[:2] == ["bench", "run"]
+    code, out, _ = _cli(capsys, *command[1:], "--no-progress")  # the command it names does retrain
+    assert code == 0 and "1 run now" in out and _events(R, "fit_start")[-1]["resume"] == {}
+    assert store.torch_load(R / "checkpoint.pt")["progress"] == {"saddle": 30}
+    assert _cli(capsys, "eval", R, "--no-progress")[0] == 0
+
+
+def test_r07_samples_of_the_wrong_shape_are_transported_again(R, capsys):
+    (R / "row.json").unlink()
+    saved = store.torch_load(R / "samples.pt")
+    torch.save({**saved, "outputs": torch.zeros(len(saved["outputs"]), 3)}, R / "samples.pt")
+    code, out, err = _run_R(capsys, R)
+    assert code == 0 and "samples.pt is unusable" in out and "transporting again" in out, (out, err)
+    assert _events(R, "fit_start")[-1]["resume"] == {"saddle": 30}, "re-transported, not retrained"
+    assert json.loads((R / "row.json").read_text())["w2"] == R.row["w2"]
+
+
+def test_r08_a_batch_size_below_1_is_refused_before_work_and_empty_samples_recover(R, capsys, tmp_path):
+    for bad in ("0", "-1"):
+        code, _, err = _cli(capsys, "run", "-m", "not", "-t", "toy1d", "--out", tmp_path / "new", "--batch-size", bad)
+        _one_error(code, err, f"--batch-size {bad}")
+    assert not (tmp_path / "new" / "toy1d").exists()
+    (R / "row.json").unlink()
+    saved = store.torch_load(R / "samples.pt")
+    torch.save({**saved, "outputs": saved["outputs"][:0], "n": 0}, R / "samples.pt")  # what batch size -1 left
+    code, out, _ = _run_R(capsys, R)
+    assert code == 0 and "samples.pt is unusable" in out and (R / "row.json").exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "NaN", "0"])
+def test_r09_a_negative_or_nan_lr_is_bad_input(tmp_path, capsys, value):
+    code, _, err = _cli(capsys, "run", "-m", "not", "-t", "toy1d", "--out", tmp_path, "--opt", f"toy_lr={value}")
+    _one_error(code, err, "toy_lr")
+    assert not (tmp_path / "toy1d").exists()
+
+
+def test_r10_a_bogus_device_is_bad_input_and_leaves_no_run(tmp_path, capsys):
+    code, _, err = _cli(capsys, "run", "-m", "not", "-t", "toy1d", "--out", tmp_path, "--device", "bogus")
+    _one_error(code, err, "--device 'bogus'", "cpu")
+    with pytest.raises(BenchError, match="--device"):
+        run_one(RunSpec("identity", "toy1d"), out=tmp_path, data_root=tmp_path, cache_dir=tmp_path, device="bogus")
+    assert not (tmp_path / "toy1d").exists()
+
+
+def test_r11_slurm_without_slurm_is_one_line(tmp_path, capsys, monkeypatch):
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    code, _, err = _cli(capsys, "run", "-m", "identity", "-t", "toy1d", "--out", tmp_path, "--executor", "slurm")
+    _one_error(code, err, "--executor slurm", "--slurm-local")
+    assert not (tmp_path / "toy1d").exists()
+
+
+def test_r12_a_negative_seed_is_refused(tmp_path, capsys):
+    code, _, err = _cli(capsys, "run", "-m", "identity", "-t", "toy1d", "--out", tmp_path, "--seeds", "0,-1")
+    _one_error(code, err, "--seeds")
+    with pytest.raises(BenchError, match="seed -1"):
+        RunSpec("identity", "toy1d", -1).build()
+    assert not (tmp_path / "toy1d").exists()
+
+
+def test_r13_an_option_the_tasks_kind_never_reads_is_refused(tmp_path, capsys):
+    code, _, err = _cli(capsys, "run", "-m", "not", "-t", "toy1d", "--out", tmp_path, "--opt", "not.map_lr=1e4")
+    _one_error(code, err, "map_lr", "image tasks only", "--opt not.toy_lr=")
+    code, _, err = _cli(capsys, "run", "-m", "identity,not", "-t", "tiny-images", "--out", tmp_path,
+                        "--opt", "not.toy_lr=0.01")
+    _one_error(code, err, "toy_lr", "vector tasks only", "--opt not.map_lr=")
+    assert not list(tmp_path.rglob("config.json")), "checked before any run started"
+
+
+def test_r13_an_ignored_option_at_its_default_is_the_default_run(R, capsys):
+    code, out, _ = _run_R(capsys, R, "--opt", f"map_lr={R.row['options']['map_lr']}")
+    assert code == 0 and "1 finished before" in out, out
+
+
+def test_r14_a_config_edited_after_training_is_not_trusted(R, capsys):
+    _edit_json(R / "config.json", lambda c: c["options"].update(toy_lr=1e9))
+    code, _, err = _cli(capsys, "eval", R, "--no-progress")
+    assert code == 0 and len(err) == 1 and "config.json is unusable" in err[0] and "edited after" in err[0], err
+    assert json.loads((R / "row.json").read_text())["options"]["toy_lr"] == R.row["options"]["toy_lr"]
+    assert json.loads((R / "config.json").read_text())["options"]["toy_lr"] == R.row["options"]["toy_lr"]
+
+
+def test_r15_a_row_cannot_inject_cells_into_the_table(R, capsys, tmp_path):
+    fake = "otcs | - | - | 0 | 99.99 | 67.42 |\n| evil"
+    _edit_json(R / "row.json", lambda row: row.update(method=fake))
+    code, out, err = _cli(capsys, "table", "-t", "tiny-vectors", "--out", R.out)
+    _one_error(code, err, "row.json", "not a method name")
+    assert "67.42" not in out
+    rows = tmp_path / "rows"  # a collected copy has no directory to prove it: its names are checked alone
+    rows.mkdir()
+    (rows / "not-smoke-0.json").write_text((R / "row.json").read_text())
+    code, out, err = _cli(capsys, "table", "-t", "tiny-vectors", "--rows", rows)
+    _one_error(code, err, "not a method name")
+    _edit_json(R / "row.json", lambda row: row.update(method="knot"))  # a valid name, but not its folder's
+    _one_error(*_cli(capsys, "table", "-t", "tiny-vectors", "--out", R.out)[::2], "its run directory's 'not'")
+    from bench.tables import _cell
+    assert _cell("a | b\n| c", "markdown") == "a \\| b \\| c"
+
+
+def test_r16_data_corrupted_with_its_size_and_mtime_kept_is_caught(tmp_path, data_root):
+    from bench import data as bdata
+    import shutil
+
+    files = bdata.files_for("mnist")
+    root = tmp_path / "data"
+    for f in files:
+        (root / f.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data_root / f.path, root / f.path)
+    bdata.ensure(root, files)  # verified once
+    target = root / files[3].path
+    st = target.stat()
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
+    assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(BenchError, match="is corrupt"):
+        bdata.ensure(root, files)
+
+
+def test_newcomer_did_you_mean(tmp_path, capsys):
+    _one_error(*_cli(capsys, "run", "-m", "nott", "-t", "toy1d", "--out", tmp_path)[::2], "did you mean 'not'")
+    _one_error(*_cli(capsys, "run", "-m", "not", "-t", "toy1d", "--out", tmp_path, "--opt", "toy_lrr=1")[::2],
+               "did you mean toy_lr", "bench list --method not")
+
+
+def test_newcomer_a_data_error_leaves_no_run_behind(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, _, err = _cli(capsys, "run", "-m", "identity", "-t", "digits", "--out", out, "--data-root", tmp_path / "none")
+    _one_error(code, err, "not found", "--data-root")
+    assert not (out / "digits").exists()
+    assert "no runs of task 'digits'" in _cli(capsys, "status", "-t", "digits", "--out", out)[1]
+
+
+def test_newcomer_the_table_reads_on_a_terminal_and_marks_only_clear_winners():
+    import pandas as pd
+
+    from bench.api import Metric
+    from bench.tables import _mark, ranks
+
+    def summary(budget, *rows):
+        return pd.DataFrame([{"method": m, "variant": "", "budget": budget, "family": "OT", "oracle": False,
+                              "w2_mean": mean, "w2_std": std} for m, mean, std in rows])
+
+    specs = {"w2": Metric("w2", "W2", higher_is_better=False)}
+    clear = [("a", 1.0, 0.01), ("b", 2.0, 0.01), ("c", 3.0, 0.01)]
+    assert ranks(summary("cpu", *clear), ["w2"], specs) == {("a", "", "cpu"): {"w2": 0}, ("b", "", "cpu"): {"w2": 1}}
+    assert ranks(summary("smoke", *clear), ["w2"], specs) == {}, "never on smoke"
+    within = [("a", 1.0, 0.5), ("b", 1.2, 0.5), ("c", 3.0, 0.01)]  # a and b differ by less than their spread
+    assert ranks(summary("cpu", *within), ["w2"], specs) == {}
+    text = _mark("1.00", 0, "text")
+    assert "**" not in text and "<ins>" not in _mark("1.00", 1, "text") and text.startswith("\033[1m")
