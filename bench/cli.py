@@ -232,10 +232,12 @@ def table(task, out, fmt, budget, save, paper_rows, rows_dir):
 
     if rows_dir is not None and not rows_dir.is_dir():
         raise click.UsageError(f"--rows {rows_dir}: no such directory; pass the folder that holds the *.json rows")
+    if fmt is None:
+        fmt = "text" if sys.stdout.isatty() and not save else "markdown"
     text = render(out, get_task(task), fmt=fmt, budget=budget, paper_rows=paper_rows, rows_dir=rows_dir)
     click.echo(text)
     if save:
-        store.write_bytes(save, (text + "\n").encode())
+        store.write_bytes(save, (click.unstyle(text) + "\n").encode())
 
 
 @cli.command(name="list")
