@@ -509,3 +509,23 @@ def test_newcomer_the_table_reads_on_a_terminal_and_marks_only_clear_winners():
     assert ranks(summary("cpu", *within), ["w2"], specs) == {}
     text = _mark("1.00", 0, "text")
     assert "**" not in text and "<ins>" not in _mark("1.00", 1, "text") and text.startswith("\033[1m")
+
+
+def test_newcomer_slow_first_uses_say_so_in_one_line(tmp_path, data_root, capsys, monkeypatch):
+    """Building FID reference statistics and training (or measuring) the judge take minutes once per machine: each
+    says so in one line before it starts; a cached entry says nothing."""
+    import numpy as np
+
+    from bench.metrics import fid as fid_mod
+    from bench.metrics.classifier import load_or_train
+
+    x, y = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1, torch.arange(40) % 10
+    monkeypatch.setattr(fid_mod, "fid_features", lambda imgs, *a, **k: np.zeros((len(imgs), 2048)) + np.arange(
+        len(imgs))[:, None])
+    for first in (True, False):
+        capsys.readouterr()
+        load_or_train(tmp_path, "k", train=lambda: (x, y), test=lambda: (x, y), epochs=1)
+        fid_mod.reference_stats("toy", "test", x[:4], 4, tmp_path, data_root=data_root)
+        notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note: ")]
+        assert len(notes) == (2 if first else 0), notes
+        assert not first or ("training the judge" in notes[0] and "FID reference statistics" in notes[1])

@@ -233,6 +233,9 @@ def load_or_train(cache_dir, key: str, train: Callable[[], tuple[torch.Tensor, t
             if pinned_record is None or record.get("sha256") == pinned_record.get("sha256"):
                 net = _load_verified(weights, record, classes, "delete it and its .json record to rebuild it")
                 return net, record
+        import sys
+        print(f"note: {'measuring the pinned judge' if use_pinned else f'training the judge ({epochs} epochs)'} "
+              f"{key} on this machine (minutes on a CPU; once, cached in {folder})", file=sys.stderr, flush=True)
         if use_pinned:
             record = dict(pinned_record)
             net = _load_verified(pinned, record, classes, "the installed package is damaged: reinstall otbench, "

@@ -204,8 +204,11 @@ def reference_stats(name: str, split: str, images: Callable[[], torch.Tensor] | 
         imgs = images() if callable(images) else images
         if len(imgs) != n:
             raise ValueError(f"reference {name}:{split} has {len(imgs)} images, expected {n}")
+        import sys
+        print(f"note: computing the FID reference statistics of {name}:{split} ({n} images through Inception, "
+              f"minutes on a CPU; once per machine, cached in {path.parent})", file=sys.stderr, flush=True)
         stats = FeatureStats()
-        stats.update(fid_features(imgs, device, batch_size, data_root, cache_dir))
+        stats.update(fid_features(imgs, device, batch_size, data_root, cache_dir, progress=sys.stderr.isatty()))
         mu, sigma = stats.compute()
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, mu=mu, sigma=sigma)
