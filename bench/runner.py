@@ -16,9 +16,12 @@ One run path serves ``bench run`` and ``bench eval``:
 
 States of a directory: ``row.json`` readable = finished (skipped); ``failed.json`` = failed (a
 NaN/inf loss, non-finite samples or an impossible metric; reported and skipped unless
-``retry_failed``, which starts it again from scratch); anything else = resumable.  A damaged
-file is moved aside as ``<name>.corrupt`` with a one-line warning and rebuilt: a checkpoint by
-training from scratch, samples by transporting again from the checkpoint, a row by re-scoring.
+``retry_failed``, which starts it again from scratch); anything else = resumable.  Every file is
+checked on read against the directory's identity and its schema (:mod:`bench.schema`); a damaged
+or unusable one is moved aside as ``<name>.corrupt`` with a one-line warning and rebuilt: a
+checkpoint by training from scratch, samples by transporting again from the checkpoint, a row by
+re-scoring, a config from the copy the row or checkpoint records.  Bad input found before any
+work (data, options, device) leaves no run directory behind.
 Every step runs under the directory's lock (:mod:`bench.locks`), so two processes never work on
 one run.
 """
