@@ -149,7 +149,7 @@ def file_sha256(path: Path) -> str:
 
     Nothing is trusted across processes: a (size, mtime) ledger was fooled by a file corrupted in place with its
     mtime put back.  Hashing is cheap next to loading: the digits files (17.8 MB) take 25 ms warm (measured), the
-    87 MB Inception network about 0.15 s; within a process a file is hashed again when its inode, size, mtime or
+    87 MB Inception network 0.2-0.25 s; within a process a file is hashed again when its inode, size, mtime or
     ctime (which no user can set back) changes."""
     path = Path(path).resolve()
     st = path.stat()
