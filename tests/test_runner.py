@@ -359,7 +359,8 @@ def _as_if_run_with(path, row):
     """Store ``row`` as the row of a run made with its options: in the directory their digest names (a table
     refuses a row whose options are not the ones its directory was made for)."""
     from bench.schema import options_digest
-    rundir = path.parent.with_name(f"{row['budget']}-seed{row['seed']}-{options_digest(row['options'], row['task_options'])}")
+    digest = options_digest(row["options"], row["task_options"])
+    rundir = path.parent.with_name(f"{row['budget']}-seed{row['seed']}-{digest}")
     path.parent.rename(rundir)
     (rundir / "row.json").write_text(json.dumps(row))
 
