@@ -235,7 +235,8 @@ def load_or_train(cache_dir, key: str, train: Callable[[], tuple[torch.Tensor, t
                 return net, record
         import sys
         print(f"note: {'measuring the pinned judge' if use_pinned else f'training the judge ({epochs} epochs)'} "
-              f"{key} on this machine (minutes on a CPU; once, cached in {folder})", file=sys.stderr, flush=True)
+              f"{key} on this machine ({'seconds' if use_pinned else 'minutes on a CPU'}; once, cached in {folder})",
+              file=sys.stderr, flush=True)
         if use_pinned:
             record = dict(pinned_record)
             net = _load_verified(pinned, record, classes, "the installed package is damaged: reinstall otbench, "
