@@ -240,6 +240,21 @@ def table(task, out, fmt, budget, save, paper_rows, rows_dir):
         store.write_bytes(save, (click.unstyle(text) + "\n").encode())
 
 
+@cli.command()
+@click.option("--write", "write_to", default=None, type=click.Path(path_type=Path),
+              help="rewrite the generated block of this file (e.g. results/deviations.md), keeping its notes")
+def deviations(write_to):
+    """Every method's differences from its authors' code: option values per budget and declared differences."""
+    from .deviations import generate, write
+
+    block = generate()
+    if write_to is None:
+        click.echo(block)
+        return
+    changed = write(write_to, block)
+    click.echo(f"{write_to}: {'updated' if changed else 'already current'}")
+
+
 @cli.command(name="list")
 @click.option("--methods", "show_methods", is_flag=True, help="only methods")
 @click.option("--tasks", "show_tasks", is_flag=True, help="only tasks")

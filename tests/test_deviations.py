@@ -51,3 +51,15 @@ def test_write_keeps_the_notes_below_the_block(tmp_path):
 def test_an_authors_value_needs_its_source():
     with pytest.raises(TypeError, match="source"):
         Option(1.0, authors=2.0)
+
+
+def test_bench_deviations_writes_the_table_and_reports_when_it_is_current(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli import cli
+    path = tmp_path / "deviations.md"
+    first = CliRunner().invoke(cli, ["deviations", "--write", str(path)])
+    assert first.exit_code == 0 and "updated" in first.output
+    assert committed_block(path) == generate()
+    again = CliRunner().invoke(cli, ["deviations", "--write", str(path)])
+    assert again.exit_code == 0 and "already current" in again.output
