@@ -70,6 +70,8 @@ def _identity(path: Path, obj: Any, rid: RunId | None) -> dict:
     if not isinstance(obj, dict):
         raise _bad(path, f"not a JSON object but {type(obj).__name__}")
     for key, kind in (("method", str), ("task", str), ("budget", str), ("options", dict), ("task_options", dict)):
+        if kind is dict and rid is None and key not in obj:  # a collected row copy may predate recorded options
+            continue
         if not isinstance(obj.get(key), kind):
             raise _bad(path, f"'{key}' is {'missing' if key not in obj else repr(obj[key])[:40]}, "
                                     f"not a {'JSON object' if kind is dict else 'string'}")
@@ -98,12 +100,13 @@ def check_config(path: Path, obj: Any, rid: RunId | None) -> dict:
 
 def check_row(path: Path, obj: Any, rid: RunId | None, metrics: Iterable[Any] = ()) -> dict:
     """A ``row.json``: identity (agreeing with ``rid``), a family, and the task's ``metrics``: each present one
-    a finite number (or null) in its range, and at least one of them present."""
+    a finite number (or null) in its range, and at least one of them present.  A collected copy (``rid`` None)
+    may lack the options and family that early rows did not record."""
     from .runner import metric_range  # the one definition of a metric's possible values
 
     row = _identity(path, obj, rid)
-    if not isinstance(row.get("family"), str):
-        raise _bad(path, "'family' is missing: not a complete result row")
+    if not isinstance(row.get("family", "" if rid is None else None), str):
+        raise _bad(path, f"'family' is {row.get('family', 'missing')!r}: not a complete result row")
     metrics = list(metrics)
     found = 0
     for m in metrics:

@@ -146,6 +146,7 @@ def summarise(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
         return df
     df = df.copy()
     df["variant"] = df["variant"].fillna("") if "variant" in df else ""
+    df["family"] = df["family"].fillna("") if "family" in df else ""
     keys = ["method", "variant", "budget"]
     agg: dict[str, Any] = {}
     for m in metrics:
