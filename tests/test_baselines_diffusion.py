@@ -105,6 +105,75 @@ def test_reflow_toy2d_lands_in_the_target_modes_with_a_cheaper_coupling(one_thre
     assert cost_rectified < cost_independent
 
 
+# -- ReFlow's translation loss (Liu et al. 2023, Sec. 5.3) ---------------------------------------------
+def _velocity(d):
+    """A tiny differentiable v(x, t) on flat rows."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(d + 1, d)
+    return lambda x, t: lin(torch.cat([x, t[:, None]], 1)), lin
+
+
+def test_feature_loss_with_identity_h_is_the_pixel_flow_matching_loss():
+    from bench import ode
+    from bench.methods.reflow import feature_loss
+    g = torch.Generator().manual_seed(0)
+    x0, x1, t = torch.randn(32, 5, generator=g), torch.randn(32, 5, generator=g) + 3, torch.rand(32, generator=g)
+    net, lin = _velocity(5)
+    a = feature_loss(net, lambda x: x, x0, x1, t=t)
+    ga = torch.autograd.grad(a, list(lin.parameters()))
+    b = ode.flow_matching_loss(net, x0, x1, t=t)
+    gb = torch.autograd.grad(b, list(lin.parameters()))
+    torch.testing.assert_close(a, b)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v)
+
+
+def test_feature_loss_with_a_linear_h_is_the_projected_loss():
+    """h(x) = A x: grad h^T w = A w, so the loss is mean_k (A (x1 - x0 - v))_k^2; with A the projection on the
+    first coordinate, the error in the other coordinates costs nothing (it is what h does not see)."""
+    from bench.methods.reflow import feature_loss
+    g = torch.Generator().manual_seed(1)
+    x0, x1, t = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g), torch.rand(16, generator=g)
+    A = torch.randn(3, 4, generator=g)
+    net, lin = _velocity(4)
+    w = (x1 - x0) - net(x0 + t[:, None] * (x1 - x0), t)
+    expected = (w @ A.T).pow(2).mean()
+    got = feature_loss(net, lambda x: x @ A.T, x0, x1, t=t, scale=2.0)
+    torch.testing.assert_close(got, 4.0 * expected)
+    ge = torch.autograd.grad(4.0 * expected, list(lin.parameters()))
+    gg = torch.autograd.grad(got, list(lin.parameters()))
+    for u, v in zip(ge, gg):
+        torch.testing.assert_close(u, v)
+    e1 = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    free = lambda x, t: torch.cat([(x1 - x0)[:, :1], torch.randn(len(x), 3, generator=g)], 1)
+    assert float(feature_loss(free, lambda x: x @ e1.T, x0, x1, t=t)) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_reflow_trains_with_the_papers_translation_loss_by_default():
+    """Pinned: the default image loss is Sec. 5.3's (on every budget), declared with the authors' value and its
+    source; vectors keep the plain loss (the paper's toy experiments); rows stored before the option read as
+    the plain loss with the classifier options at today's values."""
+    from bench.methods.reflow import ReFlow
+    from bench.options import declared
+    from bench.registry import get_task, options_variant
+    from bench.testing import fit_in_memory, tiny_images
+    for budget in ("smoke", "cpu", "fast", "paper"):
+        o = ReFlow.resolve_options(budget, {})
+        assert o["loss"] == "classifier" and o["toy_loss"] == "pixel", budget
+    spec = declared(ReFlow.default_options)
+    assert spec["loss"].authors == "classifier" and "Sec. 5.3" in spec["loss"].source
+    assert ReFlow.options_before["loss"] == "pixel"
+    old_row = {k: v for k, v in ReFlow(budget="cpu").options.items()
+               if k not in ("loss", "toy_loss") and not k.startswith(("cls_", "toy_cls_"))}
+    task_options = get_task("digits")().options
+    assert options_variant("reflow", "cpu", "digits", old_row, task_options) == "loss=pixel"
+    m = fit_in_memory(ReFlow, tiny_images(), **ReFlow.test_options)
+    assert m.uses_classifier and not any(p.requires_grad for p in m.classifier.parameters())
+    assert m.bound_terms()["feature_scale"] > 0
+    plain = fit_in_memory(ReFlow, tiny_images(), **{**ReFlow.test_options, "loss": "pixel"})
+    assert plain.classifier is None and "feature_scale" not in plain.bound_terms()
+
+
 # -- DDIB ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ddib_toy1d_bridges_minus4_to_4_and_is_cycle_consistent(one_thread):
@@ -167,6 +236,67 @@ def test_egsde_toy2d_faithfulness_keeps_the_output_near_its_source(one_thread):
     assert near1 > 0.7
     # ... so the upper source mode goes more often to the target mode nearer to it (right)
     assert float((mode1[up] == 0).float().mean()) > float((mode0[up] == 0).float().mean()) + 0.1
+
+
+def test_egsde_lowpass_keeps_the_authors_factor_32():
+    """Pinned: the low-pass side is the authors' down_N = 32 as a factor (8 px at 256 px, 1 at 28 px), on every
+    budget; 8 px stays reachable."""
+    from bench.methods.egsde import EGSDE, lowpass_rule
+    from bench.testing import tiny_images
+    assert [lowpass_rule((3, s, s)) for s in (256, 128, 64, 32, 28, 8)] == [8, 4, 2, 1, 1, 1]
+    for budget in ("smoke", "cpu", "fast", "paper"):
+        o = EGSDE.resolve_options(budget, {})
+        assert (o["lowpass_side"], o["lambda_s"], o["lambda_i"]) == ("auto", "auto", "auto"), budget
+    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    m = EGSDE(**EGSDE.test_options)
+    m.setup(tiny_images(side=28, n=8), run)
+    assert m.lowpass == 1
+    m = EGSDE(**EGSDE.test_options, lowpass_side=8, lambda_s=500, lambda_i=2)
+    m.setup(tiny_images(side=28, n=8), run)
+    assert m.lowpass == 8 and m.weights() == (500.0, 2.0)
+    with pytest.raises(Exception, match="lowpass_side=0"):
+        EGSDE(lowpass_side=0)
+
+
+def test_egsde_auto_weights_give_the_stated_pulls_from_training_data_only(one_thread):
+    """lambda = the stated pull / the measured pull of the energy at weight 1, measured at t0 on training pairs:
+    the test split is never read (here it is NaN), and the row records the weights and the pulls."""
+    from bench.methods.egsde import AUTHORS_FAITHFULNESS_PULL, EGSDE, REALISM_PULL
+    from bench.testing import tiny_images
+    data = tiny_images(side=8)
+    data.source_test = torch.full_like(data.source_test, float("nan"))
+    data.target_test = torch.full_like(data.target_test, float("nan"))
+    m = _fit("egsde", data, **{**EGSDE.test_options, "cls_steps": 30, "score_steps": 30})
+    b = m.bound_terms()
+    assert b["lowpass_side"] == 1 and 0 < b["pull_s"] and 0 < b["pull_i"] and b["eps_rms"] > 0
+    assert b["lambda_s"] * b["pull_s"] == pytest.approx(REALISM_PULL)
+    assert b["lambda_i"] * b["pull_i"] == pytest.approx(AUTHORS_FAITHFULNESS_PULL)
+    assert m.weights() == (b["lambda_s"], b["lambda_i"])
+    y = _transport(m, tiny_images(side=8).source_test[:4])
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.slow
+def test_egsde_authors_faithfulness_pull_is_measured_on_afhq():
+    """AUTHORS_FAITHFULNESS_PULL is the authors' setting measured on the AFHQ cat / dog samples at 256 px."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from bench.data import resolve_root
+    from bench.methods.egsde import AUTHORS_FAITHFULNESS_PULL, authors_faithfulness_pull
+    root = resolve_root(None) / "samples" / "afhq_stargan_v2"
+    if not root.is_dir():
+        pytest.skip(f"no AFHQ samples under {root}")
+
+    def load(kind):
+        files = sorted(Path(root).glob(f"*/{kind}/*.jpg"))
+        return torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB").resize((256, 256), Image.BICUBIC)))
+                            .permute(2, 0, 1).float() / 127.5 - 1 for f in files])
+    cat, dog = load("cat"), load("dog")
+    assert (len(cat), len(dog)) == (15, 13)
+    assert authors_faithfulness_pull(cat, dog) == pytest.approx(AUTHORS_FAITHFULNESS_PULL, abs=5e-4)
 
 
 # -- SCONES -------------------------------------------------------------------------------------------
