@@ -160,3 +160,130 @@ def test_every_option_is_typed_and_a_wrong_type_is_a_one_line_error(name):
         with pytest.raises(BenchError, match=f"option {key}=") as info:
             cls(**{key: wrong})
         assert "\n" not in str(info.value)
+
+
+# -- behaviour: every registered method against a toy's known answer, and a bitwise kill-and-resume ----
+# Issue 37: a method gets these by being registered.  The toy check trains on toy1d (N(-4, 1) -> N(4, 1); the OT
+# map is x + 8) or, for a method that needs guiding pairs, on toy2d (whose pairs cross the cost's assignment), with
+# the options below: settings that train in seconds on one thread and were checked to reach the answer.  A method
+# with no entry here takes its class's ``behaviour_options`` if it has them, else the entry of the nearest parent
+# class that has one (otcs-glyph: otcs's), else its smoke defaults.
+# Reference rows (identity, keypoint-nn, label-oracle) are floors and ceilings by design and skip the toy check.
+SCORE_TOY = {"mlp_hidden": 128, "mlp_depth": 3, "toy_score_steps": 1000, "toy_score_batch": 256, "score_warmup": 50}
+NOT_TOY = {"toy_steps": 300, "inner_steps": 5, "mlp_hidden": 64, "mlp_depth": 2, "toy_batch_size": 64,
+           "betas": [0.0, 0.9], "lr_schedule": "cosine"}
+BEHAVIOUR = {
+    "not": NOT_TOY,
+    "knot": {**NOT_TOY, "toy_steps": 400, "gamma": 1.0, "gamma_warmup": 0.0},
+    "w2gan": {"toy_steps": 1000, "mlp_hidden": 64, "mlp_depth": 2},
+    "ot-icnn": {"toy_steps": 200, "toy_lr": 1e-2, "toy_lr_schedule": "cosine"},
+    "otm": {"toy_steps": 1000, "lr_schedule": "cosine", "mlp_hidden": 64, "mlp_depth": 2},
+    "reflow": {"toy_flow_steps": 1200, "toy_ode_steps": 50, "mlp_hidden": 128},
+    "ddib": {**SCORE_TOY, "toy_ddim_steps": 100},
+    "egsde": {**SCORE_TOY, "toy_cls_steps": 800, "toy_sde_steps": 100, "lambda_s": 5.0, "lambda_i": 0.0},
+    "scones": {**SCORE_TOY, "ot_steps": 1500, "ot_lr": 1e-3, "potential_hidden": 128, "n_steps_each": 2},
+    "dpmot": {"score_steps": 1500, "batch_size": 128, "hidden": 128, "lr": 2e-3, "warmup": 50, "ot_steps": 200,
+              "ot_batch": 512},
+    "otcs": {"epsilon_rel": 0.01},
+    "tcr": {"toy_steps": 200, "mlp_hidden": 64, "mlp_depth": 2},
+}
+# no direction to check: the kernel cost's optimal plan on toy1d is the independent coupling (tests/test_not.py);
+# EGSDE starts from the source perturbed to t0 = 0.5, where alpha(t0) = 0.28 of a source's offset survives against
+# noise of std 0.96 (measured corr(x, T(x)) 0.13): it promises realism and faithfulness energies, not a map
+MARGINAL_ONLY = {"knot", "egsde"}
+# measured failures at the settings above (2026-12-07), strict xfail: a fix makes them pass, then the entry must go
+BEHAVIOUR_FAILS = {
+    "dpmot": "the semi-discrete dual leaves 999 of 1,000 latent cells empty after 200 steps (989 after 1,000): every "
+             "output is one target point; W2 1.38 (t_M = 0.5: 0.73)",
+    "otcs-glyph": "W2 0.92 at otcs's toy setting (otcs passes; otcs-glyph with guidance=0: W2 0.40): its "
+                  "classifier-free guidance (w = 3) pushes the outputs off the target marginal",
+}
+BEHAVING = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=BEHAVIOUR_FAILS[n])) if n in BEHAVIOUR_FAILS
+            else n for n, c in METHODS.items() if c.family != "Reference"]
+
+
+def _barycentre(m, x: torch.Tensor, draws: int = 8) -> torch.Tensor:
+    if not m.stochastic:
+        return _transport(m, x)
+    return _transport(m, x.repeat_interleave(draws, 0)).reshape(len(x), draws, -1).mean(1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BEHAVING)
+def test_method_moves_a_toy_onto_its_target_in_the_right_direction(name, one_thread):
+    """Marginal: the outputs are distributed as the target.  Direction: on toy1d the (barycentric) map increases
+    with x, as the OT map x + 8 does (the decreasing map x -> -x also pushes P onto Q); on toy2d each source mode
+    goes where its guiding pair says."""
+    from bench import ot
+    from bench.datasets.toy import TGT_CENTRES, Toy1D, Toy2D
+    from bench.testing import fit_in_memory
+
+    cls = METHODS[name]
+    options = getattr(cls, "behaviour_options", None)
+    if options is None:
+        options = next((BEHAVIOUR[c.name] for c in cls.__mro__ if getattr(c, "name", None) in BEHAVIOUR), {})
+    task = Toy1D() if UNPAIRED in cls.settings else Toy2D()
+    data = task.load(None, 0)
+    m = fit_in_memory(cls, data, **options)
+    x = data.source_test
+    y = _transport(m, x)
+    if isinstance(task, Toy1D):
+        w2 = ot.w2_empirical(y, data.target_test)
+        assert w2 < 0.5, f"{name}: W2(outputs, target) = {w2:.3f} on toy1d (N(4, 1) expected)"
+        if not MARGINAL_ONLY & {getattr(c, "name", None) for c in cls.__mro__}:
+            corr = float(torch.corrcoef(torch.stack([x[:, 0], _barycentre(m, x)[:, 0]]))[0, 1])
+            assert corr > 0.5, f"{name}: corr(x, T(x)) = {corr:.3f} on toy1d; the OT map x + 8 increases"
+    else:
+        near = float((torch.cdist(y, TGT_CENTRES).min(1).values < 1.0).float().mean())
+        assert near > 0.9, f"{name}: {100 * near:.0f} % of outputs within 1 of a target mode"
+        res = task.task_metrics(data, x, y, data.source_test_labels, None)
+        assert res["upper_mode_hit"] >= 90 and res["lower_mode_hit"] >= 90, f"{name}: {res}"
+
+
+class _Killed(Exception):
+    pass
+
+
+def _fit_in(directory, cls, data, kill_after: int | None = None):
+    """Fit with a checkpoint after every step (test options); with ``kill_after``, stop right after that many
+    checkpoints, as a kill -9 would, and return (None, count); else (method, count)."""
+    run = Run(directory, device="cpu", seed=0, budget="smoke", progress=False, checkpoint_every=0.0)
+    torch.manual_seed(0)
+    run.method = m = cls(**getattr(cls, "test_options", {}))
+    m.setup(data, run)
+    run.restore()
+    saved, count = run.checkpoint, [0]
+
+    def checkpoint():
+        saved()
+        count[0] += 1
+        if kill_after is not None and count[0] >= kill_after:
+            raise _Killed
+    run.checkpoint = checkpoint
+    try:
+        m.fit(data, run)
+    except _Killed:
+        return None, count[0]
+    return m, count[0]
+
+
+@pytest.mark.parametrize("name,kind", [(n, k) for n in METHODS for k in KINDS])
+def test_a_fit_killed_after_any_checkpoint_resumes_bitwise(name, kind, tmp_path, one_thread):
+    """Killed right after its first, middle or last-but-one checkpoint (images: the middle one) and run again, a
+    fit ends with the model an uninterrupted fit ends with: the same transport, bit for bit (networks, optimisers,
+    random streams and loop positions all travel in the checkpoint)."""
+    cls = METHODS[name]
+    data = _data(kind, SEMI_PAIRED if SEMI_PAIRED in cls.settings else cls.settings[0], cls)
+    whole, n = _fit_in(tmp_path / "whole", cls, data)
+    x = data.source_test[:8]
+    expected = _transport(whole, x)
+    # images: the middle checkpoint only (the image networks make each fit seconds long)
+    cuts = {1, n // 2, n - 1} if kind == "vectors" else {n // 2}
+    for cut in sorted(cuts - {0}) if n > 1 else []:
+        d = tmp_path / f"cut{cut}"
+        killed, _ = _fit_in(d, cls, data, kill_after=cut)
+        assert killed is None
+        resumed, _ = _fit_in(d, cls, data)
+        torch.testing.assert_close(_transport(resumed, x), expected, rtol=0, atol=0,
+                                   msg=lambda m: f"{name} ({kind}) resumed after checkpoint {cut} of {n}: {m}")
+        assert resumed.bound_terms() == whole.bound_terms()
