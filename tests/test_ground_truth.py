@@ -251,3 +251,32 @@ def test_bench_run_stores_the_scores_and_the_table_script_renders_them(tmp_path,
     assert "| keypoint-nn | 100.0 | 0.0 |" in text
     assert mod.applicable("label-oracle", "gauss-16") == (False, "needs class labels (task has none)")
     assert mod.applicable("tcr", "clusters-16") == (True, "")
+
+
+def _applicable(name: str, task: str) -> bool:
+    cls, tcls = methods()[name], tasks()[task]
+    if tcls.setting not in cls.settings:
+        return False
+    return not (cls.oracle and tcls.setting == UNPAIRED)  # the map tasks have no labels for an oracle to read
+
+
+@pytest.mark.parametrize("name,task", [(n, t) for t in ("gauss-64", "clusters-16") for n in methods()
+                                       if _applicable(n, t) and not methods()[n].__module__.rsplit(".", 1)[-1].startswith("test_")])
+def test_every_method_runs_on_the_ground_truth_tasks(name, task, tmp_path, one_thread):
+    """Plumbing at each method's test options: 64-D vectors and the semi-paired clusters go through `bench run`'s
+    path (fit, transport, barycentric draws, scores in range) for every method that declares the setting."""
+    from bench.runner import RunSpec, run_one
+    cls = methods()[name]
+    options = dict(getattr(cls, "test_options", {}))
+    try:  # the runner refuses image-only options on a vector task
+        from bench.options import path_only
+        options = {k: v for k, v in options.items() if path_only(cls.default_options).get(k, ("",))[0] != "image"}
+    except ImportError:
+        pass
+    if "ot_max_train" in cls.default_options:  # a plan over 512 x 512 training points, not 4,000 x 4,000 (seconds)
+        options["ot_max_train"] = 512
+    spec = RunSpec(name, task, 0, "smoke", options)
+    row = run_one(spec, out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu",
+                  progress=False, log=lambda *_: None)
+    assert row is not None and np.isfinite(row["l2_uvp"]) and np.isfinite(row["bw2_uvp"])
+    assert row["barycentric_draws"] == (gt.DRAWS if methods()[name](**spec.options).stochastic else 1)
