@@ -101,6 +101,8 @@ def _cell(values: pd.Series, digits: int) -> str:
     v = pd.to_numeric(values, errors="coerce").dropna()
     if v.empty:
         return ""
+    if abs(v.mean()) >= 1e4:  # a diverged run: the order of magnitude is the information
+        return f"{v.mean():.1e}" + (f" ± {v.std():.1e}" if len(v) > 1 else "") + " (diverged)"
     text = f"{v.mean():.{digits}f}"
     if len(v) > 1:
         text += f" ± {v.std():.{digits}f}"
@@ -158,7 +160,8 @@ def render(rows_dir: Path, budget: str, table: str = "results/ground_truth/table
              f"`python scripts/ground_truth_table.py run --budget {budget} --seeds 0,1,2` (finished runs are skipped, "
              "interrupted ones resume).", ""]
     if devices:
-        parts += ["Machines: " + "; ".join(devices) + ".", ""]
+        parts += ["Machines: " + "; ".join(devices) + ". Minutes are wall-clock: on a machine shared with other jobs "
+                  "they overstate a run's cost (each row's `timings` and `fit_s` are in its row file).", ""]
     map_methods = [m for m in names if any(applicable(m, t)[0] for t in MAP_TASKS)]
     skipped = [m for m in names if m not in map_methods]
 
