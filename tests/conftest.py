@@ -38,12 +38,10 @@ def bench_cache(tmp_path_factory) -> Path:
     return path
 
 
-# Files that take minutes (worker seconds measured with two workers, logs/suite_s9_xdist.log and the fresh-clone
-# run of 2026-12-02), mostly longest first. Under `pytest -n 2 --dist loadfile` each worker takes whole files from a
+# Files that take minutes, longest first. Under `pytest -n 2 --dist loadfile` each worker takes whole files from a
 # queue (the first two files, then the next two, one each, then on demand); started last, these would leave one
-# worker running alone at the end. test_faults.py (toy tasks only) goes second: the digits judge takes ~5 min to
-# train at first use, and a second worker that also started on digits waited for it under the cache lock.
-LONG_FILES = ("test_e2e.py", "test_faults.py", "test_e2e_methods.py", "test_baselines_ot.py",
+# worker running alone at the end. test_contract.py holds every registered method's behavioural and resume suites.
+LONG_FILES = ("test_contract.py", "test_e2e.py", "test_faults.py", "test_e2e_methods.py", "test_baselines_ot.py",
               "test_baselines_diffusion.py", "test_executors.py")
 
 
