@@ -146,7 +146,8 @@ class EGSDE(Method):
              "grad E, E = lambda_s cos(features(y), features(x_t)) + lambda_i ||LowPass(y) - LowPass(x_t)||^2 "
              "(average-pool to max(1, side/32) px and back, the authors' factor; identity on vectors); by default both "
              "weights set by a rule measured on training pairs (module docstring). NFE counts score-network calls; "
-             "each step also runs the classifier. Guiding pairs unused")
+             "each step also runs the classifier. Guiding pairs unused. Not an OT map: from t0 = 0.5 its outputs "
+             "keep little of the source (scored on the ground-truth map tasks all the same)")
     default_options: dict[str, Any] = {
         **network_options(),
         **diffusion_options(),

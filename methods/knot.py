@@ -60,7 +60,8 @@ class KNOT(NOT):
              "on semi-paired tasks the guiding pairs are ignored; stochastic map T(x, z) with z = 128 N(0, 1) "
              "values through conditional normalisation at every UNet layer (authors); the authors' lr "
              "halvings at 15/25/40/55/70 % of the steps on the paper budget (shorter budgets end before "
-             "the first, so their lr is constant)")
+             "the first, so their lr is constant); on the ground-truth map tasks it is scored against the "
+             "quadratic-cost map, which its kernel cost does not target")
     default_options: dict[str, Any] = {
         **NOT.default_options,
         "cost": Option("kernel", choices=("kernel",)),

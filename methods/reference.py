@@ -52,7 +52,7 @@ class KeypointNN(Method):
     family = "Reference"
     settings = (SEMI_PAIRED,)
     uses_pairs = True
-    notes = "target of the guiding pair whose source is nearest (uses only the K pairs)"
+    notes = ("target of the guiding pair whose source is nearest (uses only the K pairs); semi-paired tasks only")
     test_options: dict = {}
 
     @property
@@ -78,7 +78,8 @@ class LabelOracle(Method):
     settings = (UNPAIRED, SEMI_PAIRED)
     stochastic = True
     oracle = True
-    notes = "ORACLE: a random target training sample of the source's class (reads labels)"
+    notes = ("ORACLE: a random target training sample of the source's class (reads labels); refused on tasks "
+             "without class labels (the gauss-* and convex-* ground truths)")
     test_options: dict = {}
 
     @property
