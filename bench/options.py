@@ -25,7 +25,7 @@ class Option:
 
     def __init__(self, default: Any = _UNSET, *, type: type | None = None, choices: tuple | None = None,
                  nullable: bool | None = None, help: str = "", sampling: bool = False,
-                 authors: Any = _UNSET, source: str = "", low: float | None = None, high: float | None = None,
+                 authors: Any = _UNSET, source: str = "", problem: bool = False, low: float | None = None, high: float | None = None,
                  **per_budget: Any) -> None:
         from .budgets import BUDGET_NAMES
         bad = set(per_budget) - set(BUDGET_NAMES)
@@ -46,6 +46,9 @@ class Option:
         if authors is not _UNSET and not source:
             raise TypeError("Option(authors=...) needs source= naming where the authors' value is written")
         self.authors, self.source = authors, str(source)
+        # problem=True: the option defines the problem the method solves (a regulariser, a cost), not the compute
+        # spent on it; a budget whose value differs from the authors' then solves another problem, and tables say so
+        self.problem = bool(problem)
         values = [v for v in ([default] if default is not _UNSET else []) + list(per_budget.values())
                   if v is not None]
         if type is None and values:
@@ -137,6 +140,15 @@ def _example(opt: Option) -> str:
     v = opt.default if opt.default is not _UNSET and opt.default is not None else next(
         (x for x in opt.per_budget.values() if x is not None), None)
     return "null" if v is None else str(v).replace(" ", "").replace("'", '"').lower() if isinstance(v, (bool, list)) else str(v)
+
+
+def problem_changes(defaults: Mapping[str, Any], options: Mapping[str, Any]) -> list[str]:
+    """``name value (authors: a)`` for each ``problem=True`` option whose value in ``options`` is not the authors'."""
+    out = []
+    for name, opt in declared(defaults).items():
+        if opt.problem and opt.has_authors and name in options and options[name] != opt.authors:
+            out.append(f"{name} {options[name]!r} (authors: {opt.authors!r})")
+    return out
 
 
 def as_option(value: Any) -> Option:

@@ -16,7 +16,8 @@ import pandas as pd
 from tabulate import tabulate
 
 from .api import BenchError, Metric
-from .registry import options_variant
+from .options import problem_changes
+from .registry import get_method, options_variant
 
 BOUND_PREFIX = "bound_"
 FORMATS = ("text", "markdown", "latex", "csv")  # text: for a terminal (bold/underline as ANSI styles)
@@ -238,6 +239,9 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
             text += "\n\nTheorem 2 terms (mean over seeds; C1..C3 unknown, so terms not a bound):\n\n"
             text += tabulate(bl, headers=["Method", "Budget", *bound_cols], tablefmt=tablefmt,
                              disable_numparse=True)
+    changed = _problem_notes(summary)
+    if changed and fmt in ("markdown", "text"):
+        text += "\n\n" + "\n".join(changed)
     if fmt in ("markdown", "text"):
         text += ("\n\n" + ("Bold: best, <ins>underlined</ins>: second best" if fmt == "markdown" else
                             "Bold: best, underlined: second best (on a terminal)")
@@ -259,6 +263,22 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
                          f"as one class): their accuracy-type metrics understate outputs that carry noise; "
                          f"re-evaluate their stored samples (`bench eval RUN_DIR`).")
     return text
+
+
+def _problem_notes(summary: pd.DataFrame) -> list[str]:
+    """One line per (method, budget) of the table whose budget solves another problem than the authors' (an
+    option declared ``problem=True`` at a value that is not theirs, e.g. a larger regulariser)."""
+    notes = []
+    for (method, budget), _ in summary.groupby(["method", "budget"], sort=False):
+        try:
+            cls = get_method(method)
+        except BenchError:
+            continue
+        changes = problem_changes(cls.default_options, cls.resolve_options(budget, {}))
+        if changes:
+            notes.append(f"{method} on {budget} solves another problem than its authors': {'; '.join(changes)} "
+                         f"(results/deviations.md).")
+    return notes
 
 
 def _num(v) -> str:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.metrics.memorisation import COPY_FLAG  # noqa: E402
 from bench.paper import paper_values  # noqa: E402
-from bench.tables import FRAGILE_JUDGE, _fmt, load_rows  # noqa: E402
+from bench.tables import FRAGILE_JUDGE, _fmt, _problem_notes, load_rows  # noqa: E402
 
 BEGIN, END = "<!-- cpu-table:begin -->", "<!-- cpu-table:end -->"
 
@@ -149,6 +149,7 @@ def table(rows_dir: Path) -> str:
                   "training image than 95 % of held-out target images are (a fresh sample of the domain scores ~5 %); "
                   f"**copies** marks a mean of {COPY_FLAG:.0f} % or more; - where the row predates the measure.")
         lines += ["", " ".join(filter(None, [legend, _head_to_head(df, "otcs", "not", paper)]))]
+        lines += ["", *_problem_notes(df.assign(budget="cpu"))]
     if not stale.empty:
         lines += ["", "Not in the means (run before a `cpu` default changed, or scored by another judge than the pinned one; their rows are kept): " + "; ".join(
             f"{r.method} seed {int(r.seed)} ({r.variant})" for r in stale.itertuples()) + "."]

@@ -63,3 +63,11 @@ def test_bench_deviations_writes_the_table_and_reports_when_it_is_current(tmp_pa
     assert committed_block(path) == generate()
     again = CliRunner().invoke(cli, ["deviations", "--write", str(path)])
     assert again.exit_code == 0 and "already current" in again.output
+
+
+def test_a_budget_that_changes_a_problem_option_is_named_under_the_table():
+    from bench.options import problem_changes
+    defaults = {"eps": Option(smoke=1e-2, cpu=1e-2, fast=1e-2, paper=2e-5, authors=2e-5, source="s", problem=True),
+                "steps": Option(smoke=1, cpu=1, fast=1, paper=9, authors=9, source="s")}  # compute, not problem
+    assert problem_changes(defaults, {"eps": 1e-2, "steps": 1}) == ["eps 0.01 (authors: 2e-05)"]
+    assert problem_changes(defaults, {"eps": 2e-5, "steps": 1}) == []
