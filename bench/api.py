@@ -13,13 +13,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from .errors import BenchError  # noqa: F401  (re-exported: plugins import it from bench.api)
+from .options import resolve
+
 UNPAIRED = "unpaired"
 SEMI_PAIRED = "semi-paired"
 SETTINGS = (UNPAIRED, SEMI_PAIRED)
-
-
-class BenchError(Exception):
-    """A user-facing error: the CLI prints its message on one line and exits non-zero."""
 
 
 class Metric(str):
@@ -121,7 +120,6 @@ class Method:
     options_before: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, budget: str = "smoke", **options: Any) -> None:
-        from .options import resolve
         self.budget = str(budget)
         self.given_options = dict(options)
         # every option's value for this budget, typed and validated: what the row records
@@ -132,7 +130,6 @@ class Method:
 
     @classmethod
     def resolve_options(cls, budget: str, options: dict[str, Any]) -> dict[str, Any]:
-        from .options import resolve
         return resolve(f"method {cls.name!r}", cls.default_options, options, budget)
 
     # -- optimizers: one checkpoint mechanism for every plugin ------------------------------
@@ -257,7 +254,6 @@ class Task:
     data_groups: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
-        from .options import resolve
         # task options do not depend on the budget (a budget never changes the protocol)
         self.options = resolve(f"task {self.name!r}", self.default_options, options, "smoke")
 

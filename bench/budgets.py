@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .api import BenchError
+from .errors import BenchError
 
 BUDGETS = {
     "smoke": "CPU, about a minute per method (CI): a plumbing check with tiny networks, not a quality run",

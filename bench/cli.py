@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .api import BenchError
+from .errors import BenchError
 from .budgets import BUDGET_NAMES, BUDGETS
 
 

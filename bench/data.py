@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .api import BenchError
+from .errors import BenchError
 
 
 # -- locations -----------------------------------------------------------------------------

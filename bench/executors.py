@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .api import BenchError
+from .errors import BenchError
 
 EXECUTORS = ("local", "ray", "slurm")
 Log = Callable[[str], Any]

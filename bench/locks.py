@@ -25,7 +25,7 @@ from typing import Any
 import filelock
 
 from . import store
-from .api import BenchError
+from .errors import BenchError
 
 LOCK_FILE = ".lock"
 OWNER_FILE = ".lock.owner.json"

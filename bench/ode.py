@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .api import BenchError
+from .errors import BenchError
 from .diffusion import VPSDE, sample_ddim
 
 METHODS = ("euler", "heun")

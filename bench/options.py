@@ -12,7 +12,8 @@ import difflib
 import math
 from typing import Any, Mapping
 
-from .api import BenchError
+from .budgets import BUDGET_NAMES, Budget
+from .errors import BenchError
 
 _UNSET = object()
 POSITIVE_SUFFIXES = ("lr", "steps", "batch_size", "batch")
@@ -27,7 +28,6 @@ class Option:
                  nullable: bool | None = None, help: str = "", sampling: bool = False,
                  authors: Any = _UNSET, source: str = "", problem: bool = False, low: float | None = None, high: float | None = None,
                  **per_budget: Any) -> None:
-        from .budgets import BUDGET_NAMES
         bad = set(per_budget) - set(BUDGET_NAMES)
         if bad:
             raise TypeError(f"Option got unknown budget(s) {sorted(bad)}; budgets: {BUDGET_NAMES}")
@@ -116,13 +116,8 @@ class Option:
 
     def describe(self) -> str:
         if self.per_budget:
-            return ", ".join(f"{b}={self.value_for(b)!r}" for b in _budget_names())
+            return ", ".join(f"{b}={self.value_for(b)!r}" for b in BUDGET_NAMES)
         return repr(self.default)
-
-
-def _budget_names():
-    from .budgets import BUDGET_NAMES
-    return BUDGET_NAMES
 
 
 def _kind(value: Any) -> type | None:
@@ -166,7 +161,6 @@ def sampling_names(defaults: Mapping[str, Any]) -> set[str]:
 
 def resolve(owner: str, defaults: Mapping[str, Any], given: Mapping[str, Any], budget: str) -> dict[str, Any]:
     """Every declared option's value for ``budget``, with ``given`` (validated) taking precedence."""
-    from .budgets import Budget
     Budget(budget)  # one-line error for an unknown budget
     spec = declared(defaults)
     unknown = sorted(set(given) - set(spec))

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .api import BenchError
+from .errors import BenchError
 
 COSTS = ("mean-squared", "mean-l1", "cosine")
 _ALIASES = {"l2": "mean-squared", "sq": "mean-squared", "l1": "mean-l1"}

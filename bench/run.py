@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import store
-from .api import BenchError
+from .errors import BenchError
 from .budgets import Budget
 
 

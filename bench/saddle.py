@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .api import BenchError
+from .errors import BenchError
 from .options import Option
 
 LR_SCHEDULES = ("constant", "multistep", "cosine")

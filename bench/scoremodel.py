@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .api import BenchError
+from .errors import BenchError
 from .diffusion import EMA, VPSDE, dsm_loss, in_rows
 from .nn import ScoreMLP, UNet, canvas_side, crop_to, pad_to
 from .options import Option

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .api import BenchError
+from .errors import BenchError
 
 Sampler = Callable[[int, "torch.Generator | None"], torch.Tensor]
 

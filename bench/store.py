@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .api import BenchError
+from .errors import BenchError
 
 
 class CorruptFile(BenchError):

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..api import BenchError
+from ..errors import BenchError
 from ..locks import cache_entry_lock
 from .frechet import FeatureStats
 

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..api import BenchError
+from ..errors import BenchError
 from ..locks import cache_entry_lock
 from .frechet import FeatureStats, frechet_distance
 

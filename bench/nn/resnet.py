@@ -16,7 +16,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..api import BenchError
+from ..errors import BenchError
 
 
 class CriticBlock(nn.Module):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import BenchError
+from ..errors import BenchError
 
 COND_MODES = ("none", "concat", "embed")
 
