@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .api import BenchError
+from .errors import BenchError
 
 MAPS = ("flatten", "pool", "hog", "glyph", "glyph-hog", "contrastive")
 # bumped when a map's recipe changes: part of every cache key

@@ -131,7 +131,8 @@ class OTCS(Method):
         # smaller budgets use the smallest eps on {2e-5, 1e-3, 1e-2} that converges within their
         # steps (the rule in results/digits/PROTOCOL.md)
         "epsilon_rel": Option(smoke=1e-2, cpu=1e-2, fast=1e-2, paper=2e-5, type=float, nullable=True,
-                              help="eps = epsilon_rel * mean(xi) on a probe batch"),
+                              help="eps = epsilon_rel * mean(xi) on a probe batch",
+                authors=2e-05, source='XJTU-XGU/OTCS train_OT.py (epsilon 1e-5 on a cost of mean ~0.5)', problem=True),
         "tau": Option(None, type=float, help="relation-vector temperature; null: 0.1 x median keypoint cost"),
         "alpha": Option(0.0, help="semi-paired: xi = alpha c + (1 - alpha) g; 0 = pure guidance (authors)"),
         "relations": Option("distance", choices=RELATIONS,
@@ -161,9 +162,11 @@ class OTCS(Method):
         "potential_hidden": Option(smoke=128, cpu=512, fast=512, paper=512),
         "potential_depth": 3,
         "ot_steps": Option(smoke=600, cpu=10_000, fast=20_000, paper=300_000,
-                           help="potential steps (paper: the authors' 3e5)"),
+                           help="potential steps (paper: the authors' 3e5)",
+                authors=300000, source='XJTU-XGU/OTCS train_OT.py (300k iterations, L16)'),
         "ot_batch": Option(smoke=256, cpu=256, fast=512, paper=512),
-        "ot_lr": Option(3e-3, help="peak Adam lr, cosine decay to 0 (authors: 1e-6 constant)"),
+        "ot_lr": Option(3e-3, help="peak Adam lr, cosine decay to 0 (authors: 1e-6 constant)",
+                authors=1e-06, source='XJTU-XGU/OTCS train_OT.py (Adam 1e-6, constant)'),
         # digits cpu seed 1 (2026-11-30): the potentials' gradient norm, 0.4-0.9 per batch, spiked to 12 and then
         # 5e8 at step ~2,050 and the dual never recovered (H empty after 10,000 steps); clipped at 5 the same
         # seed ran on smoothly. The authors' lr (1e-6) needs no clip; ours (3e-3) does
@@ -172,7 +175,8 @@ class OTCS(Method):
         "eps_anneal": Option(0.5, help="share of the potential steps over which eps decays geometrically "
                                        "from eps_start_rel to eps (0: constant eps, as the authors)"),
         "eps_start_rel": Option(0.01, help="starting eps of the continuation, relative to mean(xi)"),
-        "h_threshold": Option(0.1, help="store H entries above this (authors: 0.1)"),
+        "h_threshold": Option(0.1, help="store H entries above this (authors: 0.1)",
+                authors=0.1, source='XJTU-XGU/OTCS runners/OT_solver.py (save_non_zero_dict)'),
         "h_max_per_row": Option(None, type=int, help="optional cap per row (authors: none)"),
         "h_max_nnz": Option(300_000_000, help="memory guard: more stored entries is an error"),
         "h_mask": Option(False, help="apply the keypoint mask when computing H (authors: no)"),
@@ -198,7 +202,7 @@ class OTCS(Method):
         "toy_steps": Option(smoke=2000, cpu=4000, fast=10_000, paper=10_000),
         "toy_batch_size": Option(smoke=256, cpu=256, fast=512, paper=512),
         "toy_lr": 1e-3,
-        "ema": 0.999,
+        "ema": Option(0.999, authors=0.9999, source='XJTU-XGU/OTCS runners/ddpm.py (EMA 0.9999)'),
         "beta_min": 0.1,
         "beta_max": 20.0,
         "unet_base": Option(smoke=16, cpu=16, fast=64, paper=64),
@@ -212,7 +216,8 @@ class OTCS(Method):
         # sampling: the authors' ancestral reverse-SDE sampler with x0 clipping on every budget
         # (sampling=True: transport-only, so runs differing only in these share one fit)
         "sampler": Option("sde", choices=SAMPLERS, sampling=True),
-        "sde_steps": Option(smoke=20, cpu=100, fast=1000, paper=1000, sampling=True),
+        "sde_steps": Option(smoke=20, cpu=100, fast=1000, paper=1000, sampling=True,
+                authors=1000, source='XJTU-XGU/OTCS functions/denoising.py (1,000 DDPM steps)'),
         "toy_sde_steps": Option(smoke=100, cpu=100, fast=1000, paper=1000, sampling=True),
         "clip_x0": Option(True, sampling=True, help="clip the x0 prediction to [-1, 1] while sampling images (authors)"),
         "denoise": Option(True, sampling=True, help="last step returns the x0 prediction (no leftover noise)"),
@@ -233,6 +238,14 @@ class OTCS(Method):
                       "relations": "distance", "spread_k": 10, "spread_alpha": 0.99,
                       "cond_drop": 0.0, "guidance": 0.0, "spread_sharpen": 1.0, "relation_features": "same",
                       "cost_features": "same", "stage2": "diffusion", "potential_input": "features"}
+    compared_against = 'XJTU-XGU/OTCS @b882474 (train_OT.py, runners/OT_solver.py, runners/ddpm.py, functions/losses.py, functions/denoising.py); the repository has no digits experiment'
+    deviations = (
+        'stage-I geometry for digits: potentials and relation vectors on 2x2-pooled pixels with the mean-squared cost, tau = 0.1 x the median keypoint cost; the authors use pixels with the l1 cost (CelebA) or CLIP ViT-B/32 features with the cosine cost and tau 0.1 (Animal), and publish nothing for digits',
+        "stage-I optimiser: Adam 3e-3 with cosine decay, gradient norm clipped at 5, an eps continuation over the first half and potential biases started at half the mean cost (the authors: Adam 1e-6 constant for 3e5 steps), so that the budgets' step counts converge",
+        'stage II trained from scratch: base-16 UNet, source through a small CNN encoder added to the time embedding (the authors fine-tune pretrained DDIM / ADM UNets)',
+        "continuous VP-SDE (beta 0.1-20, the discrete linear schedule's limit) with Euler-Maruyama sampling, no antithetic t, mean instead of sum loss, 5 % of the plan's rows held out for the J_CSM estimate",
+        'resampling draws a source row uniform among rows with a stored H entry (the authors replace an empty row by the next one)',
+    )
     test_options: dict[str, Any] = {
         "ot_steps": 30, "ot_batch": 16, "potential_hidden": 16, "potential_depth": 2, "steps": 4,
         "batch_size": 8, "unet_base": 8, "unet_mults": [1, 2], "unet_blocks": 1, "unet_attention": [],
