@@ -29,6 +29,8 @@ BEGIN, END = "<!-- cpu-table:begin -->", "<!-- cpu-table:end -->"
 NOTES = {
     "otcs": ("OTCS (6,000 stage-II steps, lr 2e-3, 100 SDE steps)",
              "faint Chinese numerals, mostly not the source's class"),
+    "otcs-glyph": ("OTCS, glyph variant (label-free stage I: spread relations over glyph-normalised HOG; CFG w 3, "
+                   "v-loss; ours, not the paper's)", "not yet viewed"),
     "not": ("NOT (600 outer steps)", "dimmed, smeared copies of the inputs"),
     "tcr": ("TCR (4,000 updates)",
             "very dim copies of the inputs (seed 2: faint blotches, which the judge splits into 一 and 四 by width)"),
