@@ -111,3 +111,32 @@ def fit_in_memory(cls, data: TaskData, seed: int = 0, **options):
     m.setup(data, run)
     m.fit(data, run)
     return m
+
+
+class Killed(Exception):
+    """Raised by :func:`fit_until_killed` right after its ``kill_after``-th checkpoint, as a kill -9 would stop a fit."""
+
+
+def fit_until_killed(cls, data: TaskData, directory, options: dict, kill_after: int | None = None):
+    """Fit ``cls(**options)`` on ``data`` in run directory ``directory`` (resuming from what is there), with a
+    checkpoint after every step; with ``kill_after``, stop right after that many checkpoints and return
+    ``(None, count)``, else ``(method, count)``: the resume tests' kill."""
+    from bench.run import Run
+    run = Run(directory, device="cpu", seed=0, budget="smoke", progress=False, checkpoint_every=0.0)
+    torch.manual_seed(0)
+    run.method = m = cls(**options)
+    m.setup(data, run)
+    run.restore()
+    saved, count = run.checkpoint, [0]
+
+    def checkpoint():
+        saved()
+        count[0] += 1
+        if kill_after is not None and count[0] >= kill_after:
+            raise Killed
+    run.checkpoint = checkpoint
+    try:
+        m.fit(data, run)
+    except Killed:
+        return None, count[0]
+    return m, count[0]

@@ -17,6 +17,7 @@ from bench import ot
 from bench.datasets.toy import SRC_CENTRES, TGT_CENTRES, Toy1D, Toy2D
 from bench.registry import methods
 from bench.run import Run
+from bench.testing import fit_until_killed
 
 # small networks and short runs: every fit below takes seconds on one CPU thread
 TOY = {"mlp_hidden": 128, "mlp_depth": 3, "toy_score_steps": 1000, "toy_score_batch": 256, "score_warmup": 50}
@@ -345,10 +346,6 @@ def test_scones_toy2d_samples_the_plans_mode_split(one_thread):
 
 
 # -- every stage resumes -----------------------------------------------------------------------------
-class _Killed(Exception):
-    pass
-
-
 RESUMABLE = {  # a few steps in every loop, on the 2-D task
     "reflow": {"reflow": 1, "toy_flow_steps": 12, "reflow_pairs": 64},
     "ddib": {"toy_score_steps": 12, "toy_ddim_steps": 5},
@@ -360,24 +357,8 @@ RESUMABLE = {  # a few steps in every loop, on the 2-D task
 def _fit_in(directory, name, data, kill_after=None):
     """Fit with a checkpoint after every step; with ``kill_after``, stop right after that many checkpoints
     (as a kill would) and return None."""
-    run = Run(directory, device="cpu", seed=0, budget="smoke", progress=False, checkpoint_every=0.0)
-    torch.manual_seed(0)
-    run.method = m = methods()[name](**{**methods()[name].test_options, **RESUMABLE[name]})
-    m.setup(data, run)
-    run.restore()
-    saved, count = run.checkpoint, [0]
-
-    def checkpoint():
-        saved()
-        count[0] += 1
-        if kill_after is not None and count[0] >= kill_after:
-            raise _Killed
-    run.checkpoint = checkpoint
-    try:
-        m.fit(data, run)
-    except _Killed:
-        return None
-    return m
+    cls = methods()[name]
+    return fit_until_killed(cls, data, directory, {**cls.test_options, **RESUMABLE[name]}, kill_after)[0]
 
 
 @pytest.mark.parametrize("name", list(RESUMABLE))

@@ -17,7 +17,7 @@ import torch
 from bench.api import SEMI_PAIRED, SETTINGS, UNPAIRED, BenchError
 from bench.registry import methods
 from bench.run import Run
-from bench.testing import tiny_images, tiny_vectors
+from bench.testing import fit_until_killed, tiny_images, tiny_vectors
 
 # the registered plugins; methods that other test modules register at import (e.g. test_runner's
 # test-counter) are fixtures of those tests, not plugins, and depend on the order pytest imports modules in
@@ -240,31 +240,8 @@ def test_method_moves_a_toy_onto_its_target_in_the_right_direction(name, one_thr
         assert res["upper_mode_hit"] >= 90 and res["lower_mode_hit"] >= 90, f"{name}: {res}"
 
 
-class _Killed(Exception):
-    pass
-
-
 def _fit_in(directory, cls, data, kill_after: int | None = None):
-    """Fit with a checkpoint after every step (test options); with ``kill_after``, stop right after that many
-    checkpoints, as a kill -9 would, and return (None, count); else (method, count)."""
-    run = Run(directory, device="cpu", seed=0, budget="smoke", progress=False, checkpoint_every=0.0)
-    torch.manual_seed(0)
-    run.method = m = cls(**getattr(cls, "test_options", {}))
-    m.setup(data, run)
-    run.restore()
-    saved, count = run.checkpoint, [0]
-
-    def checkpoint():
-        saved()
-        count[0] += 1
-        if kill_after is not None and count[0] >= kill_after:
-            raise _Killed
-    run.checkpoint = checkpoint
-    try:
-        m.fit(data, run)
-    except _Killed:
-        return None, count[0]
-    return m, count[0]
+    return fit_until_killed(cls, data, directory, getattr(cls, "test_options", {}), kill_after)
 
 
 @pytest.mark.parametrize("name,kind", [(n, k) for n in METHODS for k in KINDS])
