@@ -59,6 +59,11 @@ class Registry(Generic[T]):
                                  f"{getattr(obj, 'name', None)!r}; make them equal")
             self.register(obj, origin=f"entry point {ep.name} = {ep.value}")
 
+    def origin(self, name: str) -> str:
+        """Where ``name`` was registered from: ``entry point ...`` for installed plugins, else a module path."""
+        self.load()
+        return self._origin.get(name, "")
+
     def all(self) -> dict[str, type]:
         load_plugins()
         return dict(sorted(self._table.items()))

@@ -892,6 +892,7 @@ GLYPH_VARIANT = {
 class OTCSGlyph(OTCS):
     """OTCS with a label-free stage I that pairs the right classes (issue 38): ``otcs``'s code, other defaults."""
     name = "otcs-glyph"
+    settings = (SEMI_PAIRED,)  # its potentials read the relation vectors, which the guiding pairs define
     notes = ("OTCS (the `otcs` method's code) with the variant's defaults: relations spread over each domain's kNN "
              "graph of HOG features of glyph-normalised images (label-free, per image), classifier-free guidance "
              "with the velocity output and loss in stage II; not the authors' model, which is the `otcs` row")
