@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .diffusion import VPSDE
+from .options import Option
 from .nn import MLP, timestep_embedding
 from .nn.unet import Downsample, ResBlock, _norm
 from .scoremodel import fit_network
@@ -69,6 +70,20 @@ class DomainClassifier(nn.Module):
         if self.image:
             f = F.silu(self.norm(f)).mean((2, 3))
         return self.head(f)
+
+
+def classifier_options(cpu_width: int, **steps_meta) -> dict[str, Option]:
+    """The domain classifier's options, one declaration for every method that trains one (``steps_meta``: e.g. the
+    authors' value and source of ``cls_steps``)."""
+    return {
+        "cls_steps": Option(smoke=60, cpu=1000, fast=5000, paper=5000, help="classifier steps", **steps_meta),
+        "toy_cls_steps": Option(smoke=1000, cpu=2000, fast=2000, paper=2000),
+        "cls_batch": Option(smoke=16, cpu=32, fast=32, paper=32, help="noisy images per domain per step"),
+        "toy_cls_batch": Option(256, help="noisy samples per domain per step on vector tasks"),
+        "cls_lr": Option(3e-4),
+        "cls_weight_decay": Option(0.05),
+        "cls_width": Option(smoke=16, cpu=cpu_width, fast=64, paper=128, help="classifier width on images"),
+    }
 
 
 def fit_domain_classifier(method, run, classifier: DomainClassifier, source: torch.Tensor, target: torch.Tensor,

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
 from bench.diffusion import grad_in_rows, sample_sde
-from bench.domain import DomainClassifier, fit_domain_classifier
+from bench.domain import DomainClassifier, classifier_options, fit_domain_classifier
 from bench.options import Option
 from bench.scoremodel import (ScoreModel, check_same_shape, diffusion_options, network_options,
                               tiny_options, score_lr, training_options)
@@ -159,14 +159,7 @@ class EGSDE(Method):
                             lr=score_lr()),
         # the domain classifier (authors: 5000 iterations, batch 32, AdamW lr 3e-4, weight decay 0.05,
         # linear decay; width 128 at 256 px)
-        "cls_steps": Option(smoke=60, cpu=1000, fast=5000, paper=5000,
-                authors=5000, source='ML-GSAI/EGSDE classifier fine-tuning (5k steps)'),
-        "toy_cls_steps": Option(smoke=1000, cpu=2000, fast=2000, paper=2000),
-        "cls_batch": Option(smoke=16, cpu=32, fast=32, paper=32, help="noisy images per domain per step"),
-        "toy_cls_batch": Option(256, help="noisy samples per domain per step on vector tasks"),
-        "cls_lr": Option(3e-4),
-        "cls_weight_decay": Option(0.05),
-        "cls_width": Option(smoke=16, cpu=32, fast=64, paper=128, help="classifier width on images"),
+        **classifier_options(cpu_width=32, authors=5000, source='ML-GSAI/EGSDE classifier fine-tuning (5k steps)'),
         # sampling (authors, cat->dog: t = 500 of 1000, ls 500, li 2, cosine / neg_l2, down_N 32 at 256 px)
         "t0": Option(0.5, help="the intermediate time M the source is perturbed to (in (0, T])",
                 authors=0.5, source='ML-GSAI/EGSDE profiles/cat2dog, runners/egsde.py (t = 500 of 1000)'),

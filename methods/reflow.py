@@ -46,7 +46,7 @@ import torch
 from bench import ode
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
 from bench.diffusion import EMA, VPSDE, in_rows
-from bench.domain import DomainClassifier, fit_domain_classifier
+from bench.domain import DomainClassifier, classifier_options, fit_domain_classifier
 from bench.options import Option
 from bench.scoremodel import (check_same_shape, fit_network, from_canvas, network, network_options, setting,
                               tiny_options, to_canvas, training_options)
@@ -79,15 +79,7 @@ def feature_loss(net, h, x0: torch.Tensor, x1: torch.Tensor, generator=None, t: 
 # step 1.30 s with width 16 and 2.27 s with EGSDE's 32 (0.93 s pixel in that run); a classifier step (2 x 32
 # images) 0.17 s at width 16.  Width 16 after 1000 steps tells 1000 held-out MNIST from 1000 held-out Chinese-MNIST
 # training images apart at 100 % (t = t_eps, 0.2, 0.5; digits seed 0), so `cpu` takes 16.
-CLASSIFIER_OPTIONS: dict[str, Option] = {
-    "cls_steps": Option(smoke=60, cpu=1000, fast=5000, paper=5000, help="classifier steps (loss=classifier)"),
-    "toy_cls_steps": Option(smoke=1000, cpu=2000, fast=2000, paper=2000),
-    "cls_batch": Option(smoke=16, cpu=32, fast=32, paper=32, help="noisy images per domain per step"),
-    "toy_cls_batch": Option(256, help="noisy samples per domain per step on vector tasks"),
-    "cls_lr": Option(3e-4),
-    "cls_weight_decay": Option(0.05),
-    "cls_width": Option(smoke=16, cpu=16, fast=64, paper=128, help="classifier width on images"),
-}
+CLASSIFIER_OPTIONS = classifier_options(cpu_width=16)  # width 16 on cpu: the feature loss's jvp costs 1.5x
 
 
 class ReFlow(Method):
