@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .data import DataFile  # noqa: F401  (re-exported: task plugins declare their files with it)
 from .errors import BenchError  # noqa: F401  (re-exported: plugins import it from bench.api)
 from .options import resolve
 
@@ -237,21 +238,24 @@ class Task:
     """Base class of every task plugin.
 
     A task declares its metric columns (:class:`Metric`: header, direction, digits), the paper's
-    values, its options (``default_options``, resolved like a method's; ``--task-opt``), and how
-    to verify its data (``check_data``).  Adding a task never edits the engine.
+    values (``paper_values``), its options (``default_options``, resolved like a method's;
+    ``--task-opt``), the files it reads (``data_files``) and how to verify its data (``check_data``,
+    by default those files' sha256).  Adding a task never edits the engine.
     """
 
     name: ClassVar[str] = ""
     setting: ClassVar[str] = UNPAIRED
     metrics: ClassVar[tuple[Metric, ...]] = ()
     description: ClassVar[str] = ""
-    # Paper's Table 1 values: {method: {metric: value}}; printed beside measured cells.
+    # published values, {registry method name: {metric: value}}, printed beside measured cells; the task says
+    # where they come from (e.g. ``bench.paper.csv_column(its CSV, its column, names=...)``)
     paper_values: ClassVar[dict[str, dict[str, float]]] = {}
     # evaluation sizes per budget: number of test sources transported and scored (None: all)
     eval_sizes: ClassVar[dict[str, int | None]] = {"smoke": 256, "cpu": None, "fast": None, "paper": None}
     default_options: ClassVar[dict[str, Any]] = {}
-    # data groups of bench.data.MANIFEST this task reads (verified by sha256 in check_data)
-    data_groups: ClassVar[tuple[str, ...]] = ()
+    # the files of the data root this task reads (path, size, sha256, download source): what the default
+    # check_data, and so `bench data [--download]`, verifies or fetches
+    data_files: ClassVar[tuple[DataFile, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         # task options do not depend on the budget (a budget never changes the protocol)
@@ -262,11 +266,12 @@ class Task:
 
     def check_data(self, data_root, download: bool = False) -> dict[str, Any]:
         """Verify the data root (raise a one-line BenchError naming what is missing); return facts."""
-        if not self.data_groups:
+        if not self.data_files:
             return {}
-        from .data import ensure, files_for
         from pathlib import Path
-        found = ensure(Path(data_root), files_for(*self.data_groups), download=download)
+
+        from .data import ensure
+        found = ensure(Path(data_root), self.data_files, download=download)
         return {"verified files": len(found)}
 
     def evaluate(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,

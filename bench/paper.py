@@ -1,42 +1,55 @@
-"""The published Table 1 of OTCS (Gu et al., NeurIPS 2023), shipped as ``otcs_table1.csv``.
+"""Published values beside measured cells: reading them is the engine's, which table and column is the task's.
 
-``paper_values("digits")`` -> {registry method name: {"fid": ..., "acc": ...}} for every method
-the paper reports on that column (an empty cell is left out, never guessed).
+A task declares ``paper_values`` ({registry method name: {metric: value}}); one published table shared by
+several tasks is best kept as a CSV next to them, with one row per method and a ``<column>_<metric>`` header per
+cell, read with :func:`csv_column`::
+
+    paper_values = csv_column(TABLE, "<column>", names={"<name in the table>": "<registry name>"})
+
+The mapping from the table's method names to registry names (``names``) stays with the table it maps.
 """
 from __future__ import annotations
 
 import csv
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
+from typing import Mapping
 
-# the paper's method names -> this harness's registry names
-NAMES = {"W2GAN": "w2gan", "OT-ICNN": "ot-icnn", "OTM": "otm", "NOT": "not", "KNOT": "knot",
-         "ReFlow": "reflow", "EGSDE": "egsde", "DDIB": "ddib", "TCR": "tcr", "SCONES": "scones",
-         "OTCS": "otcs"}
-COLUMNS = {"celeba": ("fid", "ssim"), "animal": ("fid", "acc"), "digits": ("fid", "acc")}
+from .errors import BenchError
 
 
 @lru_cache(maxsize=None)
-def _rows() -> tuple[dict[str, str], ...]:
-    text = resources.files("bench").joinpath("otcs_table1.csv").read_text()
-    return tuple(csv.DictReader(text.splitlines()))
+def _rows(path: str) -> tuple[tuple[str, ...], tuple[dict[str, str], ...]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return tuple(reader.fieldnames or ()), tuple(reader)
 
 
-def paper_values(column: str) -> dict[str, dict[str, float]]:
-    """Table 1's cells for one of its three columns: ``celeba``, ``animal`` or ``digits``."""
-    if column not in COLUMNS:
-        raise KeyError(f"Table 1 has no column {column!r}; columns: {', '.join(COLUMNS)}")
+def csv_column(path: str | Path, column: str, names: Mapping[str, str] | None = None,
+               method: str = "method") -> dict[str, dict[str, float]]:
+    """The cells of one column of a published table: {registry name: {metric: value}}.
+
+    ``column``'s cells are the headers ``<column>_<metric>``; the row's method is in the ``method`` header,
+    mapped through ``names`` (a name it lacks is lower-cased).  An empty cell is left out, never guessed, and
+    a method without any cell in the column is left out."""
+    fields, rows = _rows(str(Path(path).resolve()))
+    prefix = f"{column}_"
+    own = lambda f: f == method or f.startswith(f"{method}_")  # noqa: E731  (the row's name and its labels)
+    metrics = [f[len(prefix):] for f in fields if f.startswith(prefix) and not own(f)]
+    if not metrics or method not in fields:
+        columns = sorted({f.split("_", 1)[0] for f in fields if "_" in f and not own(f)})
+        raise BenchError(f"{path} has no column {column!r} (headers {prefix}<metric>) or no {method!r} header; "
+                         f"its columns: {', '.join(columns)}")
+    names = names or {}
     out: dict[str, dict[str, float]] = {}
-    for row in _rows():
-        cells = {m: float(row[f"{column}_{m}"]) for m in COLUMNS[column] if row.get(f"{column}_{m}", "").strip()}
+    for row in rows:
+        cells = {m: float(row[prefix + m]) for m in metrics if (row.get(prefix + m) or "").strip()}
         if cells:
-            out[NAMES.get(row["method"], row["method"].lower())] = cells
+            out[names.get(row[method], row[method].lower())] = cells
     return out
 
 
-def family(method: str) -> str | None:
-    """The paper's family label of a method (e.g. 'OT', 'OT, Diffusion'), None if not in Table 1."""
-    for row in _rows():
-        if NAMES.get(row["method"], row["method"].lower()) == method:
-            return row["method_type"]
-    return None
+def paper_values(task: str) -> dict[str, dict[str, float]]:
+    """The published values a registered task declares (its ``paper_values``), by task name."""
+    from .registry import get_task
+    return dict(get_task(task).paper_values)

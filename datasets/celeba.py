@@ -61,7 +61,8 @@ import torch
 
 from bench import data as bdata
 from bench.api import UNPAIRED, BenchError, EvalContext, Metric, Task, TaskData
-from bench.paper import paper_values
+from bench.datasets import otcs_table1
+from bench.paper import csv_column
 
 PREP_VERSION = 1
 CROP = 140
@@ -222,7 +223,7 @@ class CelebASR(Task):
     description = ("CelebA unpaired super-resolution (SCONES/OTCS split): train odd rows degraded "
                    "(crop 140, down to hr/2, up to hr) -> train even rows (crop 140, hr); 64 px fast/paper, "
                    "32 cpu, 16 smoke")
-    paper_values = paper_values("celeba")
+    paper_values = csv_column(otcs_table1.TABLE, "celeba", names=otcs_table1.NAMES)
     # test sources transported and scored per budget (None: the whole test split, 19,962 images)
     eval_sizes = {"smoke": 64, "cpu": 1000, "fast": 5000, "paper": None}
 

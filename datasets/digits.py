@@ -56,9 +56,10 @@ import torch
 
 from bench.api import SEMI_PAIRED, BenchError, EvalContext, Metric, Task, TaskData
 from bench import data as bdata
+from bench.datasets import otcs_table1
 from bench.locks import cache_entry_lock
 from bench.options import Option
-from bench.paper import paper_values
+from bench.paper import csv_column
 
 PREP_VERSION = 1
 MNIST_STROKE_WIDTH = 2.6
@@ -84,6 +85,28 @@ def _pinned_shas() -> frozenset[str]:
 
 
 # -- raw files -------------------------------------------------------------------------------
+# what `bench data --task digits` verifies (and, for MNIST, downloads): the files of the offline mirror, with the
+# sizes and sha256 recorded in its SOURCES.md
+_MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/",
+                  "http://yann.lecun.com/exdb/mnist/")
+
+
+def _mnist(name: str, sha256: str, size: int) -> bdata.DataFile:
+    return bdata.DataFile(f"mnist/{name}", sha256, size, tuple(m + name for m in _MNIST_MIRRORS))
+
+
+MNIST_FILES = (
+    _mnist("train-images-idx3-ubyte.gz", "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", 9_912_422),
+    _mnist("train-labels-idx1-ubyte.gz", "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c", 28_881),
+    _mnist("t10k-images-idx3-ubyte.gz", "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6", 1_648_877),
+    _mnist("t10k-labels-idx1-ubyte.gz", "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6", 4_542),
+)
+CHINESE_MNIST_FILE = bdata.DataFile(
+    "chinese_mnist/chinese_mnist.npz", "7808adc40b7617039688462bfa664dfecb84c2db51f4941e359e41289bc7a60b", 6_225_373,
+    manual=("download it by hand (Kaggle login needed) from https://www.kaggle.com/datasets/gpreda/chinese-mnist "
+            "and place the decoded chinese_mnist.npz at ROOT/chinese_mnist/chinese_mnist.npz"))
+
+
 def _read_idx(path: Path, offset: int) -> np.ndarray:
     with gzip.open(path, "rb") as fh:
         return np.frombuffer(fh.read(), np.uint8, offset=offset)
@@ -218,13 +241,13 @@ class DigitsTask(Task):
                Metric("copy", "Copy (%)", higher_is_better=False, digits=1))
     description = ("MNIST -> Chinese-MNIST numerals 0-9 (28x28), 10 guiding pairs chosen by the seed, "
                    "writer-disjoint target split (suites 1-80 / 81-100)")
-    # OTCS Table 1, digits column (bench/otcs_table1.csv, the published table)
-    paper_values = paper_values("digits")
+    # OTCS Table 1, digits column (datasets/otcs_table1.csv, the published table)
+    paper_values = csv_column(otcs_table1.TABLE, "digits", names=otcs_table1.NAMES)
     # load() already restricts the test sources to the budget's class-balanced subset (EVAL_PER_CLASS)
     eval_sizes = {"smoke": None, "cpu": None, "fast": None, "paper": None}
     fid_ref_sizes = {"smoke": 500, "cpu": 2000, "fast": 2000, "paper": 2000}  # Chinese-MNIST test images
     pinned_judges = _pinned_shas()  # rows judged by another network are never averaged with these (bench.tables)
-    data_groups = ("mnist", "chinese_mnist")
+    data_files = (*MNIST_FILES, CHINESE_MNIST_FILE)
     default_options = {
         # the paper resizes the 64x64 images to 28x28 ("plain"); "mnist-style" is this project's
         # MNIST-like recipe (module docstring)
@@ -240,7 +263,7 @@ class DigitsTask(Task):
     # -- data ------------------------------------------------------------------------------
     def _root(self, data_root) -> Path:
         root = bdata.resolve_root(data_root)
-        bdata.ensure(root, bdata.files_for("mnist", "chinese_mnist"), download=False)
+        bdata.ensure(root, self.data_files, download=False)
         return root
 
     def _chinese_split(self, root: Path, cache) -> dict[str, np.ndarray]:

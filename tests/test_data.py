@@ -1,4 +1,4 @@
-"""Data root resolution, the manifest, and verification errors (missing / corrupt files)."""
+"""Data root resolution, the tasks' declared files, and verification errors (missing / corrupt files)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +10,9 @@ import pytest
 
 from bench import data as bdata
 from bench.api import BenchError
+from bench.datasets.digits import CHINESE_MNIST_FILE, MNIST_FILES
+from bench.metrics.fid import OFFLINE_FILE
+from bench.registry import tasks
 
 
 def test_resolve_root_precedence(monkeypatch, tmp_path):
@@ -31,28 +34,30 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     assert bdata.cache_dir() == tmp_path / "xdg" / "otbench"
 
 
-def test_manifest_matches_the_offline_mirror(data_root):
-    """Every manifest entry has the size recorded in SOURCES.md and verifies against the mirror."""
+def test_declared_files_match_the_offline_mirror(data_root):
+    """Every file a registered task declares, and the engine's FID network, has the size recorded in SOURCES.md
+    and verifies against the mirror."""
     sources = (data_root / "SOURCES.md").read_text()
-    for group, files in bdata.MANIFEST.items():
-        for f in files:
-            assert len(f.sha256) == 64 and f.size > 0
-            assert f.urls or f.manual, f.path
-            if group != "inception":
-                assert f.sha256 in sources, f.path
-            p = data_root / f.path
-            if p.exists():
-                assert p.stat().st_size == f.size, f.path
-    for f in bdata.MANIFEST["mnist"]:
+    declared = {f for cls in tasks().values() for f in cls.data_files}
+    assert set(MNIST_FILES) | {CHINESE_MNIST_FILE} <= declared
+    for f in declared | {OFFLINE_FILE}:
+        assert len(f.sha256) == 64 and f.size > 0
+        assert f.urls or f.manual, f.path
+        if f is not OFFLINE_FILE:
+            assert f.sha256 in sources, f.path
+        p = data_root / f.path
+        if p.exists():
+            assert p.stat().st_size == f.size, f.path
+    for f in MNIST_FILES:
         assert all(u.startswith(("https://", "http://")) and u.endswith(Path(f.path).name) for u in f.urls)
-    assert "kaggle.com/datasets/gpreda/chinese-mnist" in bdata.MANIFEST["chinese_mnist"][0].manual
-    found = bdata.ensure(data_root, bdata.files_for("mnist", "chinese_mnist"))
-    assert set(found) == {f.path for f in bdata.files_for("mnist", "chinese_mnist")}
+    assert "kaggle.com/datasets/gpreda/chinese-mnist" in CHINESE_MNIST_FILE.manual
+    found = bdata.ensure_task("digits", data_root)
+    assert set(found) == {f.path for f in (*MNIST_FILES, CHINESE_MNIST_FILE)}
 
 
 def _small_root(tmp_path: Path, data_root: Path) -> tuple[Path, list]:
     """A temp data root holding copies of the two MNIST label files (small)."""
-    files = [f for f in bdata.MANIFEST["mnist"] if "labels" in f.path]
+    files = [f for f in MNIST_FILES if "labels" in f.path]
     root = tmp_path / "root"
     for f in files:
         (root / f.path).parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +68,7 @@ def _small_root(tmp_path: Path, data_root: Path) -> tuple[Path, list]:
 def test_missing_root_is_one_line_with_the_fix(tmp_path):
     root = tmp_path / "nowhere"
     with pytest.raises(BenchError) as err:
-        bdata.ensure(root, bdata.files_for("mnist"), download=False)
+        bdata.ensure(root, MNIST_FILES, download=False)
     msg = str(err.value)
     assert "\n" not in msg
     assert "mnist/train-images-idx3-ubyte.gz not found under" in msg and str(root) in msg
@@ -72,14 +77,14 @@ def test_missing_root_is_one_line_with_the_fix(tmp_path):
 
 def test_missing_kaggle_file_names_the_page(tmp_path):
     with pytest.raises(BenchError) as err:
-        bdata.ensure(tmp_path, bdata.files_for("chinese_mnist"), download=True)  # no URL: cannot download
+        bdata.ensure(tmp_path, [CHINESE_MNIST_FILE], download=True)  # no URL: cannot download
     msg = str(err.value)
     assert "\n" not in msg and "kaggle.com/datasets/gpreda/chinese-mnist" in msg
     assert str(tmp_path / "chinese_mnist" / "chinese_mnist.npz") in msg
 
 
 def test_optional_file_may_be_absent(tmp_path):
-    assert bdata.ensure(tmp_path, bdata.files_for("inception")) == {}
+    assert bdata.ensure(tmp_path, [OFFLINE_FILE]) == {}
 
 
 def test_corrupt_file_flipped_byte(tmp_path, data_root, monkeypatch):
@@ -121,7 +126,7 @@ def test_verification_is_hashed_once_per_process(tmp_path, data_root, monkeypatc
 def test_download_is_atomic_and_verified(tmp_path, data_root, monkeypatch):
     """`download=True` fetches from the URL list (here a file:// mirror), verifies, renames into place."""
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
-    spec = [f for f in bdata.MANIFEST["mnist"] if "t10k-labels" in f.path][0]
+    spec = [f for f in MNIST_FILES if "t10k-labels" in f.path][0]
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     shutil.copyfile(data_root / spec.path, mirror / "good.gz")

