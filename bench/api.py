@@ -113,6 +113,17 @@ class Method:
     deviations: ClassVar[tuple[str, ...]] = ()
     # the loop whose progress a learning curve follows (``bench run --probe-every N``); None: no curve
     probe_loop: ClassVar[str | None] = None
+    # the learning curve the scripts draw (``--probe-every N --probe-n M``; scripts/cpu_table.sh reads "cpu"):
+    # budget -> steps of ``probe_loop`` between two points (a budget missing: no curve), and the evaluation
+    # sources each point transports
+    probe_every: ClassVar[dict[str, int]] = {}
+    probe_n: ClassVar[int] = 200
+    # the README's digits `cpu` table (scripts/readme_table.py): the row's label, naming the settings of the `cpu`
+    # run (empty: the name), what its sample grids show (written by whoever looked at them; empty: "not yet
+    # viewed"), and its place (lower first, ties by name; references come after every other method)
+    readme_label: ClassVar[str] = ""
+    readme_grids: ClassVar[str] = ""
+    readme_order: ClassVar[int] = 100
     # name -> value or bench.options.Option (a type and one value per budget); see bench/options.py
     default_options: ClassVar[dict[str, Any]] = {}
     # options added after rows were stored, each with the value that reproduces the code before it existed:

@@ -42,6 +42,9 @@ class DDIB(Method):
     uses_pairs = False
     paper = "Su, Song, Meng, Ermon. Dual Diffusion Implicit Bridges for Image-to-Image Translation. ICLR 2023"
     probe_loop = "target-score"
+    readme_label = "DDIB (2 x 2,000 score steps, lr 2e-3, DDIM-25 each way)"
+    readme_grids = "Chinese-numeral-like glyphs, unrelated to the source's class"
+    readme_order = 9
     notes = ("two unconditional VP-SDE noise-prediction models (source, target) trained independently; "
              "deterministic DDIM encoding with the source model to x_T, DDIM decoding with the target model "
              "(x0 prediction clipped to [-1, 1] on images, as the authors) "

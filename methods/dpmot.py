@@ -66,6 +66,10 @@ class DPMOT(Method):
     paper = ("Li et al., DPM-OT: a new diffusion probabilistic model based on optimal transport, "
              "ICCV 2023")
     probe_loop = "score"
+    readme_label = "DPM-OT (4,000 score steps, lr 2e-3, map at t_M 0.002, 10 reverse steps; not in the paper's table)"
+    readme_grids = ("dim, clean Chinese numerals of every class (retrieved "
+                    "training images), unrelated to the source's class")
+    readme_order = 12
     notes = ("Translator adaptation: unconditional target score model; semi-discrete OT (Brenier "
              "potential, Adam dual ascent) from diffused SOURCE images at level t_M onto the target "
              "training set diffused to t_M; transport = diffuse to t_M, OT-map to a target latent, M "

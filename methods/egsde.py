@@ -141,6 +141,9 @@ class EGSDE(Method):
     paper = ("Zhao, Bao, Li, Zhu. EGSDE: Unpaired Image-to-Image Translation via Energy-Guided Stochastic "
              "Differential Equations. NeurIPS 2022")
     probe_loop = "target-score"
+    readme_label = "EGSDE (3,000 score steps, lr 2e-3, 30 guided SDE steps from t0 0.5)"
+    readme_grids = "grainy target-style glyphs on a noisy background, unrelated to the source's class"
+    readme_order = 10
     notes = ("target VP-SDE score model trained here (the authors use a pretrained one); time-dependent source-vs-"
              "target classifier trained here on noisy images; source perturbed to t0, reverse SDE with score - "
              "grad E, E = lambda_s cos(features(y), features(x_t)) + lambda_i ||LowPass(y) - LowPass(x_t)||^2 "

@@ -1,7 +1,7 @@
 """KNOT: Kernel Neural Optimal Transport (Korotin, Selikhanovych and Burnaev, ICLR 2023).
 
-KNOT is NOT (methods/not_.py: same networks, same max-min, same saddle trainer) with the
-gamma-weak *kernel* cost of a characteristic kernel k with feature map u,
+KNOT is NOT's max-min (bench.mapmodel.SaddleMap: the same networks, noise, loop and gamma warm-up
+as methods/not_.py) with the gamma-weak *kernel* cost of a characteristic kernel k with feature map u,
 
     C_{k,gamma}(x, mu) = 1/2 E_{y~mu} ||u(x) - u(y)||^2_H - gamma/2 Var(u_# mu)
                        = 1/2 k(x, x) + 1/2 E k(y, y) - E k(x, y) - gamma/2 (E k(y, y) - E_{y,y' iid} k(y, y')),
@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 
-from bench.options import Option
 from bench.api import BenchError
-
-from .not_ import NOT
+from bench.mapmodel import SaddleMap
+from bench.options import Option
 
 KERNELS = ("distance", "gaussian", "laplacian")
 
@@ -52,10 +51,14 @@ def kernel_at_zero(name: str) -> float:
     return 0.0 if name == "distance" else 1.0
 
 
-class KNOT(NOT):
+class KNOT(SaddleMap):
     name = "knot"
     stochastic = True
     paper = "Korotin, Selikhanovych, Burnaev. Kernel Neural Optimal Transport. ICLR 2023"
+    probe_every = {"cpu": 50}
+    readme_label = "KNOT (600 outer steps, constant lr)"
+    readme_grids = "dimmed copies of the inputs"
+    readme_order = 13
     notes = ("NOT with the gamma-weak kernel cost (distance kernel k(x,y) = -||x-y|| by default); unpaired: "
              "on semi-paired tasks the guiding pairs are ignored; stochastic map T(x, z) with z = 128 N(0, 1) "
              "values through conditional normalisation at every UNet layer (authors); the authors' lr "
@@ -63,8 +66,8 @@ class KNOT(NOT):
              "the first, so their lr is constant); on the ground-truth map tasks it is scored against the "
              "quadratic-cost map, which its kernel cost does not target")
     default_options: dict[str, Any] = {
-        **NOT.default_options,
         "cost": Option("kernel", choices=("kernel",)),
+        **SaddleMap.default_options,
         "kernel": "distance",   # distance | gaussian | laplacian
         "gamma": 1.0 / 3.0,     # authors' image setting (warmed up over the first 20% of steps)
         "gamma_warmup": 0.2,
@@ -96,7 +99,7 @@ class KNOT(NOT):
         "map network: this benchmark's UNet with the noise injected by conditional normalisation at every layer (as the authors) in place of their CUNet (base 48, BatchNorm)",
         'distance kernel on the plain Euclidean norm of the flattened images (as the authors; `distance_per_dim` off)',
     )
-    test_options: dict[str, Any] = {**NOT.test_options, "n_z": 2}
+    test_options: dict[str, Any] = {**SaddleMap.test_options, "n_z": 2}
 
     def _validate(self) -> None:
         o = self.options

@@ -41,6 +41,10 @@ class OTICNN(Method):
     settings = (UNPAIRED, SEMI_PAIRED)  # the guiding pairs of a semi-paired task are not used
     uses_pairs = False
     probe_loop = "saddle"
+    probe_every = {"cpu": 500}
+    readme_label = "OT-ICNN (3,000 updates of f)"
+    readme_grids = "blurred, dim copies of the inputs"
+    readme_order = 6
     notes = ("unpaired: on semi-paired tasks the guiding pairs are ignored; the map is grad g of an input-convex "
              "MLP on the flattened image (no convolutions, as the paper's 784-d experiments), by autograd (NFE 1 "
              "= one forward and one backward pass of g); f clamped, g penalised (authors); outputs clipped to "

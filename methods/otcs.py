@@ -118,6 +118,10 @@ class OTCS(Method):
     uses_pairs = True
     paper = "Gu, Yang, Sun, Xu. Optimal Transport-Guided Conditional Score-Based Diffusion Model. NeurIPS 2023"
     probe_loop = "otcs-stage2-score"
+    probe_every = {"cpu": 1000}
+    readme_label = "OTCS (6,000 stage-II steps, lr 2e-3, 100 SDE steps)"
+    readme_grids = "faint Chinese numerals, mostly not the source's class"
+    readme_order = 1
     notes = ("L2-regularised unsupervised OT (unpaired) or keypoint-guided semi-supervised OT (guiding pairs, "
              "JS of relation vectors, mask) by dual potential networks on pixels/pooled pixels; "
              "resampling-by-compatibility; conditional VP-SDE score model (UNet, g^2 weighting, EMA); reverse "
@@ -893,6 +897,10 @@ class OTCSGlyph(OTCS):
     """OTCS with a label-free stage I that pairs the right classes (issue 38): ``otcs``'s code, other defaults."""
     name = "otcs-glyph"
     settings = (SEMI_PAIRED,)  # its potentials read the relation vectors, which the guiding pairs define
+    readme_label = ("OTCS, glyph variant (label-free stage I: spread relations over "
+                    "glyph-normalised HOG; CFG w 3, v-loss; ours, not the paper's)")
+    readme_grids = "not yet viewed"
+    readme_order = 2
     notes = ("OTCS (the `otcs` method's code) with the variant's defaults: relations spread over each domain's kNN "
              "graph of HOG features of glyph-normalised images (label-free, per image), classifier-free guidance "
              "with the velocity output and loss in stage II; not the authors' model, which is the `otcs` row")

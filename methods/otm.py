@@ -10,8 +10,9 @@ paper's fixed embedding of the source space into the target space when their dim
 (:func:`embed`: bicubic resizing and channel repetition for images, as their latent -> 32x32 MNIST
 script; zero padding for vectors), the identity when they agree; T acts on Q(x).
 
-It is the same saddle problem as strong NOT (methods/not_.py) with f = -psi, so this class is NOT
-with four differences, and only those are code here:
+It is the same saddle problem as strong NOT (methods/not_.py) with f = -psi, so this class is NOT's
+max-min (bench.mapmodel.SaddleMap: networks, loop, optimisers) with four differences, and only those
+are code here:
 
 - the cost is the inner product -<Q(x), T(x)> / D, not NOT's ||x - T(x)||^2 / D (same optimal map,
   a different split between cost and potential, so a different function for the critic to learn);
@@ -34,10 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import BenchError, Method, TaskData
+from bench.mapmodel import SaddleMap
 from bench.nn.icnn import input_gradient
 from bench.options import Option
-
-from .not_ import NOT
 
 
 def embed(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -65,19 +65,23 @@ class TanhHead(torch.nn.Module):
         return torch.tanh(self.net(x, **kwargs))
 
 
-class OTM(NOT):
+class OTM(SaddleMap):
     name = "otm"
     family = "OT"
     stochastic = False
     paper = "Rout, Korotin, Burnaev. Generative Modeling with Optimal Transport Maps. ICLR 2022"
+    probe_every = {"cpu": 100}
+    readme_label = "OTM (550 potential updates)"
+    readme_grids = "dim, blurred copies of the inputs"
+    readme_order = 7
     notes = ("unpaired: on semi-paired tasks the guiding pairs are ignored; strong NOT's saddle problem with the "
              "cost as -<Q(x), T(x)>/D, the potential updated first then K_G = 5 map steps, Adam betas (0, 0.9), "
              "optional gradient-optimality penalty; embedding Q (bicubic / channel repeat / zero pad) when source "
              "and target shapes differ; NOT's UNet map and ResNet critic instead of the authors' networks; NOT's "
              "weak-cost options are inert")
     default_options: dict[str, Any] = {
-        **NOT.default_options,
         "cost": Option("strong", choices=("strong",), help="a deterministic map (OTM has no weak cost)"),
+        **SaddleMap.default_options,
         "map_head": Option("tanh", choices=("tanh", "linear"),
                            help="images: the map's output squashed by tanh into the pixel range, or left linear "
                                 "(NOT's UNet); vectors are always linear",
@@ -96,7 +100,7 @@ class OTM(NOT):
         # vectors: the inner-product cost converges more slowly than NOT's on toy1d (300 steps: T(-4) = 3.1)
         "toy_steps": Option(smoke=1000, cpu=3000, fast=5000, paper=10_000),
     }
-    test_options: dict[str, Any] = {**NOT.test_options, "steps": 3}
+    test_options: dict[str, Any] = {**SaddleMap.test_options, "steps": 3}
     # rows stored before ``map_head`` existed had NOT's linear output
     options_before = {"map_head": "linear"}
     compared_against = ("LituRout/OptimalTransportModeling @8287054 (source/otm_mnist_32x32.py, "
@@ -114,7 +118,7 @@ class OTM(NOT):
             self.T = TanhHead(self.T)  # the same parameters, already handed to the saddle trainer
 
     def check_setting(self, data: TaskData) -> None:
-        Method.check_setting(self, data)  # differing shapes are what Q is for (NOT refuses them)
+        Method.check_setting(self, data)  # differing shapes are what Q is for (SaddleMap.check_setting refuses them)
         if data.source_train.dim() != data.target_train.dim():
             raise BenchError(f"{self.name} embeds images into images and vectors into vectors; source "
                              f"{data.source_shape} and target {data.shape} are not both one kind")
@@ -140,7 +144,7 @@ class OTM(NOT):
     def fit(self, data: TaskData, run) -> None:
         lam = float(self.options["lambda_go"])
         if lam == 0:
-            return super().fit(data, run)  # NOT's two losses, with this cost and these settings
+            return super().fit(data, run)  # NOT's two losses (SaddleMap), with this cost and these settings
         # the penalty needs the potential's loss to see the sources; the map's loss is NOT's
         source = self._to_canvas(data.source_train.to(run.device))
         target = self._to_canvas(data.target_train.to(run.device))

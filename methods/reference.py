@@ -29,6 +29,9 @@ class Identity(Method):
     name = "identity"
     family = "Reference"
     settings = (UNPAIRED, SEMI_PAIRED)
+    # references: no training, so the README's table has one seed where the output is deterministic
+    readme_label = "identity (reference: the source unchanged)"
+    readme_grids = "the MNIST sources themselves"
     notes = "returns the source (floor: how far source already is from target)"
     test_options: dict = {}
 
@@ -52,6 +55,8 @@ class KeypointNN(Method):
     family = "Reference"
     settings = (SEMI_PAIRED,)
     uses_pairs = True
+    readme_label = "keypoint-nn (reference: the target of the guiding pair whose source is nearest)"
+    readme_grids = "each output one of the ten guiding Chinese numerals"
     notes = ("target of the guiding pair whose source is nearest (uses only the K pairs); semi-paired tasks only")
     test_options: dict = {}
 
@@ -78,6 +83,8 @@ class LabelOracle(Method):
     settings = (UNPAIRED, SEMI_PAIRED)
     stochastic = True
     oracle = True
+    readme_label = "label-oracle (ceiling; reads labels: a random target training image of the source's class)"
+    readme_grids = "real Chinese numerals of the source's class"
     notes = ("ORACLE: a random target training sample of the source's class (reads labels); refused on tasks "
              "without class labels (the gauss-* and convex-* ground truths)")
     test_options: dict = {}

@@ -73,6 +73,9 @@ class SCONES(Method):
     paper = ("Daniels, Maunu, Hand. Score-based Generative Neural Networks for Large-Scale Optimal Transport. "
              "NeurIPS 2021")
     probe_loop = "target-score"
+    readme_label = "SCONES (3,500 score steps, lr 2e-3, 10 x 5 Langevin steps)"
+    readme_grids = "clean, varied Chinese numerals, unrelated to the source's class"
+    readme_order = 11
     notes = ("entropic OT dual potentials (MLPs on pixels, mean-squared cost divided by its mean, eps relative to "
              "it), target VP-SDE score model trained here (the authors use a pretrained NCSN), conditional annealed "
              "Langevin dynamics on NCSN noise levels with grad_y log H added to the score, initialised at the "

@@ -39,16 +39,13 @@ import torch
 from torch import nn
 
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
-from bench.nn import MLP, UNet, canvas_side, crop_to, pad_to
+from bench.mapmodel import NETWORK_OPTIONS, TEST_NETWORK_OPTIONS, map_unet, resnet_critic, vector_mlp
+from bench.nn import MLP, canvas_side, crop_to, pad_to
 from bench.nn.icnn import input_gradient
-from bench.nn.resnet import ResNetCritic
 from bench.options import Option
 from bench.saddle import SADDLE_OPTIONS, SaddleTrainer
 
-from .not_ import NOT
-
 REGULARISERS = ("l2", "entropy")
-NETWORK_OPTIONS = ("unet_base", "unet_mults", "unet_blocks", "unet_attention", "critic_base", "mlp_hidden", "mlp_depth")
 
 
 def transport_cost(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -107,6 +104,10 @@ class W2GAN(Method):
     paper = ("Leygonie, She, Almahairi, Rajeswar, Courville. Adversarial Computation of Optimal Transport "
              "Maps. arXiv:1906.09691, 2019")
     probe_loop = "saddle"
+    probe_every = {"cpu": 500}
+    readme_label = "W2GAN (1,100 steps)"
+    readme_grids = "dimmed, grainy copies of the inputs"
+    readme_order = 5
     notes = ("unpaired: on semi-paired tasks the guiding pairs are ignored; residual generator G(x) = x + "
              "2 tanh(UNet(x)) started at the identity (authors: an MLP on flattened 16x16 images); dual potentials "
              "u, v = -u + e as MLPs on the flattened image (authors), unscaled on images; L2-regularised dual "
@@ -150,8 +151,9 @@ class W2GAN(Method):
                                 help="images: u and e as MLPs on the flattened image (authors) or ResNet critics"),
         "potential_hidden": Option(512, help="images, mlp: width (authors: 200 then 500 on 16x16 USPS)"),
         "potential_depth": Option(2, help="images, mlp: hidden layers (authors: d_n_layers 2)"),
-        # the generator's UNet and the vector MLPs: NOT's sizes on every budget (the same map network)
-        **{k: NOT.default_options[k] for k in NETWORK_OPTIONS},
+        # the generator's UNet, the ResNet potentials and the vector MLPs: the map network's sizes on every budget
+        # (bench.mapmodel: NOT's, OTM's and KNOT's too)
+        **NETWORK_OPTIONS,
     }
     # rows stored before ``potential_scale`` existed scaled the image potentials by the mean cost
     options_before = {"potential_scale": "mean-cost", "toy_potential_scale": "mean-cost"}
@@ -162,9 +164,7 @@ class W2GAN(Method):
         "potentials: SiLU MLPs 512 x 2 on the flattened 32x32 canvas vs ReLU 256-200-500 on 16x16 images",
     )
     test_options: dict[str, Any] = {"steps": 4, "toy_steps": 4, "critic_steps": 2, "batch_size": 8,
-                                    "toy_batch_size": 8, "unet_base": 8, "unet_mults": [1, 2],
-                                    "unet_blocks": 1, "unet_attention": [], "critic_base": 8,
-                                    "mlp_hidden": 32, "mlp_depth": 2}
+                                    "toy_batch_size": 8, **TEST_NETWORK_OPTIONS}
 
     def check_setting(self, data: TaskData) -> None:
         super().check_setting(data)
@@ -180,19 +180,17 @@ class W2GAN(Method):
             c, h, w = data.shape
             mlp = o["potential_net"] == "mlp"
             self.canvas = canvas_side(h, w)  # NOT's canvas: the same generator network as NOT's map
-            net = UNet(c, c, base=o["unet_base"], mults=tuple(o["unet_mults"]), num_res_blocks=o["unet_blocks"],
-                       attention_resolutions=tuple(o["unet_attention"]), time_conditional=False,
-                       image_size=self.canvas)  # output convolution starts at zero: G starts at the identity
+            net = map_unet(c, c, o, self.canvas)  # output convolution starts at zero: G starts at the identity
             self.G = Residual(net, 2.0, squash=True)
             scale = self._cost_scale(data) if o["potential_scale"] == "mean-cost" else 1.0
             self.u, self.e = (Potential(MLP(c * self.canvas ** 2, 1, hidden=o["potential_hidden"],
                                             depth=o["potential_depth"]), scale, flatten=True) if mlp else
-                              Potential(ResNetCritic(c, image_size=self.canvas, base=o["critic_base"]), scale)
+                              Potential(resnet_critic(c, o, self.canvas), scale)
                               for _ in range(2))
             self.batch_size, steps, lr, critic_lr = o["batch_size"], o["steps"], o["map_lr"], o["critic_lr"]
         else:
             (dim,) = data.shape
-            net = MLP(dim, dim, hidden=o["mlp_hidden"], depth=o["mlp_depth"])
+            net = vector_mlp(dim, dim, o)
             nn.init.zeros_(net.net[-1].weight)
             nn.init.zeros_(net.net[-1].bias)
             both = torch.cat([data.source_train, data.target_train]).float()
@@ -200,8 +198,7 @@ class W2GAN(Method):
             src = data.source_train.float()
             self.G = Residual(net, spread, squash=False, centre=src.mean(0), spread=src.std(0).clamp(min=1e-6))
             scale = self._cost_scale(data) if o["toy_potential_scale"] == "mean-cost" else 1.0
-            self.u, self.e = (Potential(MLP(dim, 1, hidden=o["mlp_hidden"], depth=o["mlp_depth"]), scale,
-                                        centre, spread) for _ in range(2))
+            self.u, self.e = (Potential(vector_mlp(dim, 1, o), scale, centre, spread) for _ in range(2))
             self.batch_size, steps, lr, critic_lr = o["toy_batch_size"], o["toy_steps"], o["toy_map_lr"], o["toy_lr"]
         resolved = {**o, "steps": steps, "map_lr": lr, "critic_lr": critic_lr}
         critic_params = list(self.u.parameters()) + list(self.e.parameters())

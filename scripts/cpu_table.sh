@@ -4,24 +4,32 @@
 # are copied to results/digits/rows/<method>-cpu-seed<S>.{json,png}, its probe curve (if any) to
 # results/digits/curves/, and results/digits/table_cpu.md and the README's cpu table are regenerated.
 # Usage: SEEDS="0 1 2" bash scripts/cpu_table.sh [methods...]   (default seeds: 0)
+# Default methods: every registered method that takes the digits task's setting, references aside (run those by
+# name); each method's learning-curve flags are its declarations (probe_every["cpu"], probe_n; bench.api.Method).
 set -u
 cd "$(dirname "$0")/.."
 export BENCH_DATA="${BENCH_DATA:-$(cd .. && pwd)/shared/data}"
 BENCH=bench; [ -x .venv/bin/bench ] && BENCH=.venv/bin/bench
 PY=python; [ -x .venv/bin/python ] && PY=.venv/bin/python
 methods=("$@")
-[ ${#methods[@]} -eq 0 ] && methods=(otcs not tcr reflow scones ddib egsde w2gan otm ot-icnn knot dpmot)
+if [ ${#methods[@]} -eq 0 ]; then
+  names=$("$PY" -c '
+from bench.registry import get_task, methods
+setting = get_task("digits").setting
+print(" ".join(n for n, m in methods().items() if m.family != "Reference" and setting in m.settings))') \
+    || { echo "cannot list the registered methods"; exit 1; }
+  read -r -a methods <<< "$names"
+fi
 for seed in ${SEEDS:-0}; do
   for m in "${methods[@]}"; do
     # learning curves: a few points over each method's `cpu` loop (steps / probe-every), cheap sources
-    case "$m" in
-      otcs) probe=(--probe-every 1000 --probe-n 200);;
-      not) probe=(--probe-every 20 --probe-n 500);;
-      knot) probe=(--probe-every 50 --probe-n 200);;
-      otm) probe=(--probe-every 100 --probe-n 200);;
-      w2gan|ot-icnn|tcr|reflow) probe=(--probe-every 500 --probe-n 200);;
-      *) probe=();;
-    esac
+    flags=$("$PY" -c '
+import sys
+from bench.registry import get_method
+m = get_method(sys.argv[1])
+every = m.probe_every.get("cpu") if m.probe_loop else None
+print(f"--probe-every {every} --probe-n {m.probe_n}" if every else "")' "$m") || flags=""
+    read -r -a probe <<< "$flags"
     "$BENCH" run --methods "$m" --task digits --budget cpu --seeds "$seed" --out runs --no-progress "${probe[@]}" \
       || { echo "$m seed $seed failed"; continue; }
     # the run this command just made or skipped (the default options: not the newest directory, which may be a

@@ -2,8 +2,10 @@
 
 Only rows run with today's `cpu` defaults are averaged (a row whose options differ, e.g. one run before a
 default changed, is named under the table instead). Every number comes from the rows' row.json copies: Acc, FID and plan_acc as mean ± std over the seeds
-that have run (sample std, as `bench table`), the whole-run minutes (fit + transport + evaluation) per seed. The two text columns
-(settings, what the grids show) are observations written below by whoever looked at the grids.
+that have run (sample std, as `bench table`), the whole-run minutes (fit + transport + evaluation) per seed. The two text
+columns (the label with the `cpu` settings, what the grids show) and the rows' order are each method's declarations
+(``readme_label``, ``readme_grids`` written by whoever looked at the grids, ``readme_order``; bench.api.Method), so a
+new method's rows appear here with no edit of this script.
 
     python scripts/readme_table.py                  # print the table
     python scripts/readme_table.py --write README.md  # replace the block between the cpu-table markers
@@ -21,40 +23,21 @@ sys.path.insert(0, str(ROOT))
 
 from bench.metrics.memorisation import COPY_FLAG  # noqa: E402
 from bench.paper import paper_values  # noqa: E402
+from bench.registry import methods  # noqa: E402
 from bench.tables import FRAGILE_JUDGE, _fmt, _problem_notes, load_rows  # noqa: E402
 
 BEGIN, END = "<!-- cpu-table:begin -->", "<!-- cpu-table:end -->"
 
-# method -> (label with its cpu settings, what its grids show); order = the README's order
-NOTES = {
-    "otcs": ("OTCS (6,000 stage-II steps, lr 2e-3, 100 SDE steps)",
-             "faint Chinese numerals, mostly not the source's class"),
-    "otcs-glyph": ("OTCS, glyph variant (label-free stage I: spread relations over glyph-normalised HOG; CFG w 3, "
-                   "v-loss; ours, not the paper's)", "not yet viewed"),
-    "not": ("NOT (600 outer steps)", "dimmed, smeared copies of the inputs"),
-    "tcr": ("TCR (4,000 updates)",
-            "very dim copies of the inputs (seed 2: faint blotches, which the judge splits into 一 and 四 by width)"),
-    "w2gan": ("W2GAN (1,100 steps)", "dimmed, grainy copies of the inputs"),
-    "ot-icnn": ("OT-ICNN (3,000 updates of f)", "blurred, dim copies of the inputs"),
-    "otm": ("OTM (550 potential updates)", "dim, blurred copies of the inputs"),
-    "reflow": ("ReFlow (3,500 flow steps, 40 Euler steps)",
-               "faint strokes, Chinese-numeral-like on seed 0, keeping part of the source's outline on seed 1"),
-    "ddib": ("DDIB (2 x 2,000 score steps, lr 2e-3, DDIM-25 each way)",
-             "Chinese-numeral-like glyphs, unrelated to the source's class"),
-    "egsde": ("EGSDE (3,000 score steps, lr 2e-3, 30 guided SDE steps from t0 0.5)",
-              "grainy target-style glyphs on a noisy background, unrelated to the source's class"),
-    "scones": ("SCONES (3,500 score steps, lr 2e-3, 10 x 5 Langevin steps)",
-               "clean, varied Chinese numerals, unrelated to the source's class"),
-    "dpmot": ("DPM-OT (4,000 score steps, lr 2e-3, map at t_M 0.002, 10 reverse steps; not in the paper's table)",
-              "dim, clean Chinese numerals of every class (retrieved training images), unrelated to the source's class"),
-    "knot": ("KNOT (600 outer steps, constant lr)", "dimmed copies of the inputs"),
-    # references: no training, so one seed where the output is deterministic
-    "identity": ("identity (reference: the source unchanged)", "the MNIST sources themselves"),
-    "keypoint-nn": ("keypoint-nn (reference: the target of the guiding pair whose source is nearest)",
-                    "each output one of the ten guiding Chinese numerals"),
-    "label-oracle": ("label-oracle (ceiling; reads labels: a random target training image of the source's class)",
-                     "real Chinese numerals of the source's class"),
-}
+
+def notes(present=()) -> dict[str, tuple[str, str]]:
+    """method -> (label with its cpu settings, what its grids show), in the README's order: every registered method's
+    declarations (``readme_label``, ``readme_grids``, ``readme_order``; references last), then any ``present``
+    method that is not installed here, under its name."""
+    known = methods()
+    order = sorted(known, key=lambda m: (known[m].family == "Reference", known[m].readme_order, m))
+    out = {m: (known[m].readme_label or m, known[m].readme_grids or "not yet viewed") for m in order}
+    out.update({m: (m, "not yet viewed") for m in sorted(set(present) - set(known))})
+    return out
 
 
 def _numbers(values) -> pd.Series:
@@ -110,7 +93,7 @@ def _copy_cell(values) -> str:
 def _lines(df: pd.DataFrame, paper: dict) -> list[str]:
     """One line per method (README order): mean ± std over its seeds, minutes per seed, the paper's values."""
     lines = []
-    for method, (label, grid) in NOTES.items():
+    for method, (label, grid) in notes(df["method"]).items():
         sub = df[df["method"] == method].sort_values("seed")
         if sub.empty:
             continue
@@ -131,9 +114,6 @@ def _lines(df: pd.DataFrame, paper: dict) -> list[str]:
 def table(rows_dir: Path) -> str:
     df = load_rows(Path("runs"), task="digits", rows_dir=rows_dir)
     df = df[df["budget"] == "cpu"]
-    unknown = sorted(set(df["method"]) - set(NOTES))
-    if unknown:
-        raise SystemExit(f"no README note for {', '.join(unknown)}: add it to NOTES in {Path(__file__).name}")
     # rows judged by the first, noise-fragile classifier (of today's defaults otherwise) get a table of their own
     fragile = df[df["variant"] == FRAGILE_JUDGE]
     # only runs of today's `cpu` defaults are averaged; older settings are named under the table
