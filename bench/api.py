@@ -3,17 +3,19 @@
 A *task* produces a :class:`TaskData` (tensors only, already on the CPU, images scaled to
 [-1, 1]).  A *method* is a subclass of :class:`Method`: the runner calls ``setup`` (build
 networks for this data), optionally ``load_state_dict`` (resume), ``fit`` (train, using the
-:class:`~bench.run.Run` for device, budget, progress and checkpoints) and then ``transport``
+:class:`~bench.context.FitContext` for device, budget, progress and checkpoints) and then ``transport``
 on batches of test sources.  Nothing in here knows about any particular method or task.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from .data import DataFile  # noqa: F401  (re-exported: task plugins declare their files with it)
+from .data import DataFile, ensure
 from .errors import BenchError  # noqa: F401  (re-exported: plugins import it from bench.api)
 from .options import resolve
 
@@ -23,19 +25,27 @@ SETTINGS = (UNPAIRED, SEMI_PAIRED)
 
 
 class Metric(str):
-    """A metric column a task reports: the row key (this string) plus how tables show and rank it.
+    """A metric column a task reports: the row key (this string) plus how tables show, rank and check it.
 
-    ``Metric("fid", "FID", higher_is_better=False)`` compares equal to ``"fid"``, so rows and code
-    that index by key keep working; tables read ``header``, ``higher_is_better`` and ``digits``.
+    ``Metric("fid", "FID", higher_is_better=False, bounds=(0, inf))`` compares equal to ``"fid"``, so rows and
+    code that index by key keep working; tables read ``header``, ``higher_is_better`` and ``digits``; the runner
+    and the row schema treat a value outside ``bounds`` (both ends included) as a broken run.  A metric declares
+    its bounds: nothing is guessed from its name (default: any finite number).
     """
 
     header: str
     higher_is_better: bool
     digits: int
+    bounds: tuple[float, float]
 
-    def __new__(cls, key: str, header: str | None = None, higher_is_better: bool = False, digits: int = 2):
+    def __new__(cls, key: str, header: str | None = None, higher_is_better: bool = False, digits: int = 2,
+                bounds: tuple[float, float] = (-math.inf, math.inf)):
         obj = super().__new__(cls, key)
         obj.header, obj.higher_is_better, obj.digits = header or key, bool(higher_is_better), int(digits)
+        lo, hi = float(bounds[0]), float(bounds[1])
+        if not lo <= hi:
+            raise TypeError(f"Metric {key!r}: bounds {bounds!r} must be (low, high) with low <= high")
+        obj.bounds = (lo, hi)
         return obj
 
     @property
@@ -43,7 +53,13 @@ class Metric(str):
         return str(self)
 
     def __reduce__(self):
-        return (Metric, (str(self), self.header, self.higher_is_better, self.digits))
+        return (Metric, (str(self), self.header, self.higher_is_better, self.digits, self.bounds))
+
+
+# the bounds of the common kinds of metric column
+PERCENT = (0.0, 100.0)
+DISTANCE = (0.0, math.inf)
+CORRELATION = (-1.0, 1.0)
 
 
 @dataclass
@@ -279,9 +295,6 @@ class Task:
         """Verify the data root (raise a one-line BenchError naming what is missing); return facts."""
         if not self.data_files:
             return {}
-        from pathlib import Path
-
-        from .data import ensure
         found = ensure(Path(data_root), self.data_files, download=download)
         return {"verified files": len(found)}
 

@@ -1,4 +1,7 @@
-"""`bench`: run, status, table, list, eval, data."""
+"""`bench`: run, status, table, list, eval, data.
+
+The engine modules that import torch are imported inside the commands that use them, so that `bench --help`
+and a bad flag answer in a fraction of a second instead of the seconds torch takes to load."""
 from __future__ import annotations
 
 import json
@@ -7,17 +10,17 @@ from pathlib import Path
 
 import click
 
-from .errors import BenchError
 from .budgets import BUDGET_NAMES, BUDGETS
+from .data import cache_dir, resolve_root
+from .errors import BenchError, RunFailed
+from .options import declared, path_only
 
 
 def _data_root(value):
-    from .data import resolve_root
     return resolve_root(value)
 
 
 def _cache_dir():
-    from .data import cache_dir
     return cache_dir()
 
 
@@ -74,9 +77,8 @@ def _seeds(value: str) -> list[int]:
 def _check_task_kind(specs: list, data_root) -> None:
     """Refuse, before any run starts, a given option that the task's kind (images or vectors) never reads; the
     task's data is loaded once for it, and only when such an option is given."""
-    from .options import path_only
     from .registry import get_method
-    from .runner import check_options_apply
+    from .spec import check_options_apply
 
     todo = [s for s in specs if set(s.options) & set(path_only(get_method(s.method).default_options))]
     if todo:
@@ -89,7 +91,7 @@ def _check_task_kind(specs: list, data_root) -> None:
 def _grid(methods: str, task: str, seeds: str, budget: str, opts, task_opts) -> list:
     """Every (seed, method) RunSpec, each validated (names, options, budget) before any work."""
     from .registry import get_method, get_task
-    from .runner import RunSpec
+    from .spec import RunSpec
 
     names = _split(methods)
     if not names:
@@ -156,20 +158,20 @@ def run(methods, task, seeds, budget, out, data_root, device, bf16, compile_, op
     Exit code 0 when every run is finished (or left to the process that holds it), 1 when a run
     failed or crashed, 2 for bad input.
     """
-    from .executors import Settings, check_executor, run_grid, summary
-    from .runner import check_run_settings, check_writable
+    from .executors import check_executor, run_grid, summary
+    from .rundir import check_writable
+    from .spec import Settings
 
     specs = _grid(methods, task, seeds, budget, opts, task_opts)
-    check_run_settings(device=device, batch_size=batch_size, checkpoint_every=checkpoint_every,
-                       probe_every=probe_every, probe_n=probe_n)
-    check_executor(executor, jobs=jobs, slurm_local=slurm_local, slurm_time=slurm_time, slurm_cpus=slurm_cpus,
-                   slurm_gpus=slurm_gpus, ray_cpus=ray_cpus, ray_gpus=ray_gpus)
-    check_writable(out)
-    _check_task_kind(specs[: len(_split(methods))], _data_root(data_root))
     settings = Settings(out=Path(out), data_root=_data_root(data_root), cache_dir=_cache_dir(), device=device,
                         bf16=bf16, compile=compile_, force=force, retry_failed=retry_failed,
                         wait_locked=wait_locked, progress=progress and jobs == 1, batch_size=batch_size,
                         checkpoint_every=checkpoint_every, probe_every=probe_every, probe_n=probe_n)
+    settings.check()
+    check_executor(executor, jobs=jobs, slurm_local=slurm_local, slurm_time=slurm_time, slurm_cpus=slurm_cpus,
+                   slurm_gpus=slurm_gpus, ray_cpus=ray_cpus, ray_gpus=ray_gpus)
+    check_writable(out)
+    _check_task_kind(specs[: len(_split(methods))], settings.data_root)
     outcomes = run_grid(specs, settings, executor=executor, jobs=jobs, ray_address=ray_address,
                         ray_cpus=ray_cpus, ray_gpus=ray_gpus, slurm_partition=slurm_partition,
                         slurm_time=slurm_time, slurm_gpus=slurm_gpus, slurm_cpus=slurm_cpus,
@@ -193,7 +195,7 @@ def status(task, methods, seeds, budget, opts, task_opts, out):
     """Per run: done, running (stage and step), interrupted (resumable), failed (why) or not started."""
     from tabulate import tabulate
 
-    from .runner import find_runs, run_state
+    from .rundir import find_runs, run_state
 
     if methods:
         specs = _grid(methods, task, seeds or "0", budget or "smoke", opts, task_opts)
@@ -265,7 +267,6 @@ def list_(show_methods, show_tasks, one_method, budget):
     """Registered methods, tasks, metrics and budgets (or one method's options for a budget)."""
     from tabulate import tabulate
 
-    from .options import declared
     from .registry import get_method, methods, tasks
     from .tables import task_metrics
 
@@ -307,9 +308,12 @@ def list_(show_methods, show_tasks, one_method, budget):
 def eval_(run_dir, data_root, device, progress):
     """Recompute a run's metrics from its stored samples and rewrite its row."""
     from .runner import evaluate_dir
+    from .spec import Settings
 
-    row = evaluate_dir(run_dir, data_root=_data_root(data_root), cache_dir=_cache_dir(), device=device,
-                       progress=progress, log=click.echo, warn=lambda msg: click.echo(msg, err=True))
+    settings = Settings(out=Path(run_dir).parent, data_root=_data_root(data_root), cache_dir=_cache_dir(),
+                        device=device, progress=progress)
+    settings.check()
+    row = evaluate_dir(run_dir, settings, log=click.echo, warn=lambda msg: click.echo(msg, err=True))
     click.echo(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}, indent=2, default=str))
 
 
@@ -331,7 +335,6 @@ def data(task, data_root, download):
 
 def main(argv=None):
     """Exit codes: 0 success, 1 a run failed (failed.json) or crashed, 2 bad input (one line)."""
-    from .run import RunFailed
 
     try:
         cli.main(args=argv, standalone_mode=False)

@@ -47,6 +47,7 @@ def cached_images(path: Path, n: int, decode_one: Callable[[int], None], assembl
     """Decoded images cached as one tensor file: load ``path`` if it reads, else run ``decode_one(i)`` for
     i < n on a few threads (PIL releases the GIL while decoding), ``assemble()`` the tensor and write it
     atomically, under the entry's lock. An unreadable cache file (a truncated write, another torch) is rebuilt."""
+    # imported here: this module stays free of torch, so the CLI that imports it starts in a fraction of a second
     import torch
 
     from . import store
@@ -158,9 +159,3 @@ def ensure(root: str | os.PathLike, files: Iterable[DataFile], download: bool = 
         found[spec.path] = dest
     return found
 
-
-def ensure_task(task: str, root: str | os.PathLike | None = None, download: bool = False) -> dict[str, Path]:
-    """``ensure`` for the files a registered task declares (its ``data_files``); {} when it declares none."""
-    from .registry import get_task
-    return ensure(resolve_root(root) if root is None or isinstance(root, str) else Path(root),
-                  get_task(task).data_files, download=download)

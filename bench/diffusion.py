@@ -41,11 +41,12 @@ import math
 import torch
 from torch import nn
 
+from .errors import BenchError
+
 
 class VPSDE:
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0, t_eps: float = 1e-3):
         if not (0 < t_eps < T) or beta_min <= 0 or beta_max < beta_min:
-            from .api import BenchError
             raise BenchError("VPSDE needs 0 < t_eps < T and 0 < beta_min <= beta_max")
         self.beta_min, self.beta_max, self.T, self.t_eps = float(beta_min), float(beta_max), float(T), float(t_eps)
         # constants of the g^2 importance-sampling density (float64 host math, once)
@@ -126,7 +127,6 @@ class VPSDE:
             t = self.t_eps + (self.T - self.t_eps) * u
             w = self.alpha(t).pow(-2)
         else:
-            from .api import BenchError
             raise BenchError(f"dsm weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         return t, w
 
@@ -195,7 +195,6 @@ class Guided(nn.Module):
         self.model, self.scale = model, float(scale)
         inner = getattr(model, "module", model)  # an EMA holds the averaged copy in .module
         if not isinstance(inner, NullCondition):
-            from .api import BenchError
             raise BenchError("guidance needs a model trained with a null condition (cond_drop > 0)")
         self.null = inner.null
 
@@ -377,7 +376,6 @@ def _device_of(net, x_T, cond, generator):
 
 def _grid(sde: VPSDE, steps: int, t_start, t_end, device) -> torch.Tensor:
     if steps < 1:
-        from .api import BenchError
         raise BenchError("samplers need steps >= 1")
     t_start = sde.T if t_start is None else float(t_start)
     t_end = sde.t_eps if t_end is None else float(t_end)

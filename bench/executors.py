@@ -19,40 +19,28 @@ finished run is skipped, a running one is left to its holder, an interrupted one
 from __future__ import annotations
 
 import importlib
+import math
+import multiprocessing as mp
 import os
 import re
+import shutil
 import sys
 import traceback
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
-from .errors import BenchError
+import torch
+
+from . import store
+from .errors import BenchError, RunFailed
+from .locks import RunLocked, describe_owner
+from .rundir import FAILED_FILE, ROW_FILE, earlier_failure, read_failure, read_row
+from .runner import run_one
+from .spec import Settings, run_directory
 
 EXECUTORS = ("local", "ray", "slurm")
 Log = Callable[[str], Any]
-
-
-@dataclass
-class Settings:
-    """How every run of a grid runs (the same for all of them; picklable)."""
-
-    out: Path
-    data_root: Path
-    cache_dir: Path
-    device: str = "auto"
-    bf16: bool = False
-    compile: bool = False
-    force: bool = False
-    retry_failed: bool = False
-    wait_locked: bool = False
-    progress: bool = True
-    batch_size: int = 500
-    checkpoint_every: float = 120.0
-    probe_every: int | None = None  # learning curve: probe the method's probe_loop every N steps
-    probe_n: int = 500
-    threads: int | None = None  # torch threads in the worker (None: leave as is)
-    env: dict[str, str] = field(default_factory=dict)  # environment a remote worker needs (BENCH_*)
 
 
 @dataclass
@@ -75,14 +63,9 @@ def bench_env() -> dict[str, str]:
 
 def execute(spec, settings: Settings, log: Log | None = None) -> Outcome:
     """Run one spec in this process (the body of every executor's worker)."""
-    from .locks import RunLocked, describe_owner
-    from .run import RunFailed
-    from .runner import run_directory, run_one
-
     for key, value in settings.env.items():
         os.environ.setdefault(key, value)
     if settings.threads:
-        import torch
         torch.set_num_threads(max(1, int(settings.threads)))
     log = log or _print
     method, task = spec.build()
@@ -95,12 +78,7 @@ def execute(spec, settings: Settings, log: Log | None = None) -> Outcome:
         log(msg)
 
     try:
-        row = run_one(spec, out=settings.out, data_root=settings.data_root, cache_dir=settings.cache_dir,
-                      device=settings.device, bf16=settings.bf16, compile=settings.compile,
-                      force=settings.force, retry_failed=settings.retry_failed,
-                      wait_locked=settings.wait_locked, progress=settings.progress,
-                      batch_size=settings.batch_size, checkpoint_every=settings.checkpoint_every,
-                      probe_every=settings.probe_every, probe_n=settings.probe_n, log=keep, warn=keep)
+        row = run_one(spec, settings, log=keep, warn=keep)
     except RunLocked as exc:
         return Outcome(spec, "locked", f"skip {spec.label()}: running in {describe_owner(exc.owner)} "
                                        f"(--wait-locked waits for it)", str(rundir))
@@ -128,9 +106,6 @@ def _print(msg: str) -> None:
 
 def settled(spec, settings: Settings) -> Outcome | None:
     """A run that needs no worker (finished, or failed and not retried), checked before submitting."""
-    from . import store
-    from .runner import FAILED_FILE, ROW_FILE, read_failure, read_row, run_directory
-
     if settings.force:
         return None
     method, task = spec.build()
@@ -143,7 +118,6 @@ def settled(spec, settings: Settings) -> Outcome | None:
         return None  # damaged row: a worker moves it aside and re-scores the run
     failure = read_failure(rundir)
     if failure is not None and not settings.retry_failed:
-        from .runner import earlier_failure
         return Outcome(spec, "failed", f"skip {spec.label()}: failed earlier: {earlier_failure(failure)} "
                                        f"({rundir / FAILED_FILE}); --retry-failed runs it again from scratch",
                        str(rundir))
@@ -160,7 +134,6 @@ def cores() -> int:
 
 def _worker_init(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
     torch.set_num_threads(threads)
 
 
@@ -175,8 +148,6 @@ def run_local(specs: list, settings: Settings, *, jobs: int = 1, log: Log = _pri
                 log(outcome.message)
             outcomes.append(outcome)
         return outcomes
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     threads = max(1, cores() // jobs)
     worker_settings = replace(settings, progress=False, threads=threads)
@@ -292,8 +263,6 @@ def run_slurm(specs: list, settings: Settings, *, partition: str | None = None, 
               gpus: int | None = None, cpus: int = 1, local: bool = False,
               log: Log = _print) -> list[Outcome]:
     submitit = _require("submitit", "slurm", "--executor slurm")
-    from .runner import run_directory
-
     if gpus is None:
         gpus = 1 if str(settings.device).startswith("cuda") else 0
     minutes = parse_minutes(time)
@@ -334,9 +303,6 @@ def check_executor(executor: str, *, jobs: int = 1, slurm_local: bool = False, s
                    slurm_cpus: int = 1, slurm_gpus: int | None = None, ray_cpus: float = 1,
                    ray_gpus: float | None = None) -> None:
     """One-line BenchErrors, before any run starts, for an executor this machine cannot use or a bad setting."""
-    import math
-    import shutil
-
     if executor not in EXECUTORS:
         raise BenchError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     if jobs < 1:

@@ -14,7 +14,7 @@ fitted without labels, on both domains' training images), so a map can never lea
 ``contrastive`` a SimCLR encoder's unit-norm representation (bench/nn/contrastive.py); needs the fitted encoder.
 
 Glyph normalisation (``glyph_images``) is the recipe of the digits task's ``mnist-style`` preparation
-(bench.datasets.digits.mnistify: MNIST's own construction plus an intensity and a stroke-width step) applied to
+(bench.glyph.mnistify: MNIST's own construction plus an intensity and a stroke-width step) applied to
 each image the method is given: contrast stretched to the image's own ink level, cropped to the ink's bounding box,
 strokes brought to ~2.6 px (MNIST's median width), the glyph fitted into 20 x 20 and pasted so that its centre of
 mass sits at the centre of 28 x 28.  The task's images are not changed; only what stage I sees.  Multi-channel
@@ -37,7 +37,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import graph, store
+from .data import cache_dir as default_cache
 from .errors import BenchError
+from .glyph import mnistify
+from .locks import cache_entry_lock
+from .nn.contrastive import embed
 
 MAPS = ("flatten", "pool", "hog", "glyph", "glyph-hog", "contrastive")
 # bumped when a map's recipe changes: part of every cache key
@@ -69,7 +74,6 @@ def _grey01(x: torch.Tensor) -> np.ndarray:
 
 def glyph_images(x: torch.Tensor) -> torch.Tensor:
     """Glyph-normalised images (N, 1, 28, 28) in [-1, 1] of images (N, C, H, W) in [-1, 1] (module doc)."""
-    from bench.datasets.digits import mnistify  # the digits task's recipe, applied per image
     imgs = _grey01(x) * 255.0
     out = np.stack([mnistify(im) for im in imgs]) if len(imgs) else np.zeros((0, GLYPH_SIDE, GLYPH_SIDE), np.float32)
     return torch.from_numpy(out * 2.0 - 1.0).float().unsqueeze(1)
@@ -103,7 +107,6 @@ def _compute(name: str, x: torch.Tensor, encoder, cache: bool, cache_dir=None) -
     if name == "contrastive":
         if encoder is None:
             raise BenchError("feature map 'contrastive' needs its fitted encoder")
-        from bench.nn.contrastive import embed
         return embed(encoder, x.float())
     raise AssertionError(name)
 
@@ -122,7 +125,6 @@ def content_key(name: str, x: torch.Tensor, encoder=None, extra: str = "") -> st
 
 def cache_path(name: str, x: torch.Tensor, encoder=None, cache_dir: Path | str | None = None,
                extra: str = "") -> Path:
-    from .data import cache_dir as default_cache
     root = Path(cache_dir) if cache_dir is not None else default_cache()
     tag = f"{name}{extra}".replace("=", "").replace(",", "_")
     return root / "features" / f"{tag}_{len(x)}_{content_key(name, x, encoder, extra)[:24]}.pt"
@@ -130,8 +132,6 @@ def cache_path(name: str, x: torch.Tensor, encoder=None, cache_dir: Path | str |
 
 def _cached(path: Path, build):
     """The tensor(s) stored at ``path``, else ``build()`` stored there (atomically, under the entry's lock)."""
-    from . import store
-    from .locks import cache_entry_lock
     with cache_entry_lock(path):  # one process computes an entry; concurrent ones wait, then load it
         if path.is_file():
             try:
@@ -165,7 +165,6 @@ def knn(feats: torch.Tensor, k: int, cache: bool = True, cache_dir: Path | str |
     """``bench.graph.knn(feats, feats, k, exclude_self=True)`` (squared distances, indices), cached by content for
     ``CACHE_MIN`` points or more: the spread relation's graph on a whole training split is the same for every
     seed (the seed's keypoints are appended by ``bench.graph.knn_extended``)."""
-    from . import graph
     if not (cache and len(feats) >= CACHE_MIN):
         return graph.knn(feats, feats, k, exclude_self=True)
     dev = feats.device

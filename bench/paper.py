@@ -48,8 +48,3 @@ def csv_column(path: str | Path, column: str, names: Mapping[str, str] | None = 
             out[names.get(row[method], row[method].lower())] = cells
     return out
 
-
-def paper_values(task: str) -> dict[str, dict[str, float]]:
-    """The published values a registered task declares (its ``paper_values``), by task name."""
-    from .registry import get_task
-    return dict(get_task(task).paper_values)

@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
 from .api import BenchError, Method, Task
-from .options import Option
+from .options import Option, suggest
 
 T = TypeVar("T")
 
@@ -71,7 +71,6 @@ class Registry(Generic[T]):
     def get(self, name: str) -> type:
         table = self.all()
         if name not in table:
-            from .options import suggest
             close = suggest(name, table)
             raise BenchError(f"unknown {self.kind} {name!r}; " + (f"did you mean {close!r}? " if close else "")
                              + f"known {self.kind}s: {', '.join(table)} (see `bench list`)")

@@ -102,8 +102,6 @@ def check_row(path: Path, obj: Any, rid: RunId | None, metrics: Iterable[Any] = 
     """A ``row.json``: identity (agreeing with ``rid``), a family, and the task's ``metrics``: each present one
     a finite number (or null) in its range, and at least one of them present.  A collected copy (``rid`` None)
     may lack the options and family that early rows did not record."""
-    from .runner import metric_range  # the one definition of a metric's possible values
-
     row = _identity(path, obj, rid)
     if not isinstance(row.get("family", "" if rid is None else None), str):
         raise _bad(path, f"'family' is {row.get('family', 'missing')!r}: not a complete result row")
@@ -115,7 +113,7 @@ def check_row(path: Path, obj: Any, rid: RunId | None, metrics: Iterable[Any] = 
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise _bad(path, f"metric {m} is {value!r}, not a finite number")
-        lo, hi = metric_range(m) if hasattr(m, "header") else (-math.inf, math.inf)
+        lo, hi = getattr(m, "bounds", (-math.inf, math.inf))  # a Metric declares them; a bare key has none
         if not lo <= value <= hi:
             raise _bad(path, f"metric {m}={value:.6g} is outside its range [{lo:g}, {hi:g}]")
         found += 1

@@ -17,7 +17,10 @@ from tabulate import tabulate
 
 from .api import BenchError, Metric
 from .options import problem_changes
-from .registry import get_method, options_variant
+from .registry import get_method, options_variant, tasks
+from .rundir import read_row_file
+from .schema import run_id
+from .store import CorruptFile
 
 BOUND_PREFIX = "bound_"
 FORMATS = ("text", "markdown", "latex", "csv")  # text: for a terminal (bold/underline as ANSI styles)
@@ -39,10 +42,6 @@ def load_rows(out: Path, task: str | None = None, rows_dir: Path | None = None) 
     else:
         pattern = f"{task}/*/*/row.json" if task else "*/*/*/row.json"
         paths = sorted(Path(out).glob(pattern))
-    from .runner import read_row_file
-    from .schema import run_id
-    from .store import CorruptFile
-
     rows = []
     for path in paths:
         # a run directory's row must agree with its path (task, method, budget, seed, options digest): what the
@@ -70,7 +69,6 @@ def load_rows(out: Path, task: str | None = None, rows_dir: Path | None = None) 
 def _pinned_judges(task: str | None) -> frozenset[str]:
     """The sha256s of the judges a task pins (the same network on every machine; empty if it pins none): a row
     scored by another judge (trained on some machine) is labelled and never averaged with theirs."""
-    from .registry import tasks
     return frozenset(getattr(tasks().get(task), "pinned_judges", ()) if task else ())
 
 

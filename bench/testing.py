@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .api import SEMI_PAIRED, UNPAIRED, Metric, Task, TaskData
+from .api import DISTANCE, SEMI_PAIRED, UNPAIRED, Metric, Task, TaskData
+from .context import FitContext
 from .registry import register_task
 
 
@@ -64,7 +65,7 @@ class _TinyTask(Task):
     ``tiny-images`` (semi-paired 8x8 images) and ``tiny-vectors`` (unpaired 2-D).
     """
 
-    metrics = (Metric("w2", "W2", False),)
+    metrics = (Metric("w2", "W2", False, bounds=DISTANCE),)
     eval_sizes = {"smoke": None, "cpu": None, "fast": None, "paper": None}
     description = "synthetic test task (bench.testing)"
 
@@ -102,11 +103,10 @@ register_task(TinyVectorsTask)
 def fit_in_memory(cls, data: TaskData, seed: int = 0, **options):
     """Construct ``cls(**options)`` and fit it on ``data`` on the CPU with a throwaway run (smoke budget,
     no run directory): the plugin's own check_setting / setup / fit, as the runner calls them."""
-    from bench.run import Run
     torch.manual_seed(seed)
     m = cls(**options)
     m.check_setting(data)
-    run = Run(None, device="cpu", seed=seed, budget="smoke", progress=False)
+    run = FitContext(None, device="cpu", seed=seed, budget="smoke", progress=False)
     run.method = m
     m.setup(data, run)
     m.fit(data, run)
@@ -121,8 +121,7 @@ def fit_until_killed(cls, data: TaskData, directory, options: dict, kill_after: 
     """Fit ``cls(**options)`` on ``data`` in run directory ``directory`` (resuming from what is there), with a
     checkpoint after every step; with ``kill_after``, stop right after that many checkpoints and return
     ``(None, count)``, else ``(method, count)``: the resume tests' kill."""
-    from bench.run import Run
-    run = Run(directory, device="cpu", seed=0, budget="smoke", progress=False, checkpoint_every=0.0)
+    run = FitContext(directory, device="cpu", seed=0, budget="smoke", progress=False, checkpoint_every=0.0)
     torch.manual_seed(0)
     run.method = m = cls(**options)
     m.setup(data, run)

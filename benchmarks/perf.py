@@ -20,7 +20,7 @@ import torch
 
 from bench.data import cache_dir, resolve_root
 from bench.registry import get_method, get_task
-from bench.run import Run, pick_device, seed_everything
+from bench.context import FitContext, pick_device, seed_everything
 
 
 def sync(dev):
@@ -122,7 +122,7 @@ def main(argv=None):
     for name in [m for m in args.methods.split(",") if m]:
         seed_everything(0)
         method = get_method(name)(budget=args.budget)
-        run = Run(None, device=dev, seed=0, budget=args.budget, bf16=args.bf16, compile=args.compile,
+        run = FitContext(None, device=dev, seed=0, budget=args.budget, bf16=args.bf16, compile=args.compile,
                   progress=False, step_cap=args.steps)
         run.method = method
         method.setup(data, run)

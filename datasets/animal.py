@@ -54,8 +54,11 @@ import torch
 import torch.nn.functional as F
 
 from bench import data as bdata
-from bench.api import SEMI_PAIRED, BenchError, EvalContext, Metric, Task, TaskData
+from bench.api import DISTANCE, PERCENT, SEMI_PAIRED, BenchError, EvalContext, Metric, Task, TaskData
 from bench.datasets import otcs_table1
+from bench.metrics.classifier import load_or_train, predict
+from bench.metrics.fid import fid_against
+from bench.metrics.memorisation import copy_share
 from bench.paper import csv_column
 
 PREP_VERSION = 1
@@ -233,9 +236,9 @@ def classifier_view(x: torch.Tensor) -> torch.Tensor:
 class AnimalTask(Task):
     name = "animal"
     setting = SEMI_PAIRED
-    metrics = (Metric("fid", "FID", higher_is_better=False, digits=2),
-               Metric("acc", "Acc (%)", higher_is_better=True, digits=2),
-               Metric("copy", "Copy (%)", higher_is_better=False, digits=1))
+    metrics = (Metric("fid", "FID", higher_is_better=False, digits=2, bounds=DISTANCE),
+               Metric("acc", "Acc (%)", higher_is_better=True, digits=2, bounds=PERCENT),
+               Metric("copy", "Copy (%)", higher_is_better=False, digits=1, bounds=PERCENT))
     description = ("AFHQ cat/fox/leopard -> lion/tiger/wolf (species list species.csv), 3 guiding pairs chosen "
                    "by the seed; 256 px fast/paper, 64 cpu, 32 smoke")
     paper_values = csv_column(otcs_table1.TABLE, "animal", names=otcs_table1.NAMES)
@@ -313,7 +316,6 @@ class AnimalTask(Task):
         view = min(x["resolution"], CLASSIFIER_RES)
         key = f"animal_{view}px_p{PREP_VERSION}_{x['target_train_sha256'][:12]}_{x['target_val_sha256'][:12]}"
         if (str(cache), key) not in self._nets:
-            from bench.metrics.classifier import load_or_train
             net, record = load_or_train(
                 cache, key,
                 train=lambda: (classifier_view(data.target_train), data.target_train_labels.long()),
@@ -325,9 +327,6 @@ class AnimalTask(Task):
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,
                  labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, Any]:
-        from bench.metrics.classifier import predict
-        from bench.metrics.fid import fid_against
-        from bench.metrics.memorisation import copy_share
 
         n = len(outputs)
         if labels is None:

@@ -60,8 +60,11 @@ import numpy as np
 import torch
 
 from bench import data as bdata
-from bench.api import UNPAIRED, BenchError, EvalContext, Metric, Task, TaskData
+from bench.api import CORRELATION, DISTANCE, PERCENT, UNPAIRED, BenchError, EvalContext, Metric, Task, TaskData
 from bench.datasets import otcs_table1
+from bench.metrics.fid import fid_against
+from bench.metrics.memorisation import copy_share
+from bench.metrics.ssim import ssim
 from bench.paper import csv_column
 
 PREP_VERSION = 1
@@ -216,10 +219,10 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 class CelebASR(Task):
     name = "celeba-sr"
     setting = UNPAIRED
-    metrics = (Metric("fid", "FID", higher_is_better=False, digits=2),
-               Metric("ssim", "SSIM", higher_is_better=True, digits=4),
-               Metric("ssim_src", "SSIM vs source", higher_is_better=True, digits=4),
-               Metric("copy", "Copy (%)", higher_is_better=False, digits=1))
+    metrics = (Metric("fid", "FID", higher_is_better=False, digits=2, bounds=DISTANCE),
+               Metric("ssim", "SSIM", higher_is_better=True, digits=4, bounds=CORRELATION),
+               Metric("ssim_src", "SSIM vs source", higher_is_better=True, digits=4, bounds=CORRELATION),
+               Metric("copy", "Copy (%)", higher_is_better=False, digits=1, bounds=PERCENT))
     description = ("CelebA unpaired super-resolution (SCONES/OTCS split): train odd rows degraded "
                    "(crop 140, down to hr/2, up to hr) -> train even rows (crop 140, hr); 64 px fast/paper, "
                    "32 cpu, 16 smoke")
@@ -310,9 +313,6 @@ class CelebASR(Task):
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,
                  labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, Any]:
-        from bench.metrics.fid import fid_against
-        from bench.metrics.memorisation import copy_share
-        from bench.metrics.ssim import ssim
 
         n = len(outputs)
         outputs = self.images_to_score(data, outputs)

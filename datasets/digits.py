@@ -54,15 +54,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.api import SEMI_PAIRED, BenchError, EvalContext, Metric, Task, TaskData
 from bench import data as bdata
+from bench.api import DISTANCE, PERCENT, SEMI_PAIRED, BenchError, EvalContext, Metric, Task, TaskData
 from bench.datasets import otcs_table1
+from bench.glyph import MNIST_STROKE_WIDTH, mnistify  # noqa: F401  (the task's own recipe, re-exported)
 from bench.locks import cache_entry_lock
+from bench.metrics.classifier import load_or_train, predict
+from bench.metrics.fid import fid_against
+from bench.metrics.frechet import feature_stats, frechet_distance
+from bench.metrics.memorisation import copy_share
 from bench.options import Option
 from bench.paper import csv_column
 
 PREP_VERSION = 1
-MNIST_STROKE_WIDTH = 2.6
 TRAIN_SUITES = range(1, 81)
 TEST_SUITES = range(81, 101)
 FID_REF_SEED = 20231  # fixed subset of the test split for budgets that use fewer reference images
@@ -125,47 +129,7 @@ def load_mnist(root: Path) -> dict[str, np.ndarray]:
     return out
 
 
-# -- Chinese-MNIST -> MNIST look ---------------------------------------------------------------
-def _stroke_width(mask: np.ndarray) -> float:
-    from skimage.morphology import skeletonize
-    length = int(skeletonize(mask).sum())
-    return float(mask.sum()) / max(length, 1)
-
-
-def mnistify(img: np.ndarray, stroke_width: float = MNIST_STROKE_WIDTH) -> np.ndarray:
-    """One 64x64 uint8 Chinese-MNIST image -> 28x28 float32 in [0, 1], MNIST-style (see module doc)."""
-    from PIL import Image
-    from scipy import ndimage
-
-    x = img.astype(np.float32)
-    peak = x.max()
-    if peak <= 0:
-        return np.zeros((28, 28), np.float32)
-    core = float(np.percentile(x[x > 0.25 * peak], 90))
-    x = np.clip((x - 0.15 * core) / (0.85 * core), 0.0, 1.0)
-    mask = x > 0.3
-    if not mask.any():
-        return np.zeros((28, 28), np.float32)
-    ys, xs = np.nonzero(mask)
-    box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
-    x, mask = x[box], mask[box]
-    s = 20.0 / max(x.shape)
-    k = int(max(1, round(stroke_width / s - _stroke_width(mask) + 1)))
-    if k > 1:
-        x = ndimage.grey_dilation(np.pad(x, k), footprint=np.ones((k, k), bool))
-        ys, xs = np.nonzero(x > 0)
-        x = x[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-        s = 20.0 / max(x.shape)
-    h, w = max(1, round(x.shape[0] * s)), max(1, round(x.shape[1] * s))
-    y = np.clip(np.asarray(Image.fromarray(x, mode="F").resize((w, h), Image.BOX)), 0.0, 1.0)
-    cy, cx = ndimage.center_of_mass(y)
-    oy = min(max(int(round(13.5 - cy)), 0), 28 - h)
-    ox = min(max(int(round(13.5 - cx)), 0), 28 - w)
-    out = np.zeros((28, 28), np.float32)
-    out[oy:oy + h, ox:ox + w] = y
-    return out
-
-
+# -- Chinese-MNIST -> MNIST look: bench.glyph.mnistify (stage I of OTCS uses the same recipe) ----------
 def plain_resize(img: np.ndarray) -> np.ndarray:
     """One 64x64 uint8 Chinese-MNIST image -> 28x28 float32 in [0, 1] by an anti-aliased resize only."""
     from PIL import Image
@@ -236,9 +200,11 @@ def plan_accuracy(method, sources: torch.Tensor, labels: torch.Tensor, targets: 
 class DigitsTask(Task):
     name = "digits"
     setting = SEMI_PAIRED
-    metrics = (Metric("fid", "FID", higher_is_better=False), Metric("acc", "Acc (%)", higher_is_better=True),
-               Metric("cfd", "Cls-FD", higher_is_better=False), Metric("plan_acc", "plan Acc (%)", True),
-               Metric("copy", "Copy (%)", higher_is_better=False, digits=1))
+    metrics = (Metric("fid", "FID", higher_is_better=False, bounds=DISTANCE),
+               Metric("acc", "Acc (%)", higher_is_better=True, bounds=PERCENT),
+               Metric("cfd", "Cls-FD", higher_is_better=False, bounds=DISTANCE),
+               Metric("plan_acc", "plan Acc (%)", True, bounds=PERCENT),
+               Metric("copy", "Copy (%)", higher_is_better=False, digits=1, bounds=PERCENT))
     description = ("MNIST -> Chinese-MNIST numerals 0-9 (28x28), 10 guiding pairs chosen by the seed, "
                    "writer-disjoint target split (suites 1-80 / 81-100)")
     # OTCS Table 1, digits column (datasets/otcs_table1.csv, the published table)
@@ -305,7 +271,6 @@ class DigitsTask(Task):
         return self._classifier(ctx.data_root, ctx.cache_dir, ctx.device)[0]
 
     def _classifier(self, data_root, cache_dir, device) -> tuple[torch.nn.Module, dict]:
-        from bench.metrics.classifier import load_or_train
         root = self._root(data_root)
         cache = Path(cache_dir) if cache_dir is not None else bdata.cache_dir()
         key = (str(root), str(cache), str(device))
@@ -331,7 +296,6 @@ class DigitsTask(Task):
 
     def fid(self, outputs: torch.Tensor, ctx: EvalContext) -> dict[str, Any]:
         """Clean-mode FID of ``outputs`` vs the Chinese-MNIST test reference for ``ctx.budget``."""
-        from bench.metrics.fid import fid_against
         root = self._root(ctx.data_root)
         cache = Path(ctx.cache_dir) if ctx.cache_dir is not None else bdata.cache_dir()
         ref, ref_name = self._reference(root, cache, ctx.budget)
@@ -340,9 +304,6 @@ class DigitsTask(Task):
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,
                  labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, Any]:
-        from bench.metrics.classifier import predict
-        from bench.metrics.frechet import feature_stats, frechet_distance
-        from bench.metrics.memorisation import copy_share
         if labels is None:
             raise BenchError("digits evaluation needs the source labels (MNIST test labels)")
         outputs = self.images_to_score(data, outputs)
@@ -370,8 +331,6 @@ class DigitsTask(Task):
     def probe(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,
               labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, Any]:
         """Acc and Cls-FD of a learning-curve point (no FID: too slow to repeat on the CPU)."""
-        from bench.metrics.classifier import predict
-        from bench.metrics.frechet import feature_stats, frechet_distance
         root = self._root(ctx.data_root)
         cache = Path(ctx.cache_dir) if ctx.cache_dir is not None else bdata.cache_dir()
         net, _ = self._classifier(root, cache, ctx.device)

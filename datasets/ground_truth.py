@@ -32,14 +32,13 @@ marginal, and the cosine between the fitted and the exact displacement fields.
 """
 from __future__ import annotations
 
-import math
 import zlib
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from bench.api import SEMI_PAIRED, UNPAIRED, EvalContext, Metric, Task, TaskData
+from bench.api import CORRELATION, DISTANCE, PERCENT, SEMI_PAIRED, UNPAIRED, EvalContext, Metric, Task, TaskData
 from bench.metrics import ot_map
 
 N_TRAIN = 10_000  # per side
@@ -49,16 +48,11 @@ PROBLEM_SEED = 20261207
 STATS_SAMPLES = 200_000  # draws of Q for its mean and covariance when they have no closed form
 
 
-def _metric(key, header, higher, digits, bounds):
-    m = Metric(key, header, higher, digits)
-    m.bounds = bounds  # bench.runner.metric_range: a UVP may exceed 100 (worse than the mean of Q)
-    return m
-
-
-L2_UVP = _metric("l2_uvp", "L2-UVP", False, 2, (0.0, math.inf))
-BW2_UVP = _metric("bw2_uvp", "BW2-UVP", False, 2, (0.0, math.inf))
-COS = _metric("cos", "cos", True, 3, (-1.0, 1.0))
-CLUSTER_HIT = _metric("cluster_hit", "right cluster (%)", True, 1, (0.0, 100.0))
+# a UVP is a percentage of Var(Q) that may exceed 100 (worse than mapping everything to the mean of Q)
+L2_UVP = Metric("l2_uvp", "L2-UVP", False, 2, bounds=DISTANCE)
+BW2_UVP = Metric("bw2_uvp", "BW2-UVP", False, 2, bounds=DISTANCE)
+COS = Metric("cos", "cos", True, 3, bounds=CORRELATION)
+CLUSTER_HIT = Metric("cluster_hit", "right cluster (%)", True, 1, bounds=PERCENT)
 
 
 def _rng(family: str, dim: int) -> np.random.Generator:

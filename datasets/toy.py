@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from bench import ot
-from bench.api import SEMI_PAIRED, UNPAIRED, EvalContext, Metric, Task, TaskData
+from bench.api import DISTANCE, PERCENT, SEMI_PAIRED, UNPAIRED, EvalContext, Metric, Task, TaskData
 
 N_TRAIN = 1000
 N_TEST = 500
@@ -139,8 +139,9 @@ class _ToyTask(Task):
 class Toy1D(_ToyTask):
     name = "toy1d"
     setting = UNPAIRED
-    metrics = (Metric("mean_at_minus4", "mean T(-4)", True), Metric("w2", "W2", False),
-               Metric("lhs_w2", "LHS E_x W2", False, 3), Metric("plan_w2", "W2(pi_hat, pi)", False, 3))
+    metrics = (Metric("mean_at_minus4", "mean T(-4)", True), Metric("w2", "W2", False, bounds=DISTANCE),
+               Metric("lhs_w2", "LHS E_x W2", False, 3, bounds=DISTANCE),
+               Metric("plan_w2", "W2(pi_hat, pi)", False, 3, bounds=DISTANCE))
     description = "N(-4,1) -> N(4,1) in 1-D, unpaired; exact L2-regularised plan by POT (map y = x + 8 as eps -> 0)"
     probes = torch.tensor([[-5.5], [-4.5], [-4.0], [-3.5], [-2.5]])
 
@@ -171,8 +172,9 @@ STD = 0.3
 class Toy2D(_ToyTask):
     name = "toy2d"
     setting = SEMI_PAIRED
-    metrics = (Metric("upper_mode_hit", "upper hit (%)", True), Metric("w2", "W2", False),
-               Metric("lhs_w2", "LHS E_x W2", False, 3), Metric("plan_w2", "W2(pi_hat, pi)", False, 3))
+    metrics = (Metric("upper_mode_hit", "upper hit (%)", True, bounds=PERCENT), Metric("w2", "W2", False, bounds=DISTANCE),
+               Metric("lhs_w2", "LHS E_x W2", False, 3, bounds=DISTANCE),
+               Metric("plan_w2", "W2(pi_hat, pi)", False, 3, bounds=DISTANCE))
     description = ("2-D mixtures: sources (0.5,2)/(-0.5,-2) -> targets (2,0)/(-2,0); 2 guiding pairs "
                    "(upper->left, lower->right) crossing the cost-minimising assignment")
     probes = torch.tensor([[0.5, 2.0], [0.8, 1.8], [0.2, 2.3], [-0.5, -2.0], [-0.2, -1.7]])

@@ -80,7 +80,7 @@ from bench.diffusion import EMA, VPSDE, WEIGHTINGS, Guided, NullCondition, VOutp
 from bench.nn import canvas_side, MLP, ScoreMLP, UNet, crop_to, pad_to
 from bench.nn.contrastive import Encoder, embed, train_encoder
 from bench.options import Option
-from bench.run import stream_seed
+from bench.context import stream_seed
 from bench.scoremodel import score_lr
 
 FEATURES = ("auto",) + fmaps.MAPS  # the potentials' map; auto: pool on images

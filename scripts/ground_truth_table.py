@@ -81,7 +81,7 @@ def run(args) -> int:
 
 def collect(args, quiet: bool = False) -> int:
     """Copy the finished rows of today's default options into the rows folder."""
-    from bench.runner import RunSpec
+    from bench.spec import RunSpec
     rows = Path(args.rows)
     rows.mkdir(parents=True, exist_ok=True)
     copied = 0

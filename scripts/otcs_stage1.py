@@ -27,7 +27,7 @@ from bench import ot
 from bench.data import resolve_root
 from bench.datasets.digits import DigitsTask, load_mnist, plan_accuracy
 from bench.methods.otcs import OTCS
-from bench.run import Run
+from bench.context import FitContext
 
 
 def main(argv=None) -> int:
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     task = DigitsTask(**task_opts)
     data = task.load(resolve_root(None), a.seed, budget="cpu")
     m = OTCS(budget="cpu", **{"ot_steps": a.steps, **opts})
-    run = Run(None, device="cpu", seed=a.seed, budget="cpu", progress=False)
+    run = FitContext(None, device="cpu", seed=a.seed, budget="cpu", progress=False)
     run.method = m
     torch.manual_seed(a.seed)
     m.setup(data, run)

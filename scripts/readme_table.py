@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.metrics.memorisation import COPY_FLAG  # noqa: E402
-from bench.paper import paper_values  # noqa: E402
-from bench.registry import methods  # noqa: E402
+from bench.registry import get_task, methods  # noqa: E402
 from bench.tables import FRAGILE_JUDGE, _fmt, _problem_notes, load_rows  # noqa: E402
 
 BEGIN, END = "<!-- cpu-table:begin -->", "<!-- cpu-table:end -->"
@@ -120,7 +119,7 @@ def table(rows_dir: Path) -> str:
     # (including rows scored by another judge than the pinned one: `judge=<sha256 prefix>`)
     stale = df[(df["variant"] != "") & (df["variant"] != FRAGILE_JUDGE)].sort_values(["method", "seed"])
     df = df[df["variant"] == ""]
-    paper = paper_values("digits")
+    paper = dict(get_task("digits").paper_values)
     if df.empty:
         lines = ["No `cpu` row judged by the noise-robust classifier yet: the table is being regenerated "
                  "(`SEEDS=\"0 1 2\" bash scripts/cpu_table.sh`, one run at a time; rows land in results/digits/rows)."]

@@ -6,7 +6,7 @@ from bench.methods.otm import OTM
 from bench.methods.scones import SCONES
 from bench.methods.tcr import TCR
 from bench.methods.w2gan import W2GAN
-from bench.run import Run
+from bench.context import FitContext
 from bench.testing import tiny_images, tiny_vectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _setup(cls, data, **options):
     m = cls(**{**cls.test_options, **options})
-    m.setup(data, Run(None, progress=False))
+    m.setup(data, FitContext(None, progress=False))
     return m
 
 

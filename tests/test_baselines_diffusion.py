@@ -16,7 +16,7 @@ import torch
 from bench import ot
 from bench.datasets.toy import SRC_CENTRES, TGT_CENTRES, Toy1D, Toy2D
 from bench.registry import methods
-from bench.run import Run
+from bench.context import FitContext
 from bench.testing import fit_until_killed
 
 # small networks and short runs: every fit below takes seconds on one CPU thread
@@ -25,7 +25,7 @@ TOY = {"mlp_hidden": 128, "mlp_depth": 3, "toy_score_steps": 1000, "toy_score_ba
 
 def _fit(name, data, **options):
     """Fit on the CPU in this process (seed 0, smoke budget, no run directory)."""
-    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     torch.manual_seed(0)
     run.method = m = methods()[name](**options)
     m.check_setting(data)
@@ -248,7 +248,7 @@ def test_egsde_lowpass_keeps_the_authors_factor_32():
     for budget in ("smoke", "cpu", "fast", "paper"):
         o = EGSDE.resolve_options(budget, {})
         assert (o["lowpass_side"], o["lambda_s"], o["lambda_i"]) == ("auto", "auto", "auto"), budget
-    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     m = EGSDE(**EGSDE.test_options)
     m.setup(tiny_images(side=28, n=8), run)
     assert m.lowpass == 1

@@ -25,7 +25,7 @@ from bench.methods.otm import OTM, embed
 from bench.methods.tcr import TCR, random_affine, warp
 from bench.methods.w2gan import W2GAN, transport_cost
 from bench.nn.icnn import ICNN, input_gradient
-from bench.run import Run
+from bench.context import FitContext
 from bench.saddle import SaddleTrainer
 from bench.testing import fit_in_memory, tiny_images, tiny_vectors
 
@@ -81,7 +81,7 @@ def test_saddle_trainer_makes_critic_steps_per_outer_step():
         return fn
 
     trainer = SaddleTrainer([w_map], [w_critic], steps=4, inner_steps=2, critic_steps=3)
-    trainer.fit(Run(None, progress=False), "s", map_loss=loss("map", w_map), critic_loss=loss("critic", w_critic))
+    trainer.fit(FitContext(None, progress=False), "s", map_loss=loss("map", w_map), critic_loss=loss("critic", w_critic))
     assert calls == {"map": 8, "critic": 12}
     with pytest.raises(BenchError, match="critic_steps"):
         SaddleTrainer([w_map], [w_critic], steps=1, critic_steps=0)
@@ -99,7 +99,7 @@ def test_w2gan_cost_penalties_and_identity_start():
     assert float(ent.violation_penalty(y, g, u, v)) == pytest.approx(2 * (math.exp(0.5) + math.exp(-1.5)) / 2)
     for data in (tiny_images(), tiny_vectors()):  # G starts at the identity (zero output layer)
         m = W2GAN(**W2GAN.test_options)
-        m.setup(data, Run(None, progress=False))
+        m.setup(data, FitContext(None, progress=False))
         torch.testing.assert_close(m.transport(data.source_test), data.source_test)
 
 
@@ -116,11 +116,11 @@ def test_w2gan_variants_train_resnet_potentials_and_entropic_dual():
 def test_ot_icnn_keeps_f_convex_by_clamping_and_g_by_penalty_or_clamping(lambda_cvx):
     data = tiny_vectors()
     m = OTICNN(**{**OTICNN.test_options, "toy_steps": 20, "lambda_cvx": lambda_cvx, "toy_lr": 0.05})
-    m.setup(data, Run(None, progress=False))
+    m.setup(data, FitContext(None, progress=False))
     with torch.no_grad():  # start both with negative weights: the updates must bring f (and g) back
         for w in m.f.convex_weights() + m.g.convex_weights():
             w.fill_(-0.1)
-    run = Run(None, progress=False)
+    run = FitContext(None, progress=False)
     run.method = m
     m.fit(data, run)
     assert float(m.f.negativity().detach()) == 0.0  # clamped after every update of f (authors)

@@ -16,7 +16,7 @@ import torch
 
 from bench.api import SEMI_PAIRED, SETTINGS, UNPAIRED, BenchError
 from bench.registry import methods
-from bench.run import Run
+from bench.context import FitContext
 from bench.testing import fit_until_killed, tiny_images, tiny_vectors
 
 # the registered plugins; methods that other test modules register at import (e.g. test_runner's
@@ -37,7 +37,7 @@ def _fit(cls, data, seed=0):
     torch.manual_seed(seed)
     m = cls(**getattr(cls, "test_options", {}))
     m.check_setting(data)
-    run = Run(None, device="cpu", seed=seed, budget="smoke", progress=False)
+    run = FitContext(None, device="cpu", seed=seed, budget="smoke", progress=False)
     run.method = m
     m.setup(data, run)
     m.to("cpu")
@@ -83,7 +83,7 @@ def test_method_contract(name, kind, setting):
     state = copy.deepcopy(m.state_dict())
     torch.manual_seed(999)  # a different initialisation, overwritten by the load
     fresh = cls(**getattr(cls, "test_options", {}))
-    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     fresh.setup(data, run)
     fresh.load_state_dict(state)
     fresh.to("cpu")
@@ -103,7 +103,7 @@ def test_optimizer_state_survives_a_resume(name, tmp_path):
     data = _data("images", SEMI_PAIRED if SEMI_PAIRED in cls.settings else cls.settings[0], cls)
     torch.manual_seed(0)
     m = cls(**getattr(cls, "test_options", {}))
-    run = Run(tmp_path, device="cpu", seed=0, budget="smoke", progress=False)
+    run = FitContext(tmp_path, device="cpu", seed=0, budget="smoke", progress=False)
     run.method = m
     m.setup(data, run)
     m.fit(data, run)
@@ -111,7 +111,7 @@ def test_optimizer_state_survives_a_resume(name, tmp_path):
     loose = [k for k, v in vars(m).items() if isinstance(v, torch.optim.Optimizer) and v not in m._optimizers.values()]
     assert not loose, f"{name}: optimizer attribute(s) {loose} are not registered with self.optimizer(name, opt)"
     fresh = cls(**getattr(cls, "test_options", {}))
-    run2 = Run(tmp_path, device="cpu", seed=0, budget="smoke", progress=False)
+    run2 = FitContext(tmp_path, device="cpu", seed=0, budget="smoke", progress=False)
     run2.method = fresh
     fresh.setup(data, run2)
     assert run2.restore()

@@ -12,7 +12,7 @@ from bench import data as bdata
 from bench.api import BenchError
 from bench.datasets.digits import CHINESE_MNIST_FILE, MNIST_FILES
 from bench.metrics.fid import OFFLINE_FILE
-from bench.registry import tasks
+from bench.registry import get_task, tasks
 
 
 def test_resolve_root_precedence(monkeypatch, tmp_path):
@@ -51,7 +51,7 @@ def test_declared_files_match_the_offline_mirror(data_root):
     for f in MNIST_FILES:
         assert all(u.startswith(("https://", "http://")) and u.endswith(Path(f.path).name) for u in f.urls)
     assert "kaggle.com/datasets/gpreda/chinese-mnist" in CHINESE_MNIST_FILE.manual
-    found = bdata.ensure_task("digits", data_root)
+    found = bdata.ensure(data_root, get_task("digits").data_files)
     assert set(found) == {f.path for f in (*MNIST_FILES, CHINESE_MNIST_FILE)}
 
 

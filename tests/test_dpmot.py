@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench.api import BenchError, EvalContext
-from bench.run import Run
+from bench.context import FitContext
 from bench.semidiscrete import SemiDiscreteOT
 from bench.testing import tiny_images, tiny_vectors
 
@@ -70,7 +70,7 @@ def _fit_dpmot(data, **options):
     from bench.methods.dpmot import DPMOT
     torch.manual_seed(0)
     m = DPMOT(**options)
-    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     run.method = m
     m.check_setting(data)
     m.setup(data, run)

@@ -20,7 +20,8 @@ import torch
 from bench import store
 from bench.api import BenchError
 from bench.locks import holder
-from bench.runner import RunSpec, run_one
+from bench.runner import run_one
+from bench.spec import RunSpec, Settings
 
 # NOT on toy1d, sized so that fitting takes ~2-3 s at one thread and checkpoints every 0.1 s
 NOT_OPTS = {"toy_steps": 500, "inner_steps": 3, "mlp_hidden": 32, "log_every": 25}
@@ -127,8 +128,7 @@ def test_truncated_row_samples_and_checkpoint_are_detected_and_recovered(tmp_pat
     warnings: list[str] = []
 
     def go():
-        return run_one(spec, out=out, data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu",
-                       progress=False, checkpoint_every=0.0, log=lambda *_: None, warn=warnings.append)
+        return run_one(spec, Settings(out=out, data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False, checkpoint_every=0.0), log=lambda *_: None, warn=warnings.append)
 
     ref = go()
     rundir = spec.directory(out)
@@ -265,8 +265,7 @@ def _cli(capsys, *args: str) -> tuple[int, str, list[str]]:
 @pytest.fixture(scope="module")
 def finished_tree(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "runs"
-    row = run_one(RunSpec("not", "tiny-vectors", 0, "smoke", dict(TINY_NOT)), out=out, data_root=out,
-                  cache_dir=out.parent / "cache", device="cpu", progress=False, log=lambda *_: None)
+    row = run_one(RunSpec("not", "tiny-vectors", 0, "smoke", dict(TINY_NOT)), Settings(out=out, data_root=out, cache_dir=out.parent / "cache", device="cpu", progress=False), log=lambda *_: None)
     return out, row
 
 
@@ -279,9 +278,9 @@ def R(finished_tree, tmp_path):
     shutil.copytree(finished_tree[0], out)
     rundir = next((out / "tiny-vectors" / "not").glob("smoke-seed0-*"))
 
-    class Run(type(rundir)):
+    class FitContext(type(rundir)):
         pass
-    run = Run(rundir)
+    run = FitContext(rundir)
     run.out, run.row = out, finished_tree[1]
     return run
 
@@ -397,7 +396,7 @@ def test_r10_a_bogus_device_is_bad_input_and_leaves_no_run(tmp_path, capsys):
     code, _, err = _cli(capsys, "run", "-m", "not", "-t", "toy1d", "--out", tmp_path, "--device", "bogus")
     _one_error(code, err, "--device 'bogus'", "cpu")
     with pytest.raises(BenchError, match="--device"):
-        run_one(RunSpec("identity", "toy1d"), out=tmp_path, data_root=tmp_path, cache_dir=tmp_path, device="bogus")
+        run_one(RunSpec("identity", "toy1d"), Settings(out=tmp_path, data_root=tmp_path, cache_dir=tmp_path, device="bogus"))
     assert not (tmp_path / "toy1d").exists()
 
 

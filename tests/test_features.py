@@ -153,9 +153,9 @@ def _toy_task() -> TaskData:
 
 def _prepared(data, **options):
     from bench.methods.otcs import OTCS
-    from bench.run import Run
+    from bench.context import FitContext
     m = OTCS(**{**OTCS.test_options, **options})
-    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     m.check_setting(data)
     m.setup(data, run)
     m.prepare_ot(data, run)

@@ -24,6 +24,8 @@ from bench.api import SEMI_PAIRED, UNPAIRED, EvalContext
 from bench.datasets import ground_truth as gt
 from bench.metrics import ot_map
 from bench.registry import methods, tasks
+from bench.runner import run_one
+from bench.spec import RunSpec, Settings
 from bench.testing import fit_in_memory
 
 UNPAIRED_TASKS = [t for t in gt.GROUND_TRUTH_TASKS if t != "clusters-16"]
@@ -228,15 +230,13 @@ def test_not_maps_gauss16_within_a_few_percent_and_not_without_its_cost(one_thre
 
 
 def test_bench_run_stores_the_scores_and_the_table_script_renders_them(tmp_path, script):
-    from bench.runner import RunSpec, run_one
     out = tmp_path / "runs"
     for method in ("identity", "keypoint-nn"):
         for task in ("gauss-2", "clusters-16"):
             spec = RunSpec(method, task, 0, "smoke")
             if method == "keypoint-nn" and task == "gauss-2":
                 continue
-            row = run_one(spec, out=out, data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu",
-                          progress=False, log=lambda *_: None)
+            row = run_one(spec, Settings(out=out, data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False), log=lambda *_: None)
             assert row["n_eval"] == 512
     row = json.loads(next((out / "gauss-2" / "identity").glob("smoke-seed0-*/row.json")).read_text())
     assert row["l2_uvp"] == pytest.approx(tasks()["gauss-2"]().info(None, None)["L2-UVP of the identity"], rel=0.1)
@@ -265,7 +265,6 @@ def _applicable(name: str, task: str) -> bool:
 def test_every_method_runs_on_the_ground_truth_tasks(name, task, tmp_path, one_thread):
     """Plumbing at each method's test options: 64-D vectors and the semi-paired clusters go through `bench run`'s
     path (fit, transport, barycentric draws, scores in range) for every method that declares the setting."""
-    from bench.runner import RunSpec, run_one
     cls = methods()[name]
     options = dict(getattr(cls, "test_options", {}))
     try:  # the runner refuses image-only options on a vector task
@@ -276,7 +275,6 @@ def test_every_method_runs_on_the_ground_truth_tasks(name, task, tmp_path, one_t
     if "ot_max_train" in cls.default_options:  # a plan over 512 x 512 training points, not 4,000 x 4,000 (seconds)
         options["ot_max_train"] = 512
     spec = RunSpec(name, task, 0, "smoke", options)
-    row = run_one(spec, out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu",
-                  progress=False, log=lambda *_: None)
+    row = run_one(spec, Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False), log=lambda *_: None)
     assert row is not None and np.isfinite(row["l2_uvp"]) and np.isfinite(row["bw2_uvp"])
     assert row["barycentric_draws"] == (gt.DRAWS if methods()[name](**spec.options).stochastic else 1)

@@ -204,7 +204,7 @@ def test_knot_energy_cost_on_a_shift_gives_the_independent_coupling():
 def test_knot_injects_noise_through_conditional_norm_by_default():
     """Issue 8: KNOT's image map takes z (128 x N(0, 1)) through the UNet's normalisation at every
     layer, as the authors' map does; different z give different outputs for one x."""
-    from bench.run import Run
+    from bench.context import FitContext
     from bench.testing import tiny_images
     data = tiny_images()
     m = KNOT(**{**KNOT.test_options})
@@ -214,7 +214,7 @@ def test_knot_injects_noise_through_conditional_norm_by_default():
     # the authors halve the lrs from step 15k of 100k: only the paper budget reaches a milestone
     assert KNOT(budget="paper").options["lr_schedule"] == "multistep"
     assert {KNOT(budget=b).options["lr_schedule"] for b in ("smoke", "cpu", "fast")} == {"constant"}
-    m.setup(data, Run(None, progress=False))
+    m.setup(data, FitContext(None, progress=False))
     assert m.T.noise_dim == 128 and m.T.in_channels == 1
     for mod in m.T.modules():  # residual branches and the output conv start at zero
         if isinstance(mod, torch.nn.Conv2d):
@@ -223,7 +223,7 @@ def test_knot_injects_noise_through_conditional_norm_by_default():
     y = m.transport(x, torch.Generator().manual_seed(0))
     assert not torch.allclose(y[0], y[1])
     n = NOT(cost="weak", **{k: v for k, v in NOT.test_options.items()})
-    n.setup(data, Run(None, progress=False))
+    n.setup(data, FitContext(None, progress=False))
     assert n.options["noise"] == "channel" and n.T.in_channels == 2 and n.T.noise_dim == 0
 
 

@@ -11,7 +11,7 @@ from bench import ode
 from bench.api import BenchError, Method
 from bench.diffusion import VPSDE
 from bench.options import Option
-from bench.run import Run
+from bench.context import FitContext
 from bench.scoremodel import ScoreModel, diffusion_options, network_options, training_options
 
 
@@ -107,7 +107,7 @@ class _OneScoreModel(Method):
 def _fit(tmp_path, data, cap=None, **opts):
     torch.manual_seed(0)
     m = _OneScoreModel(**{"mlp_hidden": 64, "mlp_depth": 2, "toy_score_batch": 128, "score_warmup": 10, **opts})
-    run = Run(tmp_path, device="cpu", seed=0, budget="smoke", progress=False, step_cap=cap)
+    run = FitContext(tmp_path, device="cpu", seed=0, budget="smoke", progress=False, step_cap=cap)
     run.method = m
     m.setup(data, run)
     run.restore()

@@ -11,7 +11,7 @@ from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, EvalContext, TaskData
 from bench.datasets.toy import Toy1D, Toy2D
 from bench.methods.otcs import OTCS
 from bench.registry import methods
-from bench.run import Run
+from bench.context import FitContext
 from bench.runner import transport_all
 
 BOUND_KEYS = ("bound_marginal_x", "bound_marginal_y", "bound_lagrangian_grad", "bound_jcsm",
@@ -23,7 +23,7 @@ def _fit_and_evaluate(task, **options):
     torch.manual_seed(0)
     m = OTCS(**options)
     m.check_setting(data)
-    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     run.method = m
     m.setup(data, run)
     m.to("cpu")
@@ -82,7 +82,7 @@ class _ExactEps(torch.nn.Module):
 def test_samplers_reproduce_a_known_conditional(sampler, steps):
     data = Toy1D().load(None, 0)
     m = OTCS(sampler=sampler, toy_sde_steps=steps, ddim_steps=steps)
-    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     m.setup(data, run)
     assert m.nfe == steps
     m.ema = _ExactEps(m.sde, 0.5)
@@ -112,7 +112,7 @@ def test_budget_picks_steps_never_the_sampler():
     data = Toy1D().load(None, 0)
     for budget, nfe in (("smoke", 100), ("cpu", 100), ("fast", 1000), ("paper", 1000)):
         m = OTCS(budget=budget)
-        m.setup(data, Run(None, device="cpu", seed=0, budget=budget, progress=False))
+        m.setup(data, FitContext(None, device="cpu", seed=0, budget=budget, progress=False))
         assert m.nfe == nfe, budget
         assert m.options["sampler"] == "sde" and m.options["clip_x0"] and m.options["denoise"], budget
         assert OTCS(budget=budget).nfe == m.options["sde_steps"]  # images
@@ -147,7 +147,7 @@ def test_stage1_potentials_match_the_exact_pot_plan_on_a_small_problem():
     torch.manual_seed(0)
     m = OTCS(ot_steps=1500, ot_batch=40, potential_hidden=64, epsilon_rel=0.05, h_threshold=0.0,
              steps=1, batch_size=4, mlp_hidden=16, sde_steps=2, holdout=0.0)
-    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     run.method = m
     m.setup(data, run)
     m.fit(data, run)
@@ -170,7 +170,7 @@ def _stage1_only(**options):
                     source_test=xs[:4], target_test=yt[:4])
     torch.manual_seed(0)
     m = OTCS(**{"ot_steps": 30, "ot_batch": 40, "potential_hidden": 64, "holdout": 0.0, **options})
-    run = Run(None, device="cpu", seed=0, budget="smoke", progress=False)
+    run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     run.method = m
     m.setup(data, run)
     m.prepare_ot(data, run)
@@ -212,7 +212,7 @@ def test_digit_sized_images_keep_their_28x28_canvas_and_attention_sits_at_half_r
     data = tiny_images(side=28)
     for budget, att in (("cpu", ()), ("fast", (14,))):
         m = OTCS(budget=budget, unet_base=8, unet_blocks=1)
-        m.setup(data, Run(None, device="cpu", seed=0, budget=budget, progress=False))
+        m.setup(data, FitContext(None, device="cpu", seed=0, budget=budget, progress=False))
         assert m.canvas == 28
         assert m.score.image_size == 28
         attn = [mod for mod in m.score.modules() if type(mod).__name__ == "AttnBlock"]
@@ -244,7 +244,7 @@ def _two_row_plan():
     (weights 1, 3), row 1 -> targets 2, 3 (weights 2, 2); the exact noise predictor of its conditionals."""
     from bench import ot
     m = OTCS(**OTCS.test_options)
-    m.setup(Toy1D().load(None, 0), Run(None, device="cpu", seed=0, budget="smoke", progress=False))
+    m.setup(Toy1D().load(None, 0), FitContext(None, device="cpu", seed=0, budget="smoke", progress=False))
     xs, yt = torch.tensor([[0.0], [1.0]]), torch.tensor([[-2.0], [1.0], [3.0], [5.0]])
     H = ot.SparseCompatibility(torch.tensor([0, 2, 4]), torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 3.0, 2.0, 2.0]),
                                torch.ones(2), torch.ones(4), 1.0)
@@ -326,14 +326,14 @@ def test_contrastive_features_are_fitted_without_labels_and_feed_stage_one():
     opts = {**OTCS.test_options, "features": "contrastive", "feature_steps": 3}
     torch.manual_seed(0)
     fresh = OTCS(**opts)
-    fresh.setup(data, Run(None, device="cpu", seed=0, budget="smoke", progress=False))
+    fresh.setup(data, FitContext(None, device="cpu", seed=0, budget="smoke", progress=False))
     m = fit_in_memory(OTCS, data, **opts)
     assert m.u_net.net[0].in_features == FEATURE_DIM and m.v_net.net[0].in_features == FEATURE_DIM
     f = m.features(data.source_test[:6])
     assert f.shape == (6, FEATURE_DIM) and torch.allclose(f.norm(dim=1), torch.ones(6), atol=1e-5)
     assert not torch.allclose(f, fresh.features(data.source_test[:6]))  # the encoder was fitted, not left at init
     m2 = OTCS(**opts)
-    m2.setup(data, Run(None, device="cpu", seed=0, budget="smoke", progress=False))
+    m2.setup(data, FitContext(None, device="cpu", seed=0, budget="smoke", progress=False))
     m2.load_state_dict(m.state_dict())
     assert torch.equal(m2.features(data.source_test[:6]), f)
     rows = m.coupling_row(data.source_test[:4], data.target_test[:9])
@@ -359,7 +359,7 @@ def test_spread_relations_come_from_each_domains_graph_and_travel_with_the_state
     rows = m.coupling_row(data.source_test[:4], data.target_test[:9])
     assert rows.shape == (4, 9) and torch.allclose(rows.sum(1), torch.ones(4))
     m2 = OTCS(**opts)
-    m2.setup(data, Run(None, device="cpu", seed=0, budget="smoke", progress=False))
+    m2.setup(data, FitContext(None, device="cpu", seed=0, budget="smoke", progress=False))
     m2.load_state_dict(m.state_dict())
     assert torch.equal(m2.coupling_row(data.source_test[:4], data.target_test[:9]), rows)
     with pytest.raises(BenchError, match="relations"):
@@ -375,7 +375,7 @@ def test_condition_dropout_learns_a_null_and_guidance_changes_the_samples():
     data = tiny_images(SEMI_PAIRED)
     opts = {**OTCS.test_options, "cond_drop": 0.5, "steps": 12, "clip_x0": False}
     fresh_null = OTCS(**opts)
-    fresh_null.setup(data, Run(None, device="cpu", seed=0, budget="smoke", progress=False))
+    fresh_null.setup(data, FitContext(None, device="cpu", seed=0, budget="smoke", progress=False))
     m = fit_in_memory(OTCS, data, **opts)
     assert isinstance(m.score, NullCondition) and isinstance(m.score.net, UNet)
     assert m.score.null.shape == (1, *m._cond(data.source_test[:1]).shape[1:])
@@ -393,7 +393,7 @@ def test_condition_dropout_learns_a_null_and_guidance_changes_the_samples():
     want = 4.0 * m.ema(xt, t, c) - 3.0 * m.ema(xt, t, m.ema.module.null.expand_as(c))
     assert torch.allclose(Guided(m.ema, 3.0)(xt, t, c), want, atol=1e-5)
     m2 = OTCS(**{**opts, "guidance": 3.0})
-    m2.setup(data, Run(None, device="cpu", seed=0, budget="smoke", progress=False))
+    m2.setup(data, FitContext(None, device="cpu", seed=0, budget="smoke", progress=False))
     m2.load_state_dict(m.state_dict())
     assert torch.equal(m2.transport(x, generator=gen()), guided)
     # the authors' model: no null, no guidance
@@ -466,7 +466,7 @@ def test_plan_retrieval_draws_target_training_images_from_the_stage_one_plan():
     top = int(w.argmax())
     assert abs(float((j == top).float().mean()) - float(w[top])) < 0.03
     m2 = OTCS(**opts)
-    m2.setup(data, Run(None, device="cpu", seed=0, budget="smoke", progress=False))
+    m2.setup(data, FitContext(None, device="cpu", seed=0, budget="smoke", progress=False))
     m2.load_state_dict(m.state_dict())
     assert torch.equal(m2.transport(x, generator=torch.Generator().manual_seed(0)), y)
     assert OTCS(budget="cpu").options["stage2"] == "diffusion"

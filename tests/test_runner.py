@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -13,13 +14,14 @@ import pytest
 import torch
 
 from bench import store
-from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Metric, Method, Task
+from bench.api import DISTANCE, PERCENT, SEMI_PAIRED, UNPAIRED, BenchError, Metric, Method, Task
 from bench.locks import RunLock, RunLocked
 from bench.options import Option
-from bench.registry import get_task, register_method, register_task
-from bench.run import RunFailed
-from bench.runner import (FAILED_FILE, ROW_FILE, RunSpec, check_metrics, check_samples, evaluate_dir, load_run,
-                          metric_range, run_one, run_state)
+from bench.registry import get_task, register_method, register_task, tasks
+from bench.errors import RunFailed
+from bench.rundir import FAILED_FILE, ROW_FILE, run_state
+from bench.runner import check_metrics, check_samples, evaluate_dir, load_run, run_one
+from bench.spec import RunSpec, Settings
 from bench.tables import render
 from bench.testing import tiny_vectors
 
@@ -80,7 +82,7 @@ class PercentTask(Task):
 
     name = "test-percent"
     setting = UNPAIRED
-    metrics = (Metric("acc", "Acc (%)", higher_is_better=True),)
+    metrics = (Metric("acc", "Acc (%)", higher_is_better=True, bounds=PERCENT),)
     eval_sizes = {"smoke": None, "cpu": None, "fast": None, "paper": None}
     default_options = {"acc": 50.0}
 
@@ -97,8 +99,7 @@ def _spec(**opts):
 
 def _run(tmp_path, spec=None, **kw):
     spec = spec or _spec()
-    return run_one(spec, out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path / "cache",
-                   device="cpu", progress=False, checkpoint_every=0.0, log=lambda *_: None, **kw)
+    return run_one(spec, Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False, checkpoint_every=0.0, **kw), log=lambda *_: None)
 
 
 def _events(rundir, name):
@@ -255,12 +256,16 @@ def test_metric_rule(tmp_path, acc, ok):
         assert (spec.directory(tmp_path / "runs") / FAILED_FILE).exists()
 
 
-def test_metric_ranges():
-    assert metric_range(Metric("fid", "FID")) == (0.0, float("inf"))
-    assert metric_range(Metric("lhs_w2", "LHS")) == (0.0, float("inf"))
-    assert metric_range(Metric("upper_mode_hit", "upper hit (%)", True)) == (0.0, 100.0)
-    assert metric_range(Metric("ssim", "SSIM", True)) == (-1.0, 1.0)
-    assert metric_range(Metric("mean_at_minus4", "mean", True)) == (float("-inf"), float("inf"))
+def test_metric_ranges_are_declared_not_guessed():
+    assert Metric("fid", "FID").bounds == (float("-inf"), float("inf"))  # nothing read from the key
+    assert Metric("fid", "FID", bounds=DISTANCE).bounds == (0.0, float("inf"))
+    assert pickle.loads(pickle.dumps(Metric("acc", "Acc", True, bounds=PERCENT))).bounds == (0.0, 100.0)
+    with pytest.raises(TypeError, match="low <= high"):
+        Metric("x", bounds=(1, 0))
+    for task in tasks().values():  # every installed task declares the bounds of its percentages and distances
+        for m in task.metrics:
+            if "%" in m.header or m.key in ("fid", "w2", "cfd", "ssim"):
+                assert m.bounds != (float("-inf"), float("inf")), (task.name, m.key)
     check_metrics(get_task("tiny-vectors")(), {"w2": 0.5, "extra": float("nan")})  # only metric columns count
     with pytest.raises(RunFailed):
         check_metrics(get_task("tiny-vectors")(), {"w2": -0.1})
@@ -291,8 +296,7 @@ def test_lock_held_elsewhere_is_reported_then_waited_for(tmp_path):
 def test_one_run_path_eval_reproduces_the_row(tmp_path):
     row = _run(tmp_path)
     rundir = _spec().directory(tmp_path / "runs")
-    again = evaluate_dir(rundir, data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False,
-                         log=lambda *_: None)
+    again = evaluate_dir(rundir, Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False), log=lambda *_: None)
     skip = {"finished_at", "eval_s"}
     assert {k: v for k, v in again.items() if k not in skip} == {k: v for k, v in row.items() if k not in skip}
 
@@ -316,8 +320,7 @@ def test_table_marks_best_and_second(tmp_path):
     for budget in ("smoke", "cpu"):
         for shift_steps in (40, 3, 1):
             spec = RunSpec("test-counter", "tiny-vectors", 0, budget, {"steps": shift_steps})
-            run_one(spec, out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path,
-                    device="cpu", progress=False, log=lambda *_: None)
+            run_one(spec, Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False), log=lambda *_: None)
     text = render(tmp_path / "runs", get_task("tiny-vectors"), fmt="markdown")
     body = [ln for ln in text.splitlines() if ln.startswith("|")][2:]
     assert len(body) == 6
@@ -342,8 +345,7 @@ def test_table_from_collected_row_files(tmp_path):
     committed), the same table as from the run directories; a non-row file is a clear error."""
     for steps in (40, 3):
         spec = RunSpec("test-counter", "tiny-vectors", 0, "smoke", {"steps": steps})
-        run_one(spec, out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path,
-                device="cpu", progress=False, log=lambda *_: None)
+        run_one(spec, Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False), log=lambda *_: None)
     collected = tmp_path / "rows"
     collected.mkdir()
     for i, path in enumerate(sorted((tmp_path / "runs").rglob("row.json"))):
@@ -370,8 +372,7 @@ def test_table_never_averages_rows_of_different_settings(tmp_path):
     existed) get their own labelled line instead of joining the mean of the current setting."""
     for seed in (0, 1, 2):
         spec = RunSpec("test-counter", "tiny-vectors", seed, "smoke", {})
-        run_one(spec, out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path,
-                device="cpu", progress=False, log=lambda *_: None)
+        run_one(spec, Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False), log=lambda *_: None)
     paths = sorted((tmp_path / "runs").rglob("row.json"))
     old = json.loads(paths[0].read_text())
     del old["options"]["poison"]                   # as if run before the option was added
@@ -448,8 +449,7 @@ def test_an_option_added_with_the_old_behaviour_as_default_keeps_older_rows_in_t
     without that key then averages with today's runs while the default is that value, and is labelled if not."""
     for seed in (0, 1):
         spec = RunSpec("test-counter", "tiny-vectors", seed, "smoke", {})
-        run_one(spec, out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path,
-                device="cpu", progress=False, log=lambda *_: None)
+        run_one(spec, Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False), log=lambda *_: None)
     path = sorted((tmp_path / "runs").rglob("row.json"))[0]
     old = json.loads(path.read_text())
     del old["options"]["poison"]
@@ -472,8 +472,7 @@ def test_an_option_added_with_the_old_behaviour_as_default_keeps_older_rows_in_t
 
 def test_table_says_when_its_rows_were_judged_by_different_classifiers(tmp_path):
     for seed in (0, 1):
-        run_one(RunSpec("identity", "tiny-vectors", seed, "smoke", {}), out=tmp_path / "runs", data_root=tmp_path,
-                cache_dir=tmp_path, device="cpu", progress=False, log=lambda *_: None)
+        run_one(RunSpec("identity", "tiny-vectors", seed, "smoke", {}), Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False), log=lambda *_: None)
     paths = sorted((tmp_path / "runs").rglob("row.json"))
 
     def judged_by(*shas):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bench.api import BenchError, Method
-from bench.run import Run
+from bench.context import FitContext
 from bench.saddle import SADDLE_OPTIONS, SaddleTrainer, lr_factor
 
 
@@ -79,7 +79,7 @@ def _game(run, **options):
 
 
 def test_alternating_loop_finds_the_saddle_point_and_counts_inner_steps(tmp_path):
-    run = Run(tmp_path, progress=False)
+    run = FitContext(tmp_path, progress=False)
     g = _game(run, steps=400)
     g.fit(None, run)
     assert g.calls == {"critic": 400, "map": 1200}
@@ -94,7 +94,7 @@ def test_alternating_loop_finds_the_saddle_point_and_counts_inner_steps(tmp_path
 
 
 def test_schedule_sets_learning_rates(tmp_path):
-    run = Run(None, progress=False)
+    run = FitContext(None, progress=False)
     g = _game(run, steps=10, lr_schedule="multistep", lr_milestones=[0.5], lr_decay=0.1, map_lr=0.2,
               critic_lr=0.4)
     g.fit(None, run)
@@ -106,7 +106,7 @@ def test_schedule_sets_learning_rates(tmp_path):
 def test_authors_order_map_steps_before_the_critic():
     """Issue 8: NOT's Algorithm 1 makes K_T map updates, then one critic update."""
     order = []
-    run = Run(None, progress=False)
+    run = FitContext(None, progress=False)
     g = _game(run, steps=2, inner_steps=3)
     assert g.options["critic_first"] is False and g.options["weight_decay"] == 1e-10
     g.saddle.fit(run, "saddle", map_loss=lambda s: order.append("T") or g.L(),
@@ -129,13 +129,13 @@ class Interrupt(Exception):
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     """Optimiser moments, lr schedule position and the generator all survive a checkpoint."""
     opts = dict(steps=30, noise=0.5, lr_schedule="cosine")
-    ref_run = Run(None, progress=False, seed=3)
+    ref_run = FitContext(None, progress=False, seed=3)
     torch.manual_seed(0)
     ref = _game(ref_run, **opts)
     ref.fit(None, ref_run)
 
     # interrupted after 17 outer steps, checkpointing at every step
-    run = Run(tmp_path, progress=False, seed=3, checkpoint_every=0.0)
+    run = FitContext(tmp_path, progress=False, seed=3, checkpoint_every=0.0)
     torch.manual_seed(0)
     g = _game(run, **opts)
     original = g.L
@@ -151,7 +151,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert run.progress["saddle"] == 17
 
     # a fresh process: new objects, different init, restore from disk, continue
-    run2 = Run(tmp_path, progress=False, seed=3)
+    run2 = FitContext(tmp_path, progress=False, seed=3)
     torch.manual_seed(1)
     g2 = _game(run2, **opts)
     assert run2.restore()

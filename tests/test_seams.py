@@ -8,7 +8,8 @@ import torch
 from bench.api import UNPAIRED, BenchError, Method, Metric, Task, TaskData
 from bench.options import Option, declared
 from bench.registry import METHODS, TASKS, Registry, get_method, register_task
-from bench.runner import RunSpec, run_one
+from bench.runner import run_one
+from bench.spec import RunSpec, Settings
 from bench.tables import render
 
 TOY_NOT = {"toy_steps": 30, "inner_steps": 2, "mlp_hidden": 16, "mlp_depth": 2, "toy_batch_size": 32}
@@ -16,8 +17,7 @@ TOY_NOT = {"toy_steps": 30, "inner_steps": 2, "mlp_hidden": 16, "mlp_depth": 2, 
 
 def test_a_row_records_every_resolved_option_and_reruns_to_the_same_row(tmp_path, one_thread):
     spec = RunSpec("not", "toy1d", seed=0, budget="smoke", options=TOY_NOT)
-    row = run_one(spec, out=tmp_path / "a", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu",
-                  progress=False, log=lambda *_: None)
+    row = run_one(spec, Settings(out=tmp_path / "a", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False), log=lambda *_: None)
     cls = get_method("not")
     spec_opts = declared(cls.default_options)
     assert set(row["options"]) == set(spec_opts)  # every option, not only those given
@@ -28,8 +28,7 @@ def test_a_row_records_every_resolved_option_and_reruns_to_the_same_row(tmp_path
     again = RunSpec(row["method"], row["task"], seed=row["seed"], budget=row["budget"], options=row["options"],
                     task_options=row.get("task_options", {}))
     assert again.directory(tmp_path / "b").name == spec.directory(tmp_path / "b").name  # hash of resolved values
-    row2 = run_one(again, out=tmp_path / "b", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu",
-                   progress=False, log=lambda *_: None)
+    row2 = run_one(again, Settings(out=tmp_path / "b", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False), log=lambda *_: None)
     for k in ("mean_at_minus4", "w2"):
         assert row2[k] == pytest.approx(row[k], rel=1e-6, abs=1e-9), k
 
@@ -57,9 +56,7 @@ def test_a_new_task_with_a_new_metric_needs_no_engine_edit(tmp_path):
     register_task(_Spread)
     for method in ("identity", "not"):
         run_one(RunSpec(method, "spread-task", options=TOY_NOT if method == "not" else {},
-                        task_options={"n": 32}),
-                out=tmp_path, data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False,
-                log=lambda *_: None)
+                        task_options={"n": 32}), Settings(out=tmp_path, data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False), log=lambda *_: None)
     text = render(tmp_path, _Spread)
     assert "Spread (sd)" in text and "identity" in text and "not" in text
     with pytest.raises(BenchError, match="task 'spread-task' option n='x' is not an integer"):
@@ -93,18 +90,18 @@ def test_budget_values_are_declared_for_every_budget():
 
 def test_named_streams_continue_after_a_resume(tmp_path):
     """A resumed run draws the same random numbers as an uninterrupted one (bitwise resume)."""
-    from bench.run import Run
+    from bench.context import FitContext
 
     class Holder(Method):
         name = "holder"
 
-    whole = Run(None, seed=3).generator("stage")
+    whole = FitContext(None, seed=3).generator("stage")
     expected = torch.rand(10, generator=whole)
-    run = Run(tmp_path, seed=3)
+    run = FitContext(tmp_path, seed=3)
     run.method = Holder()
     first = torch.rand(4, generator=run.generator("stage"))
     run.checkpoint()
-    again = Run(tmp_path, seed=3)
+    again = FitContext(tmp_path, seed=3)
     again.method = Holder()
     assert again.restore()
     rest = torch.rand(6, generator=again.generator("stage"))
@@ -124,9 +121,7 @@ def test_learning_curve_probes_log_points_without_changing_training(tmp_path, on
     register_task(_Probed)
     rows = []
     for out, every in ((tmp_path / "plain", None), (tmp_path / "probed", 10)):
-        rows.append(run_one(RunSpec("not", "probed-task", options=TOY_NOT), out=out, data_root=tmp_path,
-                            cache_dir=tmp_path, device="cpu", progress=False, probe_every=every, probe_n=8,
-                            log=lambda *_: None))
+        rows.append(run_one(RunSpec("not", "probed-task", options=TOY_NOT), Settings(out=out, data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False, probe_every=every, probe_n=8), log=lambda *_: None))
     assert rows[0]["spread"] == rows[1]["spread"]  # the probe drew nothing from the training streams
     (log,) = (tmp_path / "probed").glob("probed-task/not/*/log.jsonl")
     points = [json.loads(line) for line in log.read_text().splitlines() if '"stage": "probe"' in line]
@@ -135,7 +130,7 @@ def test_learning_curve_probes_log_points_without_changing_training(tmp_path, on
 
 
 def test_probe_sources_are_class_balanced_when_labels_are_known():
-    from bench.runner import probe_indices
+    from bench.runner import probe_indices  # noqa
     # sorted by index, not by class, and unbalanced at the front: evenly spread indices would give 4 of class 1
     labels = torch.tensor([1, 1, 1, 1, 0, 2, 1, 0, 2, 0, 2, 1, 0, 2, 1, 0, 2, 1, 0, 2])
     idx, how = probe_indices(len(labels), 9, labels)

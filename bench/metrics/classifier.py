@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BenchError
+from ..host import cpu_model
 from ..locks import cache_entry_lock
 from .frechet import FeatureStats
 
@@ -205,7 +206,6 @@ def _store(weights: Path, record_path: Path, net: nn.Module, record: dict) -> No
 
 def trained_on() -> str:
     """The CPU that trains a judge (its weights are bit-identical only on the same CPU kind)."""
-    from ..runner import cpu_model
     return f"cpu ({cpu_model()}), torch {torch.__version__}"
 
 

@@ -26,7 +26,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data import DataFile
+from ..data import DataFile, file_sha256
+from ..data import cache_dir as default_cache
 from ..errors import BenchError
 from ..locks import cache_entry_lock
 from .frechet import FeatureStats, frechet_distance
@@ -55,7 +56,6 @@ def inception_path(data_root=None, cache_dir=None) -> Path:
             if p.is_file():
                 return p
     if cache_dir is None:
-        from ..data import cache_dir as default_cache
         cache_dir = default_cache()
     folder = Path(cache_dir) / "inception"
     target = folder / NVIDIA_NAME
@@ -78,7 +78,6 @@ def inception_path(data_root=None, cache_dir=None) -> Path:
 def network_sha256(path: Path) -> str:
     path = Path(path)
     if str(path) not in _SHAS:
-        from ..data import file_sha256
         _SHAS[str(path)] = file_sha256(path)
     return _SHAS[str(path)]
 
@@ -231,7 +230,6 @@ def fid_against(outputs: torch.Tensor, ref: torch.Tensor, name: str, split: str,
     ``ctx`` is the task's EvalContext (device, cache and data roots)."""
     if len(outputs) < 2:
         raise BenchError("FID needs at least 2 translated images; raise the evaluation size")
-    from ..data import cache_dir as default_cache
     cache = Path(ctx.cache_dir) if ctx.cache_dir is not None else default_cache()
     root = Path(ctx.data_root) if ctx.data_root is not None else None
     mu_r, sig_r, sha = reference_stats(name, split, ref, len(ref), cache, ctx.device, root)

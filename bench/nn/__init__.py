@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import BenchError
 from .mlp import MLP, ScoreMLP
 from .unet import UNet, timestep_embedding
 
@@ -25,7 +26,6 @@ def pad_to(x: torch.Tensor, size: int = 32, value: float = -1.0) -> torch.Tensor
     """Centre ``x`` (N, C, H, W) in a ``size`` x ``size`` canvas filled with ``value`` (-1 = background)."""
     h, w = x.shape[-2:]
     if h > size or w > size:
-        from ..api import BenchError
         raise BenchError(f"pad_to: image {h}x{w} is larger than {size}; use a larger size")
     top, left = (size - h) // 2, (size - w) // 2
     return F.pad(x, (left, size - w - left, top, size - h - top), value=value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import BenchError
 from .unet import timestep_embedding
 
 
@@ -39,7 +40,6 @@ class ScoreMLP(nn.Module):
         parts = [x]
         if self.cond_dim:
             if cond is None:
-                from ..api import BenchError
                 raise BenchError(f"this ScoreMLP is conditional: pass cond=(N, {self.cond_dim})")
             parts.append(cond.to(x.dtype))
         parts.append(timestep_embedding(t, self.time_dim).to(x.dtype))

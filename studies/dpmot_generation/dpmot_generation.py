@@ -27,7 +27,7 @@ from bench.data import cache_dir as default_cache, resolve_root
 from bench.diffusion import sample_ddim
 from bench.methods.dpmot import DPMOT, reverse_steps
 from bench.registry import get_task
-from bench.run import Run, pick_device, seed_everything
+from bench.context import FitContext, pick_device, seed_everything
 from bench.semidiscrete import SemiDiscreteOT
 from bench.api import TaskData
 from typing import Any
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     data = task.load(root, a.seed, budget=a.budget)
     method = DPMOT(budget=a.budget, **options)
     method.check_setting(data)
-    run = Run(out / "run", device=dev, seed=a.seed, budget=a.budget, bf16=a.bf16)
+    run = FitContext(out / "run", device=dev, seed=a.seed, budget=a.budget, bf16=a.bf16)
     run.method = method
     method.setup(data, run)
     method.to(dev)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.data import cache_dir, resolve_root  # noqa: E402
 from bench.metrics.fid import fid_features  # noqa: E402
 from bench.metrics.frechet import feature_stats, frechet_distance  # noqa: E402
-from bench.runner import _device_name  # noqa: E402
+from bench.host import device_name as _device_name  # noqa: E402
 from datasets.digits import DigitsTask, _to_unit, load_mnist  # noqa: E402
 
 

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from bench.data import resolve_root
     from bench.datasets.digits import DigitsTask, plan_accuracy
     from bench.methods.otcs import OTCS, balanced_subset
-    from bench.run import Run
+    from bench.context import FitContext
     torch.set_num_threads(a.threads)
     opts = {}
     for item in a.opt:
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
             opts[k] = v
     data = DigitsTask().load(resolve_root(None), a.seed, budget="cpu")
     m = OTCS(budget="cpu", **{**opts, "ot_steps": a.steps})
-    run = Run(None, device="cpu", seed=a.seed, budget="cpu", progress=False)
+    run = FitContext(None, device="cpu", seed=a.seed, budget="cpu", progress=False)
     run.method = m
     torch.manual_seed(a.seed)
     m.setup(data, run)

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     from bench.data import resolve_root
     from bench.datasets.digits import DigitsTask
     from bench.methods.otcs import EXACT_PLAN_SEED, OTCS
-    from bench.run import Run
+    from bench.context import FitContext
     torch.set_num_threads(a.threads)
     extra = {}
     for item in a.opt:
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         rss_data = rss_mib()
         opts = {"relations": "spread", "relation_features": a.map, "spread_k": a.k, **extra}
         m = OTCS(budget="cpu", **opts)
-        run = Run(None, device="cpu", seed=seed, budget="cpu", progress=False)
+        run = FitContext(None, device="cpu", seed=seed, budget="cpu", progress=False)
         run.method = m
         torch.manual_seed(seed)
         m.setup(data, run)

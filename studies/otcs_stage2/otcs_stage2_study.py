@@ -39,7 +39,7 @@ from bench.data import resolve_root
 from bench.datasets.digits import DigitsTask, plan_accuracy
 from bench.methods.otcs import OTCS
 from bench.cli import _parse_value as parse_value
-from bench.run import Run
+from bench.context import FitContext
 from otcs_condition_use import condition_use  # this folder is on sys.path when run as a script
 from otcs_lr_study import fit_stage1
 
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         m.options.update(base)
         m.options.update(opts)
         m.setup(data, run)          # a fresh stage-II network and EMA; H and the OT problem are kept
-        r2 = Run(None, device="cpu", seed=0, budget="cpu", progress=False)
+        r2 = FitContext(None, device="cpu", seed=0, budget="cpu", progress=False)
         r2.method = m
         t1 = time.perf_counter()
         m.fit_score(H, r2)

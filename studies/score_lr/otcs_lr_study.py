@@ -28,7 +28,7 @@ from bench.data import resolve_root
 from bench.datasets.digits import DigitsTask
 from bench.diffusion import dsm_loss
 from bench.methods.otcs import OTCS
-from bench.run import Run
+from bench.context import FitContext
 from score_lr_study import study_args, write_curve  # this folder is on sys.path when run as a script
 
 
@@ -52,7 +52,7 @@ def fit_stage1(steps: int, ot_steps: int | None = None, **options):
     Returns (data, method, run, H)."""
     data = DigitsTask().load(resolve_root(None), 0, budget="cpu")
     m = OTCS(budget="cpu", steps=steps, **({"ot_steps": ot_steps} if ot_steps else {}), **options)
-    run = Run(None, device="cpu", seed=0, budget="cpu", progress=False)
+    run = FitContext(None, device="cpu", seed=0, budget="cpu", progress=False)
     run.method = m
     m.setup(data, run)
     t0 = time.perf_counter()
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         m.setup(data, run)          # a fresh stage-II network and EMA (H and the OT problem are kept)
         m.options["lr"] = lr
-        r2 = Run(None, device="cpu", seed=0, budget="cpu", progress=False)
+        r2 = FitContext(None, device="cpu", seed=0, budget="cpu", progress=False)
         r2.method = m
         t1 = time.perf_counter()
 

@@ -32,7 +32,7 @@ import torchvision
 from bench.data import resolve_root
 from bench.diffusion import dsm_loss, sample_ddim
 from bench.methods.ddib import DDIB
-from bench.run import Run
+from bench.context import FitContext
 from bench.datasets.digits import DigitsTask
 
 VALIDATION_SUITES = range(71, 81)
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     for lr in [float(s) for s in a.lrs.split(",")]:
         torch.manual_seed(0)
         m = DDIB(budget="cpu", score_lr=lr, score_steps=a.steps)
-        run = Run(None, device="cpu", seed=0, budget="cpu", progress=False)
+        run = FitContext(None, device="cpu", seed=0, budget="cpu", progress=False)
         run.method = m
         m.setup(data, run)
         model = m.target_model

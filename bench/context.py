@@ -1,4 +1,4 @@
-"""The Run: device, precision, seed, budget, progress, checkpoints and logs for one fit.
+"""The fit context: device, precision, seed, budget, progress, checkpoints and logs for one fit.
 
 A method never touches files or devices itself. It writes its training loops as::
 
@@ -18,6 +18,7 @@ import json
 import math
 import random
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,13 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import store
-from .errors import BenchError
 from .budgets import Budget
+from .errors import BenchError, RunFailed
+from .schema import check_checkpoint
 
 
 def stream_seed(seed: int, name: str | int) -> int:
     """The seed of the random stream ``name`` of a run with ``seed`` (stable across processes)."""
-    import zlib
     key = name if isinstance(name, int) else zlib.crc32(str(name).encode())
     return (int(seed) * 1_000_003 + int(key)) % (2**63 - 1)
 
@@ -65,17 +66,11 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
-class RunFailed(BenchError):
-    """The run produced a value that makes it meaningless (a NaN/inf loss, non-finite samples, an
-    impossible metric); the runner records it in failed.json instead of a row."""
-
-    def __init__(self, stage: str, step: int | None, reason: str):
-        self.stage, self.step, self.reason = stage, step, reason
-        where = f"{stage} step {step}" if step is not None else stage
-        super().__init__(f"{reason} (at {where})")
+class FitContext:
+    """What a method's ``fit`` receives: device, precision, seed, budget, named random streams, resumable
+    loops with progress and checkpoints, and the training log of one run."""
 
 
-class Run:
     def __init__(self, directory: Path | None, *, device: torch.device | str = "cpu", seed: int = 0,
                  budget: Budget | str = "smoke", bf16: bool = False, checkpoint_every: float = 120.0,
                  progress: bool = True, compile: bool = False, step_cap: int | None = None):
@@ -200,7 +195,6 @@ class Run:
         path = None if self.dir is None else self.dir / "checkpoint.pt"
         if path is None or not path.exists():
             return False
-        from .schema import check_checkpoint
         state = check_checkpoint(path, store.torch_load(path))
         try:
             self.method.load_state_dict(state["method"])
