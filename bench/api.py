@@ -22,6 +22,8 @@ from .options import resolve
 UNPAIRED = "unpaired"
 SEMI_PAIRED = "semi-paired"
 SETTINGS = (UNPAIRED, SEMI_PAIRED)
+# the keys of Method.state_dict that are not attributes
+_RESERVED_STATE = ("__extra__", "__optim__")
 
 
 class Metric(str):
@@ -146,6 +148,14 @@ class Method:
     # a stored row without the key is read as having that value (tables then still count it as a run of
     # today's defaults while the default is that value); any other missing option labels the row "name=unset"
     options_before: ClassVar[dict[str, Any]] = {}
+    # the attributes that are this method's state: what a checkpoint saves and a resume (or ``bench eval``) restores
+    # into a freshly set-up instance.  An nn.Module is saved by its state_dict, a tensor as it is, None as None
+    # (a configuration without that part); ``setup`` must create every one.  Besides these a checkpoint holds
+    # ``self.extra_state`` (plain values) and the optimizers registered with ``self.optimizer``, and nothing else:
+    # what ``setup`` derives from the task's data (a copy of the training images, a nearest-neighbour index) is
+    # rebuilt there and never written, so it does not swell every checkpoint.  Declare what ``fit`` changes and a
+    # resume cannot recompute (networks, EMA copies, a stored plan, a trainer's random state).
+    state_attrs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, budget: str = "smoke", **options: Any) -> None:
         self.budget = str(budget)
@@ -194,7 +204,8 @@ class Method:
         raise NotImplementedError
 
     def to(self, device: torch.device | str) -> "Method":
-        """Move every nn.Module / tensor attribute to ``device``."""
+        """Move every nn.Module / tensor attribute to ``device``: the declared state and also what ``setup`` derived
+        from the data (moving is not checkpointing: transport needs those buffers on the device too)."""
         device = torch.device(device)
         for key, value in vars(self).items():
             if isinstance(value, (torch.nn.Module, torch.Tensor)):
@@ -207,35 +218,66 @@ class Method:
         self.device = device
         return self
 
+    def declared_state(self) -> dict[str, Any]:
+        """The declared state attributes (``state_attrs``) and their current values; a one-line BenchError for a
+        declaration that names no attribute of this instance or a value that is no state."""
+        names = type(self).state_attrs
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise BenchError(f"method {self.name!r}: state_attrs must be a tuple of attribute names, got {names!r}")
+        out: dict[str, Any] = {}
+        for key in names:
+            if key in out or key in _RESERVED_STATE:
+                raise BenchError(f"method {self.name!r}: state_attrs names {key!r} twice or names a reserved key")
+            if key not in vars(self):
+                raise BenchError(f"method {self.name!r} declares state attribute {key!r} (state_attrs), but the "
+                                 f"instance has no attribute {key!r}: create it in setup() (None where this "
+                                 f"configuration has none) or remove it from state_attrs")
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, (torch.nn.Module, torch.Tensor)):
+                raise BenchError(f"method {self.name!r}: state attribute {key!r} is a {type(value).__name__}, not an "
+                                 f"nn.Module, a tensor or None; keep plain values in self.extra_state")
+            out[key] = value
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        """Default: the state of every nn.Module / tensor attribute, plus ``self.extra_state``."""
+        """The declared state (``state_attrs``: a module's state_dict, a tensor, None), ``self.extra_state`` and the
+        registered optimizers' states."""
         state: dict[str, Any] = {}
-        for key, value in vars(self).items():
-            if isinstance(value, torch.nn.Module):
-                state[key] = value.state_dict()
-            elif isinstance(value, torch.Tensor):
-                state[key] = value
+        for key, value in self.declared_state().items():
+            state[key] = value.state_dict() if isinstance(value, torch.nn.Module) else value
         state["__extra__"] = getattr(self, "extra_state", {})
         state["__optim__"] = {**self._pending_optim,
                               **{k: opt.state_dict() for k, opt in self._optimizers.items()}}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            if key == "__extra__":
-                self.extra_state = dict(value)
-                continue
-            if key == "__optim__":
-                self._pending_optim = dict(value)
-                for name, opt in list(self._optimizers.items()):
-                    if name in self._pending_optim:
-                        opt.load_state_dict(self._pending_optim.pop(name))
-                continue
-            current = getattr(self, key, None)
+        """Restore what :meth:`state_dict` saved into this set-up instance.  A key that is no declared attribute is
+        ignored (a checkpoint written when more was saved); a declared attribute missing from ``state`` is a
+        KeyError (the checkpoint does not fit), unless the attribute is None here (nothing to restore)."""
+        declared = self.declared_state()
+        for key, current in declared.items():
+            if key not in state:
+                if current is None:
+                    continue
+                raise KeyError(f"the checkpoint has no {key!r}, which method {self.name!r} declares as state")
+            value = state[key]
             if isinstance(current, torch.nn.Module):
+                if value is None:
+                    raise ValueError(f"the checkpoint has no {key!r} network (None), which method "
+                                     f"{self.name!r} has in this configuration")
                 current.load_state_dict(value)
+            elif isinstance(value, (torch.nn.Module, dict)):
+                raise ValueError(f"the checkpoint holds a network for {key!r}, which method {self.name!r} "
+                                 f"does not have in this configuration")
             else:
                 setattr(self, key, value.to(self.device) if isinstance(value, torch.Tensor) else value)
+        if "__extra__" in state:
+            self.extra_state = dict(state["__extra__"])
+        if "__optim__" in state:
+            self._pending_optim = dict(state["__optim__"])
+            for name, opt in list(self._optimizers.items()):
+                if name in self._pending_optim:
+                    opt.load_state_dict(self._pending_optim.pop(name))
 
     def bound_terms(self) -> dict[str, float] | None:
         """Optional diagnostics reported as columns (e.g. OTCS's Theorem 2 terms)."""
@@ -277,12 +319,19 @@ class Task:
     # published values, {registry method name: {metric: value}}, printed beside measured cells; the task says
     # where they come from (e.g. ``bench.paper.csv_column(its CSV, its column, names=...)``)
     paper_values: ClassVar[dict[str, dict[str, float]]] = {}
+    paper_source: ClassVar[str] = ""  # the publication of ``paper_values``, named in every table's legend
     # evaluation sizes per budget: number of test sources transported and scored (None: all)
     eval_sizes: ClassVar[dict[str, int | None]] = {"smoke": 256, "cpu": None, "fast": None, "paper": None}
     default_options: ClassVar[dict[str, Any]] = {}
     # the files of the data root this task reads (path, size, sha256, download source): what the default
     # check_data, and so `bench data [--download]`, verifies or fetches
     data_files: ClassVar[tuple[DataFile, ...]] = ()
+
+    @classmethod
+    def row_label(cls, row: dict[str, Any]) -> str:
+        """A label for a stored row that this task's protocol must not average with the others (e.g. a row scored
+        by another judge than the one the task pins); '' for a comparable row.  Tables add it to the row's variant."""
+        return ""
 
     def __init__(self, **options: Any) -> None:
         # task options do not depend on the budget (a budget never changes the protocol)

@@ -24,9 +24,6 @@ from .store import CorruptFile
 
 BOUND_PREFIX = "bound_"
 FORMATS = ("text", "markdown", "latex", "csv")  # text: for a terminal (bold/underline as ANSI styles)
-# variant label of a row judged by a classifier without a noise-robustness record (the first digits / animal
-# judges, which read faint pixel noise as one class): never averaged with rows of a noise-robust judge
-FRAGILE_JUDGE = "judge=noise-fragile"
 
 
 def task_metrics(task_cls) -> list[Metric]:
@@ -57,19 +54,12 @@ def load_rows(out: Path, task: str | None = None, rows_dir: Path | None = None) 
             continue
         row["run_dir"] = str(path.parent if rows_dir is None else path)
         row["variant"] = current_variant(row)
-        judge, pinned = row.get("classifier_sha256"), _pinned_judges(row.get("task"))
-        if judge and row.get("classifier_test_acc_noisy") is None:
-            row["variant"] = ",".join(filter(None, [row["variant"], FRAGILE_JUDGE]))
-        elif judge and pinned and judge not in pinned:
-            row["variant"] = ",".join(filter(None, [row["variant"], f"judge={row['classifier_sha256'][:8]}"]))
+        task_cls = tasks().get(row.get("task"))
+        label = task_cls.row_label(row) if task_cls is not None else ""
+        if label:  # the task's protocol says this row is not comparable (e.g. another judge)
+            row["variant"] = ",".join(filter(None, [row["variant"], label]))
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _pinned_judges(task: str | None) -> frozenset[str]:
-    """The sha256s of the judges a task pins (the same network on every machine; empty if it pins none): a row
-    scored by another judge (trained on some machine) is labelled and never averaged with theirs."""
-    return frozenset(getattr(tasks().get(task), "pinned_judges", ()) if task else ())
 
 
 def current_variant(row: dict) -> str:
@@ -244,8 +234,9 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
         text += ("\n\n" + ("Bold: best, <ins>underlined</ins>: second best" if fmt == "markdown" else
                             "Bold: best, underlined: second best (on a terminal)")
                  + " among the non-reference, non-oracle rows of a budget, marked only where the gap exceeds both "
-                   "rows' seed std, and never on smoke. `paper`: the value published in OTCS Table 1 (protocols "
-                   "differ; see PROTOCOL.md).")
+                   "rows' seed std, and never on smoke."
+                 + (f" `paper`: the value published in {task_cls.paper_source} (protocols differ; see PROTOCOL.md)."
+                    if getattr(task_cls, "paper_source", "") else ""))
         judges = sorted(df["classifier_sha256"].dropna().unique()) if "classifier_sha256" in df else []
         if len(judges) > 1:  # e.g. the digits classifier trained on CPUs with other instruction sets
             text += (f"\n\nThese rows were judged by {len(judges)} different classifiers (sha256 "

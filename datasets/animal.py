@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from bench import data as bdata
 from bench.api import DISTANCE, PERCENT, SEMI_PAIRED, BenchError, EvalContext, Metric, Task, TaskData
 from bench.datasets import otcs_table1
-from bench.metrics.classifier import load_or_train, predict
+from bench.metrics.classifier import judge_label, load_or_train, predict
 from bench.metrics.fid import fid_against
 from bench.metrics.memorisation import copy_share
 from bench.paper import csv_column
@@ -242,6 +242,11 @@ class AnimalTask(Task):
     description = ("AFHQ cat/fox/leopard -> lion/tiger/wolf (species list species.csv), 3 guiding pairs chosen "
                    "by the seed; 256 px fast/paper, 64 cpu, 32 smoke")
     paper_values = csv_column(otcs_table1.TABLE, "animal", names=otcs_table1.NAMES)
+    paper_source = otcs_table1.SOURCE
+
+    @classmethod
+    def row_label(cls, row):  # no judge is pinned: only a noise-fragile one is set apart
+        return judge_label(row)
     # test sources scored per budget (None: every val cat/fox/leopard image)
     eval_sizes = {"smoke": 64, "cpu": None, "fast": None, "paper": None}
 

@@ -227,6 +227,7 @@ class CelebASR(Task):
                    "(crop 140, down to hr/2, up to hr) -> train even rows (crop 140, hr); 64 px fast/paper, "
                    "32 cpu, 16 smoke")
     paper_values = csv_column(otcs_table1.TABLE, "celeba", names=otcs_table1.NAMES)
+    paper_source = otcs_table1.SOURCE
     # test sources transported and scored per budget (None: the whole test split, 19,962 images)
     eval_sizes = {"smoke": 64, "cpu": 1000, "fast": 5000, "paper": None}
 

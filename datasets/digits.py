@@ -59,7 +59,7 @@ from bench.api import DISTANCE, PERCENT, SEMI_PAIRED, BenchError, EvalContext, M
 from bench.datasets import otcs_table1
 from bench.glyph import MNIST_STROKE_WIDTH, mnistify  # noqa: F401  (the task's own recipe, re-exported)
 from bench.locks import cache_entry_lock
-from bench.metrics.classifier import load_or_train, predict
+from bench.metrics.classifier import judge_label, load_or_train, predict
 from bench.metrics.fid import fid_against
 from bench.metrics.frechet import feature_stats, frechet_distance
 from bench.metrics.memorisation import copy_share
@@ -209,10 +209,15 @@ class DigitsTask(Task):
                    "writer-disjoint target split (suites 1-80 / 81-100)")
     # OTCS Table 1, digits column (datasets/otcs_table1.csv, the published table)
     paper_values = csv_column(otcs_table1.TABLE, "digits", names=otcs_table1.NAMES)
+    paper_source = otcs_table1.SOURCE
     # load() already restricts the test sources to the budget's class-balanced subset (EVAL_PER_CLASS)
     eval_sizes = {"smoke": None, "cpu": None, "fast": None, "paper": None}
     fid_ref_sizes = {"smoke": 500, "cpu": 2000, "fast": 2000, "paper": 2000}  # Chinese-MNIST test images
-    pinned_judges = _pinned_shas()  # rows judged by another network are never averaged with these (bench.tables)
+    pinned_judges = _pinned_shas()  # rows judged by another network are never averaged with these
+
+    @classmethod
+    def row_label(cls, row):
+        return judge_label(row, cls.pinned_judges)
     data_files = (*MNIST_FILES, CHINESE_MNIST_FILE)
     default_options = {
         # the paper resizes the 64x64 images to 28x28 ("plain"); "mnist-style" is this project's

@@ -8,17 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 TABLE = Path(__file__).resolve().parent / "otcs_table1.csv"
+SOURCE = "OTCS Table 1 (Gu et al., NeurIPS 2023)"
 # the paper's method names -> this harness's registry names
 NAMES = {"W2GAN": "w2gan", "OT-ICNN": "ot-icnn", "OTM": "otm", "NOT": "not", "KNOT": "knot",
          "ReFlow": "reflow", "EGSDE": "egsde", "DDIB": "ddib", "TCR": "tcr", "SCONES": "scones",
          "OTCS": "otcs"}
 
-
-def family(method: str) -> str | None:
-    """The paper's family label of a method (e.g. 'OT', 'OT, Diffusion'), None if not in Table 1."""
-    import csv
-    with open(TABLE, newline="") as fh:
-        for row in csv.DictReader(fh):
-            if NAMES.get(row["method"], row["method"].lower()) == method:
-                return row["method_type"]
-    return None

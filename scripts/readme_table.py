@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.metrics.memorisation import COPY_FLAG  # noqa: E402
 from bench.registry import get_task, methods  # noqa: E402
-from bench.tables import FRAGILE_JUDGE, _fmt, _problem_notes, load_rows  # noqa: E402
+from bench.metrics.classifier import FRAGILE_JUDGE  # noqa: E402
+from bench.tables import _fmt, _problem_notes, load_rows  # noqa: E402
 
 BEGIN, END = "<!-- cpu-table:begin -->", "<!-- cpu-table:end -->"
 

@@ -128,7 +128,10 @@ def test_truncated_row_samples_and_checkpoint_are_detected_and_recovered(tmp_pat
     warnings: list[str] = []
 
     def go():
-        return run_one(spec, Settings(out=out, data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False, checkpoint_every=0.0), log=lambda *_: None, warn=warnings.append)
+        return run_one(spec,
+                       Settings(out=out, data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu",
+                                progress=False, checkpoint_every=0.0),
+                       log=lambda *_: None, warn=warnings.append)
 
     ref = go()
     rundir = spec.directory(out)
@@ -265,7 +268,9 @@ def _cli(capsys, *args: str) -> tuple[int, str, list[str]]:
 @pytest.fixture(scope="module")
 def finished_tree(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "runs"
-    row = run_one(RunSpec("not", "tiny-vectors", 0, "smoke", dict(TINY_NOT)), Settings(out=out, data_root=out, cache_dir=out.parent / "cache", device="cpu", progress=False), log=lambda *_: None)
+    row = run_one(RunSpec("not", "tiny-vectors", 0, "smoke", dict(TINY_NOT)),
+                  Settings(out=out, data_root=out, cache_dir=out.parent / "cache", device="cpu", progress=False),
+                  log=lambda *_: None)
     return out, row
 
 
@@ -396,7 +401,9 @@ def test_r10_a_bogus_device_is_bad_input_and_leaves_no_run(tmp_path, capsys):
     code, _, err = _cli(capsys, "run", "-m", "not", "-t", "toy1d", "--out", tmp_path, "--device", "bogus")
     _one_error(code, err, "--device 'bogus'", "cpu")
     with pytest.raises(BenchError, match="--device"):
-        run_one(RunSpec("identity", "toy1d"), Settings(out=tmp_path, data_root=tmp_path, cache_dir=tmp_path, device="bogus"))
+        run_one(RunSpec("identity", "toy1d"),
+                Settings(out=tmp_path, data_root=tmp_path, cache_dir=tmp_path, device="bogus"),
+                )
     assert not (tmp_path / "toy1d").exists()
 
 

@@ -236,7 +236,10 @@ def test_bench_run_stores_the_scores_and_the_table_script_renders_them(tmp_path,
             spec = RunSpec(method, task, 0, "smoke")
             if method == "keypoint-nn" and task == "gauss-2":
                 continue
-            row = run_one(spec, Settings(out=out, data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False), log=lambda *_: None)
+            row = run_one(spec,
+                          Settings(out=out, data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu",
+                                   progress=False),
+                          log=lambda *_: None)
             assert row["n_eval"] == 512
     row = json.loads(next((out / "gauss-2" / "identity").glob("smoke-seed0-*/row.json")).read_text())
     assert row["l2_uvp"] == pytest.approx(tasks()["gauss-2"]().info(None, None)["L2-UVP of the identity"], rel=0.1)
@@ -275,6 +278,9 @@ def test_every_method_runs_on_the_ground_truth_tasks(name, task, tmp_path, one_t
     if "ot_max_train" in cls.default_options:  # a plan over 512 x 512 training points, not 4,000 x 4,000 (seconds)
         options["ot_max_train"] = 512
     spec = RunSpec(name, task, 0, "smoke", options)
-    row = run_one(spec, Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False), log=lambda *_: None)
+    row = run_one(spec,
+                  Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu",
+                           progress=False),
+                  log=lambda *_: None)
     assert row is not None and np.isfinite(row["l2_uvp"]) and np.isfinite(row["bw2_uvp"])
     assert row["barycentric_draws"] == (gt.DRAWS if methods()[name](**spec.options).stochastic else 1)

@@ -39,6 +39,7 @@ class Counter(Method):
     settings = (UNPAIRED, SEMI_PAIRED)
     default_options = {"steps": 40, "lr": 0.2, "poison": False}
     test_options = {"steps": 5}
+    state_attrs = ("shift",)
     seen_steps: list[int] = []
     crash_at = -1  # class attribute, not an option: the resumed run is the same run
 
@@ -99,7 +100,10 @@ def _spec(**opts):
 
 def _run(tmp_path, spec=None, **kw):
     spec = spec or _spec()
-    return run_one(spec, Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False, checkpoint_every=0.0, **kw), log=lambda *_: None)
+    return run_one(spec,
+                   Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu",
+                            progress=False, checkpoint_every=0.0, **kw),
+                   log=lambda *_: None)
 
 
 def _events(rundir, name):
@@ -296,7 +300,10 @@ def test_lock_held_elsewhere_is_reported_then_waited_for(tmp_path):
 def test_one_run_path_eval_reproduces_the_row(tmp_path):
     row = _run(tmp_path)
     rundir = _spec().directory(tmp_path / "runs")
-    again = evaluate_dir(rundir, Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False), log=lambda *_: None)
+    again = evaluate_dir(rundir,
+                         Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path / "cache",
+                                  device="cpu", progress=False),
+                         log=lambda *_: None)
     skip = {"finished_at", "eval_s"}
     assert {k: v for k, v in again.items() if k not in skip} == {k: v for k, v in row.items() if k not in skip}
 
@@ -320,7 +327,10 @@ def test_table_marks_best_and_second(tmp_path):
     for budget in ("smoke", "cpu"):
         for shift_steps in (40, 3, 1):
             spec = RunSpec("test-counter", "tiny-vectors", 0, budget, {"steps": shift_steps})
-            run_one(spec, Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False), log=lambda *_: None)
+            run_one(spec,
+                    Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu",
+                             progress=False),
+                    log=lambda *_: None)
     text = render(tmp_path / "runs", get_task("tiny-vectors"), fmt="markdown")
     body = [ln for ln in text.splitlines() if ln.startswith("|")][2:]
     assert len(body) == 6
@@ -345,7 +355,9 @@ def test_table_from_collected_row_files(tmp_path):
     committed), the same table as from the run directories; a non-row file is a clear error."""
     for steps in (40, 3):
         spec = RunSpec("test-counter", "tiny-vectors", 0, "smoke", {"steps": steps})
-        run_one(spec, Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False), log=lambda *_: None)
+        run_one(spec,
+                Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False),
+                log=lambda *_: None)
     collected = tmp_path / "rows"
     collected.mkdir()
     for i, path in enumerate(sorted((tmp_path / "runs").rglob("row.json"))):
@@ -372,7 +384,9 @@ def test_table_never_averages_rows_of_different_settings(tmp_path):
     existed) get their own labelled line instead of joining the mean of the current setting."""
     for seed in (0, 1, 2):
         spec = RunSpec("test-counter", "tiny-vectors", seed, "smoke", {})
-        run_one(spec, Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False), log=lambda *_: None)
+        run_one(spec,
+                Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False),
+                log=lambda *_: None)
     paths = sorted((tmp_path / "runs").rglob("row.json"))
     old = json.loads(paths[0].read_text())
     del old["options"]["poison"]                   # as if run before the option was added
@@ -449,7 +463,9 @@ def test_an_option_added_with_the_old_behaviour_as_default_keeps_older_rows_in_t
     without that key then averages with today's runs while the default is that value, and is labelled if not."""
     for seed in (0, 1):
         spec = RunSpec("test-counter", "tiny-vectors", seed, "smoke", {})
-        run_one(spec, Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False), log=lambda *_: None)
+        run_one(spec,
+                Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False),
+                log=lambda *_: None)
     path = sorted((tmp_path / "runs").rglob("row.json"))[0]
     old = json.loads(path.read_text())
     del old["options"]["poison"]
@@ -470,9 +486,14 @@ def test_an_option_added_with_the_old_behaviour_as_default_keeps_older_rows_in_t
     assert names() == ["test-counter", "test-counter [poison=True]"]
 
 
-def test_table_says_when_its_rows_were_judged_by_different_classifiers(tmp_path):
+def test_table_says_when_its_rows_were_judged_by_different_classifiers(tmp_path, monkeypatch):
+    from bench.metrics.classifier import judge_label
+    # the task owns which rows are comparable: here, as the digits task does, by the judge that scored them
+    monkeypatch.setattr(get_task("tiny-vectors"), "row_label", classmethod(lambda cls, row: judge_label(row)))
     for seed in (0, 1):
-        run_one(RunSpec("identity", "tiny-vectors", seed, "smoke", {}), Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False), log=lambda *_: None)
+        run_one(RunSpec("identity", "tiny-vectors", seed, "smoke", {}),
+                Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False),
+                log=lambda *_: None)
     paths = sorted((tmp_path / "runs").rglob("row.json"))
 
     def judged_by(*shas):

@@ -17,7 +17,10 @@ TOY_NOT = {"toy_steps": 30, "inner_steps": 2, "mlp_hidden": 16, "mlp_depth": 2, 
 
 def test_a_row_records_every_resolved_option_and_reruns_to_the_same_row(tmp_path, one_thread):
     spec = RunSpec("not", "toy1d", seed=0, budget="smoke", options=TOY_NOT)
-    row = run_one(spec, Settings(out=tmp_path / "a", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False), log=lambda *_: None)
+    row = run_one(spec,
+                  Settings(out=tmp_path / "a", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu",
+                           progress=False),
+                  log=lambda *_: None)
     cls = get_method("not")
     spec_opts = declared(cls.default_options)
     assert set(row["options"]) == set(spec_opts)  # every option, not only those given
@@ -28,7 +31,10 @@ def test_a_row_records_every_resolved_option_and_reruns_to_the_same_row(tmp_path
     again = RunSpec(row["method"], row["task"], seed=row["seed"], budget=row["budget"], options=row["options"],
                     task_options=row.get("task_options", {}))
     assert again.directory(tmp_path / "b").name == spec.directory(tmp_path / "b").name  # hash of resolved values
-    row2 = run_one(again, Settings(out=tmp_path / "b", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu", progress=False), log=lambda *_: None)
+    row2 = run_one(again,
+                   Settings(out=tmp_path / "b", data_root=tmp_path, cache_dir=tmp_path / "cache", device="cpu",
+                            progress=False),
+                   log=lambda *_: None)
     for k in ("mean_at_minus4", "w2"):
         assert row2[k] == pytest.approx(row[k], rel=1e-6, abs=1e-9), k
 
@@ -55,8 +61,9 @@ class _Spread(Task):
 def test_a_new_task_with_a_new_metric_needs_no_engine_edit(tmp_path):
     register_task(_Spread)
     for method in ("identity", "not"):
-        run_one(RunSpec(method, "spread-task", options=TOY_NOT if method == "not" else {},
-                        task_options={"n": 32}), Settings(out=tmp_path, data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False), log=lambda *_: None)
+        run_one(RunSpec(method, "spread-task", options=TOY_NOT if method == "not" else {}, task_options={"n": 32}),
+                Settings(out=tmp_path, data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False),
+                log=lambda *_: None)
     text = render(tmp_path, _Spread)
     assert "Spread (sd)" in text and "identity" in text and "not" in text
     with pytest.raises(BenchError, match="task 'spread-task' option n='x' is not an integer"):
@@ -121,7 +128,10 @@ def test_learning_curve_probes_log_points_without_changing_training(tmp_path, on
     register_task(_Probed)
     rows = []
     for out, every in ((tmp_path / "plain", None), (tmp_path / "probed", 10)):
-        rows.append(run_one(RunSpec("not", "probed-task", options=TOY_NOT), Settings(out=out, data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False, probe_every=every, probe_n=8), log=lambda *_: None))
+        rows.append(run_one(RunSpec("not", "probed-task", options=TOY_NOT),
+                            Settings(out=out, data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False,
+                                     probe_every=every, probe_n=8),
+                            log=lambda *_: None))
     assert rows[0]["spread"] == rows[1]["spread"]  # the probe drew nothing from the training streams
     (log,) = (tmp_path / "probed").glob("probed-task/not/*/log.jsonl")
     points = [json.loads(line) for line in log.read_text().splitlines() if '"stage": "probe"' in line]

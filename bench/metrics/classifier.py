@@ -39,6 +39,9 @@ from .frechet import FeatureStats
 ARCH_VERSION = "cnn16-v2"
 NOISE_MAX = 0.1    # training: each image gets Gaussian pixel noise of std ~ U[0, NOISE_MAX], then clamped
 NOISY_TEST_STD = 0.05  # the record's ``test_acc_noisy``: test accuracy with this pixel noise (fixed seed)
+# the label of a row judged by a classifier without a noise-robustness record (the first digits / animal judges,
+# which read faint pixel noise as one class): never averaged with rows of a noise-robust judge
+FRAGILE_JUDGE = "judge=noise-fragile"
 
 
 class SmallCNN(nn.Module):
@@ -91,6 +94,17 @@ def _add_noise(x: torch.Tensor, std, g: torch.Generator) -> torch.Tensor:
 def noisy(x: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
     """x plus Gaussian pixel noise of ``std``, clamped to [-1, 1] (fixed seed): the robustness check."""
     return _add_noise(x, std, torch.Generator().manual_seed(seed))
+
+
+def judge_label(row: dict, pinned: frozenset[str] | tuple[str, ...] = ()) -> str:
+    """A row's label when its judge makes it incomparable: noise-fragile, or another network than the ``pinned``
+    ones (a judge trained on another CPU kind differs bit for bit); '' for a row scored by a pinned judge."""
+    judge = row.get("classifier_sha256")
+    if not judge:
+        return ""
+    if row.get("classifier_test_acc_noisy") is None:
+        return FRAGILE_JUDGE
+    return f"judge={judge[:8]}" if pinned and judge not in pinned else ""
 
 
 def train_classifier(x: torch.Tensor, y: torch.Tensor, classes: int = 10, epochs: int = 8,
