@@ -99,6 +99,8 @@ class SaddleMap(Method):
         "toy_lr": 1e-3,
         **NETWORK_OPTIONS,
     }
+    # the map, the potential and the trainer's random stream (its optimisers are registered with the method)
+    state_attrs = ("T", "f", "saddle")
     # trains in a few seconds on bench.testing.tiny_images() / tiny_vectors()
     test_options: dict[str, Any] = {"steps": 6, "toy_steps": 6, "inner_steps": 2, "batch_size": 8,
                                     "toy_batch_size": 8, **TEST_NETWORK_OPTIONS}

@@ -75,6 +75,7 @@ class DDIB(Method):
         "two unconditional per-domain score models trained from scratch (the authors use pretrained ADM, class-conditional with classifier guidance on ImageNet): the paper's two-domain formulation",
         "the encoder ends at alpha(T) = 0.0066 of the continuous VP-SDE where the authors' last step uses alpha_bar_next = 0",
     )
+    state_attrs = ("source_model", "target_model")  # each domain's score network and its EMA
     test_options: dict[str, Any] = {**tiny_options("score"), "ddim_steps": 3, "toy_ddim_steps": 3, "cycle_n": 8}
 
     def __init__(self, budget: str = "smoke", **options: Any) -> None:

@@ -109,6 +109,10 @@ class DPMOT(Method):
         'semi-discrete solver: Voronoi initialisation and a learning rate relative to the median top-2 score gap (the authors: zero initialisation, absolute lr 0.1)',
         "at the default t_M = 0.002 the map assigns each source a target training image and the 10 reverse steps change nothing visible: the outputs are retrieved training images (the row's `copy` share says how many)",
     )
+    # the score network, its EMA, and the semi-discrete map: its potential with the latents it is defined on (target
+    # images diffused with noise from the run's stream on the run's device, drawn once: a restore on another device
+    # could not redraw them)
+    state_attrs = ("net", "ema", "ot")
     test_options = {"score_steps": 20, "batch_size": 32, "base": 8, "num_res_blocks": 1, "hidden": 32,
                     "warmup": 5, "ot_steps": 30, "ot_batch": 128, "M": 3, "max_latents": 64}
 

@@ -197,6 +197,7 @@ class EGSDE(Method):
         "lambda_s, lambda_i (auto): set so each energy's pull next to the score at t0 on training pairs is 0.467, the authors' faithfulness pull measured on AFHQ cat / dog at 256 px; the realism target is a stated choice (the authors' classifier is unavailable), since 500 and 2 belong to a 256-px ADM classifier and a 256-px low-pass",
         "low-pass: average-pool and bilinear up-sampling in place of the authors' bicubic Resizer (ILVR); the side keeps their factor 32 (1 px on 28-px digits: the mean ink only)",
     )
+    state_attrs = ("target_model", "classifier")  # the score network and its EMA; the domain classifier
     test_options: dict[str, Any] = {**tiny_options("score"), "cls_steps": 4, "toy_cls_steps": 4, "cls_batch": 8,
                                     "toy_cls_batch": 8, "cls_width": 8, "sde_steps": 3, "toy_sde_steps": 3}
 

@@ -85,6 +85,8 @@ class OTICNN(Method):
         'constrained weights start at |W| of the truncated-normal init (the authors start from the raw signed init and rely on the penalty)',
         "raw 784-d pixels with the authors' Gaussian recipe; the authors' MNIST runs work in a 16-d VAE latent (how OTCS ran it is unknown)",
     )
+    # the two ICNNs and the trainer's random stream; centre and spread are recomputed by setup from the data
+    state_attrs = ("f", "g", "saddle")
     test_options: dict[str, Any] = {"steps": 3, "toy_steps": 3, "inner_steps": 2, "toy_inner_steps": 2,
                                     "batch_size": 8, "toy_batch_size": 8, "hidden": 16, "toy_hidden": 16, "depth": 2}
 

@@ -251,6 +251,13 @@ class OTCS(Method):
         "continuous VP-SDE (beta 0.1-20, the discrete linear schedule's limit) with Euler-Maruyama sampling, no antithetic t, mean instead of sum loss, 5 % of the plan's rows held out for the J_CSM estimate",
         'resampling draws a source row uniform among rows with a stored H entry (the authors replace an empty row by the next one)',
     )
+    # stage I's potentials, the contrastive encoder (features=contrastive, else None), stage II's score network and
+    # its EMA (None under stage2=retrieve), and the stored plan H with the rows held out of stage II: H is computed
+    # once from the potentials (a one-shot stage a resume skips).  Not saved, being rebuilt from the data: the OT
+    # training sets and their features, the guiding pairs (setup), the spread graphs (prepare_ot, or on demand:
+    # ``_spread_graph``), retrieve's target images (setup)
+    state_attrs = ("u_net", "v_net", "encoder", "score", "ema",
+                   "h_crow", "h_col", "h_val", "h_row_mean", "h_col_mean", "hold_rows", "train_rows")
     test_options: dict[str, Any] = {
         "ot_steps": 30, "ot_batch": 16, "potential_hidden": 16, "potential_depth": 2, "steps": 4,
         "batch_size": 8, "unet_base": 8, "unet_mults": [1, 2], "unet_blocks": 1, "unet_attention": [],
@@ -338,6 +345,16 @@ class OTCS(Method):
         self.u_net = MLP(din_x, 1, hidden=hidden, depth=o["potential_depth"])
         self.v_net = MLP(din_y, 1, hidden=hidden, depth=o["potential_depth"])
         self.sde = VPSDE(beta_min=o["beta_min"], beta_max=o["beta_max"])
+        # the parts of the declared state that fit creates, or that this configuration lacks
+        self.encoder = self.score = self.ema = None
+        self.h_crow = self.h_col = self.h_val = self.h_row_mean = self.h_col_mean = None
+        self.hold_rows = self.train_rows = None
+        # derived from the data, never saved: the guiding pairs, and what rebuilds the spread graphs on demand after
+        # a restore that no fit follows (``bench eval``, ``load_run``)
+        self.kx = data.pairs[0].clone() if self.semi else None
+        self.ky = data.pairs[1].clone() if self.semi else None
+        self._data, self._seed = data, int(run.seed)
+        self._graphs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if data.is_image and self._uses_encoder(data.shape):
             if data.source_shape[0] != data.shape[0]:
                 raise BenchError("features=contrastive embeds source and target images with one encoder: their "
@@ -369,12 +386,14 @@ class OTCS(Method):
         self.ema = EMA(self.score, decay=o["ema"])
 
     # -- the training sets of the OT problem ---------------------------------------------------
-    def _ot_sets(self, data: TaskData, run):
-        """Source / target training sets (guiding pairs appended) and the keypoint indices."""
+    def _ot_sets(self, data: TaskData, seed: int):
+        """Source / target training sets (guiding pairs appended) and the keypoint indices: the same in every session
+        of a run (the subset's generator is seeded afresh, never resumed: a resumed stream would draw another
+        subset than the one the checkpointed potentials and plan were fitted on)."""
         cap = self.options["ot_max_train"]
         xs, yt = data.source_train, data.target_train
         if cap is not None:
-            g = run.generator("otcs-ot-subset", device="cpu")
+            g = torch.Generator().manual_seed(stream_seed(seed, "otcs-ot-subset"))
             if len(xs) > cap:
                 xs = xs[torch.randperm(len(xs), generator=g)[:cap]]
             if len(yt) > cap:
@@ -433,8 +452,8 @@ class OTCS(Method):
         keypoints (``neighbours``: spread, the k nearest graph points of ``f`` if known)."""
         o = self.options
         if o["relations"] == "spread":
-            R = graph.relations(getattr(self, f"spread_F{side}"), getattr(self, f"spread_f{side}"), f,
-                                k=int(o["spread_k"]), neighbours=neighbours)
+            F, graph_f = self._spread_graph(side)
+            R = graph.relations(F, graph_f, f, k=int(o["spread_k"]), neighbours=neighbours)
             T = float(o["spread_sharpen"])
             if T != 1.0:
                 R = R.clamp_min(0) ** (1.0 / T)
@@ -461,7 +480,7 @@ class OTCS(Method):
         the scale s of xi and eps.  Deterministic from the data and the seed, so it is recomputed in
         every session; tau, s and eps are kept in ``extra_state`` (they define the problem)."""
         o, dev, st = self.options, run.device, self.extra_state
-        xs, yt, src_key, tgt_key = self._ot_sets(data, run)
+        xs, yt, src_key, tgt_key = self._ot_sets(data, run.seed)
         n, m = len(xs), len(yt)
         self.kx = data.pairs[0].to(dev) if self.semi else None
         self.ky = data.pairs[1].to(dev) if self.semi else None
@@ -492,15 +511,10 @@ class OTCS(Method):
                                      ot.cost_matrix(probe_y, gky, o["cost"]).flatten()]).median()
                     st["tau"] = float(0.1 * med.clamp_min(1e-12))
             if o["relations"] == "spread":  # the graphs (kept for relations of new points, e.g. test sources)
-                k, a = int(o["spread_k"]), float(o["spread_alpha"])
+                k = int(o["spread_k"])
                 own = {}
                 for side, f, key in (("x", gx, src_key), ("y", gy, tgt_key)):
-                    # the training set's graph (cached by content: the same for every seed) with the seed's
-                    # guiding pairs appended (the last K rows)
-                    nb = len(f) - len(key)
-                    nbr = graph.knn_extended(f[:nb], f[nb:], k, base_knn=fmaps.knn(f[:nb], k))
-                    setattr(self, f"spread_f{side}", f)
-                    setattr(self, f"spread_F{side}", graph.spread(f, key.to(dev), k=k, alpha=a, neighbours=nbr))
+                    nbr = self._build_spread_graph(side, f, key.to(dev))
                     # a graph point's k nearest graph points: itself and its k - 1 nearest others
                     own[side] = torch.cat([torch.arange(len(f), device=dev)[:, None], nbr[1][:, :k - 1]], 1)
                 rx, ry = self._relations(gx, "x", own["x"]), self._relations(gy, "y", own["y"])
@@ -530,6 +544,34 @@ class OTCS(Method):
         self._prob = SimpleNamespace(xs=xs_d, yt=yt_d, fx=fx, fy=fy, src_key=src_key.to(dev),
                                      tgt_key=tgt_key.to(dev), n=n, m=m, k=len(src_key), xi_block=xi_block,
                                      eps_n=st["epsilon"] / s)
+
+    def _build_spread_graph(self, side: str, f: torch.Tensor, key: torch.Tensor):
+        """relations=spread: the graph of side ``side``'s OT training set (relation features ``f``, guiding pairs at
+        rows ``key``, the last K) and the keypoints' indicators spread over it, kept in ``_graphs`` for relations of
+        new points; returns the graph's kNN (distances, indices)."""
+        o = self.options
+        k, a = int(o["spread_k"]), float(o["spread_alpha"])
+        # the training set's graph (cached by content: the same for every seed) with the guiding pairs appended
+        nb = len(f) - len(key)
+        nbr = graph.knn_extended(f[:nb], f[nb:], k, base_knn=fmaps.knn(f[:nb], k))
+        self._graphs[side] = (graph.spread(f, key, k=k, alpha=a, neighbours=nbr), f)
+        return nbr
+
+    def _spread_graph(self, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(spread indicators F, graph features f) of side ``side``: built by prepare_ot in fit, or rebuilt here from
+        the data after a restore (deterministic in the data, the seed and the restored encoder; not checkpointed,
+        as the features of a whole training set would swell every checkpoint)."""
+        if side not in self._graphs:
+            xs, yt, src_key, tgt_key = self._ot_sets(self._data, self._seed)
+            f, key = (xs, src_key) if side == "x" else (yt, tgt_key)
+            self._build_spread_graph(side, self.features(f.to(self.device), "relation"), key.to(self.device))
+        return self._graphs[side]
+
+    # the spread graphs by side: indicators F (N, K) and graph features f (N, D)
+    spread_Fx = property(lambda self: self._spread_graph("x")[0])
+    spread_fx = property(lambda self: self._spread_graph("x")[1])
+    spread_Fy = property(lambda self: self._spread_graph("y")[0])
+    spread_fy = property(lambda self: self._spread_graph("y")[1])
 
     def fit_features(self, xs: torch.Tensor, yt: torch.Tensor, run) -> None:
         """features=contrastive: fit one encoder, without labels, to the images of both OT training sets (all of
@@ -783,10 +825,12 @@ class OTCS(Method):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._memo = None  # features and relations of targets may differ under the loaded state
+        self._memo = None  # features and relations of targets may differ under the loaded state (encoder)
+        self._graphs = {}
 
     def to(self, device) -> "OTCS":
         self._memo = None
+        self._graphs = {}  # rebuilt on the new device when asked for
         return super().to(device)
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ class Identity(Method):
     readme_label = "identity (reference: the source unchanged)"
     readme_grids = "the MNIST sources themselves"
     notes = "returns the source (floor: how far source already is from target)"
+    state_attrs = ()  # nothing is learned: setup records the target shape (extra_state)
     test_options: dict = {}
 
     @property
@@ -58,6 +59,7 @@ class KeypointNN(Method):
     readme_label = "keypoint-nn (reference: the target of the guiding pair whose source is nearest)"
     readme_grids = "each output one of the ten guiding Chinese numerals"
     notes = ("target of the guiding pair whose source is nearest (uses only the K pairs); semi-paired tasks only")
+    state_attrs = ()  # nothing is learned: setup copies the guiding pairs from the data
     test_options: dict = {}
 
     @property
@@ -87,6 +89,9 @@ class LabelOracle(Method):
     readme_grids = "real Chinese numerals of the source's class"
     notes = ("ORACLE: a random target training sample of the source's class (reads labels); refused on tasks "
              "without class labels (the gauss-* and convex-* ground truths)")
+    # nothing is learned: the labelled sources and the target pool are the task's data, rebuilt by setup (saving
+    # them wrote every training image into each checkpoint)
+    state_attrs = ()
     test_options: dict = {}
 
     @property

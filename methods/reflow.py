@@ -137,6 +137,10 @@ class ReFlow(Method):
         "velocity model: this benchmark's UNet trained from scratch for `flow_steps` (authors: NCSN++ nf 128, 1.3M iterations, Adam 2e-4, EMA 0.999999); t ~ U[0, 1] where the authors draw U[1e-3, 1]",
         "loss=classifier: h is the last feature map of a small time-conditional CNN trained from scratch on noisy source-vs-target training images, read at t_eps (the paper fine-tunes an ImageNet classifier on clean images; which layer is unstated), and the loss is scaled by a constant so that it starts at the pixel loss's value",
     )
+    # the velocity field, its EMA, the domain classifier (None under the pixel loss), the held sources the
+    # straightness is measured on (drawn once), and a reflow round's generated pairs (ODE pushes, cleared after
+    # the last round)
+    state_attrs = ("velocity", "ema", "classifier", "held", "pair_x0", "pair_x1")
     test_options: dict[str, Any] = {**tiny_options("flow"), "ode_steps": 3, "toy_ode_steps": 3,
                                     "straightness_n": 8, "reflow_pairs": 16, "cls_steps": 4, "toy_cls_steps": 4,
                                     "cls_batch": 8, "toy_cls_batch": 8, "cls_width": 8}

@@ -119,6 +119,7 @@ class SCONES(Method):
         "noise levels doubled and the step size quadrupled for pixels in [-1, 1] (the authors' levels are for [0, 1]: the same dynamics)",
         'the final denoising step omits grad log H (effect ~1e-5)',
     )
+    state_attrs = ("potentials", "target_model")  # the entropic potentials; the score network and its EMA
     test_options: dict[str, Any] = {**tiny_options("score"), "potential_hidden": 16, "ot_steps": 4, "ot_batch": 16,
                                     "levels": 2, "n_steps_each": 2, "toy_levels": 2}
 

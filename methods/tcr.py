@@ -122,6 +122,7 @@ class TCR(Method):
         "super-resolution task)",
         "all ten guiding pairs and 64 unpaired sources per step vs the authors' 4 supervised + 40 unsupervised",
     )
+    state_attrs = ("f",)  # the regressor
     test_options: dict[str, Any] = {"steps": 4, "toy_steps": 4, "batch_size": 8, "toy_batch_size": 8,
                                     **{k: v for k, v in TEST_NETWORK_OPTIONS.items() if k != "critic_base"}}
 

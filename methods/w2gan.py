@@ -163,6 +163,8 @@ class W2GAN(Method):
         "16x16 resized images: one map network for every map-based method of this benchmark",
         "potentials: SiLU MLPs 512 x 2 on the flattened 32x32 canvas vs ReLU 256-200-500 on 16x16 images",
     )
+    # the generator, the two potentials and the trainer's random stream (its optimisers are registered)
+    state_attrs = ("G", "u", "e", "saddle")
     test_options: dict[str, Any] = {"steps": 4, "toy_steps": 4, "critic_steps": 2, "batch_size": 8,
                                     "toy_batch_size": 8, **TEST_NETWORK_OPTIONS}
 

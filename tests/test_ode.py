@@ -94,6 +94,7 @@ class _OneScoreModel(Method):
     """A throwaway method that only fits a ScoreModel (the shape EGSDE, SCONES and DDIB use)."""
 
     name = "one-score-model"
+    state_attrs = ("model",)
     default_options = {**network_options(), **diffusion_options(),
                        **training_options("score", steps=Option(60), toy_steps=Option(300))}
 

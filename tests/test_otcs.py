@@ -449,7 +449,7 @@ def test_plan_retrieval_draws_target_training_images_from_the_stage_one_plan():
     data = tiny_images(SEMI_PAIRED, n=64)
     opts = {**OTCS.test_options, "relations": "spread", "spread_k": 5, "stage2": "retrieve"}
     m = fit_in_memory(OTCS, data, **opts)
-    assert not hasattr(m, "score") and m.nfe == 0 and m.bound_terms() is None
+    assert m.score is None and m.ema is None and m.nfe == 0 and m.bound_terms() is None
     x = data.source_test
     y = m.transport(x, generator=torch.Generator().manual_seed(0))
     flat = data.target_train.flatten(1)

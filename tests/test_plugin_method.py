@@ -42,6 +42,7 @@ class ShiftMap(Method):
         "lr": 0.05,
     }}
     test_options = {{"steps": 5}}
+    state_attrs = ("scale", "shift")  # what a checkpoint saves and a resume restores
 
     def setup(self, data, run):
         self.scale = torch.nn.Parameter(torch.ones(data.shape))

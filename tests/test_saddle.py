@@ -35,6 +35,7 @@ class Game(Method):
 
     name = "game"
     default_options = dict(SADDLE_OPTIONS)
+    state_attrs = ("theta", "omega", "saddle")
 
     def __init__(self, noise=0.0, **options):
         super().__init__(**options)

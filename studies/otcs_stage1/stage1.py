@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         run.method = m
         torch.manual_seed(seed)
         m.setup(data, run)
-        xs, yt, sk, tk = m._ot_sets(data, run)
+        xs, yt, sk, tk = m._ot_sets(data, run.seed)
         feats_cached = a.map in fmaps.CACHED and all(
             fmaps.cache_path(a.map, b.float()).is_file() for b in (xs, yt)) if a.map != "contrastive" else False
         t, c = time.perf_counter(), time.process_time()
