@@ -29,25 +29,28 @@ _RESERVED_STATE = ("__extra__", "__optim__")
 class Metric(str):
     """A metric column a task reports: the row key (this string) plus how tables show, rank and check it.
 
-    ``Metric("fid", "FID", higher_is_better=False, bounds=(0, inf))`` compares equal to ``"fid"``, so rows and
-    code that index by key keep working; tables read ``header``, ``higher_is_better`` and ``digits``; the runner
-    and the row schema treat a value outside ``bounds`` (both ends included) as a broken run.  A metric declares
-    its bounds: nothing is guessed from its name (default: any finite number).
+    ``Metric("fid", "FID", higher_is_better=False, bounds=(0, inf), sample_size="fid_n")`` compares equal to
+    ``"fid"``, so rows and code that index by key keep working; tables read ``header``, ``higher_is_better``,
+    ``digits`` and ``sample_size`` (the row key holding how many samples the value was computed on, shown beside
+    it); the runner and the row schema treat a value outside ``bounds`` (both ends included) as a broken run.  A
+    metric declares these: nothing is guessed from its name (default: any finite number, no sample size shown).
     """
 
     header: str
     higher_is_better: bool
     digits: int
     bounds: tuple[float, float]
+    sample_size: str | None
 
     def __new__(cls, key: str, header: str | None = None, higher_is_better: bool = False, digits: int = 2,
-                bounds: tuple[float, float] = (-math.inf, math.inf)):
+                bounds: tuple[float, float] = (-math.inf, math.inf), sample_size: str | None = None):
         obj = super().__new__(cls, key)
         obj.header, obj.higher_is_better, obj.digits = header or key, bool(higher_is_better), int(digits)
         lo, hi = float(bounds[0]), float(bounds[1])
         if not lo <= hi:
             raise TypeError(f"Metric {key!r}: bounds {bounds!r} must be (low, high) with low <= high")
         obj.bounds = (lo, hi)
+        obj.sample_size = sample_size
         return obj
 
     @property
@@ -55,7 +58,7 @@ class Metric(str):
         return str(self)
 
     def __reduce__(self):
-        return (Metric, (str(self), self.header, self.higher_is_better, self.digits, self.bounds))
+        return (Metric, (str(self), self.header, self.higher_is_better, self.digits, self.bounds, self.sample_size))
 
 
 # the bounds of the common kinds of metric column

@@ -137,6 +137,7 @@ def summarise(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     df["variant"] = df["variant"].fillna("") if "variant" in df else ""
     df["family"] = df["family"].fillna("") if "family" in df else ""
     keys = ["method", "variant", "budget"]
+    sizes = sorted({m.sample_size for m in metrics if getattr(m, "sample_size", None)})
     agg: dict[str, Any] = {}
     for m in metrics:
         if m in df:
@@ -145,7 +146,7 @@ def summarise(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
             agg[f"{m}_std"] = (m, "std")
     for col, how in (("seed", "nunique"), ("nfe", "first"), ("family", "first"), ("oracle", "first"),
                      ("gpu_minutes", "mean"), ("fit_s", "mean"), ("transport_s", "mean"),
-                     ("device_name", "first"), ("fid_n", "first"), ("n_eval", "first")):
+                     ("device_name", "first"), ("n_eval", "first"), *((n, "first") for n in sizes)):
         if col in df:
             agg[col] = (col, how)
     return df.groupby(keys, sort=False).agg(**agg).reset_index()
@@ -167,7 +168,7 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
             raise BenchError(f"no runs with budget {budget!r} for task {task_cls.name!r} under {out}")
     specs = {m.key: m for m in task_metrics(task_cls)}
     metrics = [m for m in specs if m in df.columns]
-    summary = summarise(df, metrics)
+    summary = summarise(df, [specs[m] for m in metrics])
     paper = getattr(task_cls, "paper_values", {}) or {}
 
     if fmt == "csv":
@@ -191,8 +192,9 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
         for m in metrics:
             digits = specs[m].digits
             text = _fmt(s.get(f"{m}_mean"), s.get(f"{m}_std"), n_seeds, digits)
-            if m == "fid" and text != "-" and not pd.isna(s.get("fid_n")):
-                text += f" (n={int(s['fid_n'])})"
+            n_key = specs[m].sample_size
+            if n_key and text != "-" and not pd.isna(s.get(n_key)):
+                text += f" (n={int(s[n_key])})"
             cells.append(_mark(text, marks.get((s["method"], s["variant"], s["budget"]), {}).get(m), fmt))
             pv = paper.get(s["method"], {}).get(m)
             cells.append("-" if pv is None else f"{pv:.{digits}f}")

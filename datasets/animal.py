@@ -236,7 +236,7 @@ def classifier_view(x: torch.Tensor) -> torch.Tensor:
 class AnimalTask(Task):
     name = "animal"
     setting = SEMI_PAIRED
-    metrics = (Metric("fid", "FID", higher_is_better=False, digits=2, bounds=DISTANCE),
+    metrics = (Metric("fid", "FID", higher_is_better=False, digits=2, bounds=DISTANCE, sample_size="fid_n"),
                Metric("acc", "Acc (%)", higher_is_better=True, digits=2, bounds=PERCENT),
                Metric("copy", "Copy (%)", higher_is_better=False, digits=1, bounds=PERCENT))
     description = ("AFHQ cat/fox/leopard -> lion/tiger/wolf (species list species.csv), 3 guiding pairs chosen "

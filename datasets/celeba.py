@@ -219,7 +219,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 class CelebASR(Task):
     name = "celeba-sr"
     setting = UNPAIRED
-    metrics = (Metric("fid", "FID", higher_is_better=False, digits=2, bounds=DISTANCE),
+    metrics = (Metric("fid", "FID", higher_is_better=False, digits=2, bounds=DISTANCE, sample_size="fid_n"),
                Metric("ssim", "SSIM", higher_is_better=True, digits=4, bounds=CORRELATION),
                Metric("ssim_src", "SSIM vs source", higher_is_better=True, digits=4, bounds=CORRELATION),
                Metric("copy", "Copy (%)", higher_is_better=False, digits=1, bounds=PERCENT))

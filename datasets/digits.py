@@ -200,7 +200,7 @@ def plan_accuracy(method, sources: torch.Tensor, labels: torch.Tensor, targets: 
 class DigitsTask(Task):
     name = "digits"
     setting = SEMI_PAIRED
-    metrics = (Metric("fid", "FID", higher_is_better=False, bounds=DISTANCE),
+    metrics = (Metric("fid", "FID", higher_is_better=False, bounds=DISTANCE, sample_size="fid_n"),
                Metric("acc", "Acc (%)", higher_is_better=True, bounds=PERCENT),
                Metric("cfd", "Cls-FD", higher_is_better=False, bounds=DISTANCE),
                Metric("plan_acc", "plan Acc (%)", True, bounds=PERCENT),

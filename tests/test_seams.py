@@ -43,7 +43,8 @@ class _Spread(Task):
     """A throwaway task with a metric the engine has never heard of."""
 
     name = "spread-task"
-    metrics = (Metric("spread", "Spread (sd)", higher_is_better=True, digits=3),)
+    metrics = (Metric("spread", "Spread (sd)", higher_is_better=True, digits=3, bounds=(0, 100),
+                      sample_size="spread_n"),)
     eval_sizes = {"smoke": None, "cpu": None, "fast": None, "paper": None}
     default_options = {"n": Option(64, help="samples per split")}
 
@@ -55,7 +56,7 @@ class _Spread(Task):
                         target_test=torch.randn(16, 2, generator=g) + 3)
 
     def evaluate(self, data, sources, outputs, labels, ctx):
-        return {"spread": float(outputs.std())}
+        return {"spread": float(outputs.std()), "spread_n": len(outputs)}
 
 
 def test_a_new_task_with_a_new_metric_needs_no_engine_edit(tmp_path):
@@ -66,6 +67,7 @@ def test_a_new_task_with_a_new_metric_needs_no_engine_edit(tmp_path):
                 log=lambda *_: None)
     text = render(tmp_path, _Spread)
     assert "Spread (sd)" in text and "identity" in text and "not" in text
+    assert "(n=16)" in text  # the metric's declared sample size, shown beside it
     with pytest.raises(BenchError, match="task 'spread-task' option n='x' is not an integer"):
         _Spread(n="x")
 
