@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import pytest
 import torch
@@ -111,15 +112,14 @@ def test_the_declared_state_is_what_fit_changes_and_all_a_restore_needs(name, ki
     fresh.to("cpu")
     x = data.source_test[:8]
     torch.testing.assert_close(_transport(fresh, x), _transport(m, x), rtol=0, atol=0)
-    assert fresh.bound_terms() == m.bound_terms()
-    if hasattr(m, "coupling_row"):  # what the tasks' plan metrics read (digits plan_acc, toy plan_w2)
+    assert fresh.diagnostics() == m.diagnostics()
+    if hasattr(m, "conditional_plan"):  # what the tasks' plan metrics read (digits plan_acc, toy plan_w2)
         targets = data.target_train[:16]
-        torch.testing.assert_close(fresh.coupling_row(x, targets), m.coupling_row(x, targets), rtol=0, atol=0)
+        torch.testing.assert_close(fresh.conditional_plan(x, targets), m.conditional_plan(x, targets), rtol=0, atol=0)
 
 
 def store_round_trip(state):
     """``state`` through a file and the safe loader, as a checkpoint travels."""
-    import io
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
@@ -143,7 +143,7 @@ def test_the_configurations_beyond_the_test_options_resume_bitwise(name, kind, e
         resumed, _ = fit_until_killed(cls, data, d, options)
         torch.testing.assert_close(_transport(resumed, x), expected, rtol=0, atol=0,
                                    msg=lambda msg: f"{name} {extra} resumed after checkpoint {cut} of {n}: {msg}")
-        assert resumed.bound_terms() == whole.bound_terms()
+        assert resumed.diagnostics() == whole.diagnostics()
 
 
 @pytest.mark.parametrize("name", ["identity", "keypoint-nn", "label-oracle"])
