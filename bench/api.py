@@ -132,6 +132,10 @@ class Method:
     # the authors'.  An empty ``deviations`` with a ``compared_against`` reads "none found".
     compared_against: ClassVar[str] = ""
     deviations: ClassVar[tuple[str, ...]] = ()
+    # options at which the shared contract suite (tests/test_contract.py, tests/test_state.py) trains the method
+    # in seconds; ``behaviour_options``: the options at which its behavioural contract test expects it to learn
+    test_options: ClassVar[dict[str, Any]] = {}
+    behaviour_options: ClassVar[dict[str, Any] | None] = None
     # the loop whose progress a learning curve follows (``bench run --probe-every N``); None: no curve
     probe_loop: ClassVar[str | None] = None
     # the learning curve the scripts draw (``--probe-every N --probe-n M``; scripts/cpu_table.sh reads "cpu"):
@@ -282,9 +286,27 @@ class Method:
                 if name in self._pending_optim:
                     opt.load_state_dict(self._pending_optim.pop(name))
 
-    def bound_terms(self) -> dict[str, float] | None:
-        """Optional diagnostics reported as columns (e.g. OTCS's Theorem 2 terms)."""
+    # -- hooks the tasks and the contract suite read (each optional: the default says "not offered") ----------------
+    def diagnostics(self) -> dict[str, float] | None:
+        """Scalars about the fitted model, stored in the row as ``bound_<name>`` columns (OTCS: its Theorem 2
+        terms; DDIB: its cycle error; ReFlow: straightness)."""
         return None
+
+    def conditional_plan(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """The learned coupling pi(.|x) over ``targets`` for each source in ``x``: (len(x), len(targets)), rows
+        summing to 1; None for a method without an explicit coupling.  The digits task scores it as ``plan_acc``,
+        the toy tasks as ``plan_w2``."""
+        return None
+
+    def ot_problem(self) -> dict[str, Any] | None:
+        """The regularised OT problem the method solves (``epsilon``, and the cost's pieces), so that a task with an
+        exact solver compares the learned plan with that problem's exact plan; None: the task's default problem."""
+        return None
+
+    def plan_metrics(self, data: TaskData) -> dict[str, Any]:
+        """Row columns about the plan that need the task's labels (used only to score, e.g. OTCS's exact plan's
+        class accuracy and each side's relation accuracy); {} when the method has none."""
+        return {}
 
 
 @dataclass

@@ -239,7 +239,7 @@ def score(p: Prepared, outputs: torch.Tensor) -> dict[str, Any]:
     metrics = p.task.evaluate(p.data, sources, outputs, labels, ctx)
     eval_s = time.perf_counter() - t0
     check_metrics(p.task, metrics)
-    bounds = p.method.bound_terms() or {}
+    bounds = p.method.diagnostics() or {}
     return {**metrics, **{(k if k.startswith("bound_") else f"bound_{k}"): v for k, v in bounds.items()},
             "eval_s": round(eval_s, 3)}
 

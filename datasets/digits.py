@@ -184,14 +184,18 @@ def eval_subset(test_y: np.ndarray, per_class: int | None) -> np.ndarray:
 
 @torch.no_grad()
 def plan_accuracy(method, sources: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
-                  target_labels: torch.Tensor, device, batch: int = 100) -> float:
+                  target_labels: torch.Tensor, device, batch: int = 100) -> float | None:
     """% of the fitted coupling's conditional mass pi_hat(.|x) that falls on target training
-    images of the source's class, averaged over ``sources`` (labels read only here)."""
+    images of the source's class, averaged over ``sources`` (labels read only here); None when the
+    method has no explicit coupling."""
     targets = targets.to(device)
     onehot = torch.nn.functional.one_hot(target_labels.long(), 10).float().to(device)
     total = 0.0
     for a in range(0, len(sources), batch):
-        w = method.coupling_row(sources[a:a + batch].to(device), targets).float()  # (B, m), rows sum to 1
+        w = method.conditional_plan(sources[a:a + batch].to(device), targets)  # (B, m), rows sum to 1
+        if w is None:
+            return None
+        w = w.float()
         per_class = w @ onehot
         total += float(per_class.gather(1, labels[a:a + batch].long().to(device)[:, None]).sum())
     return 100.0 * total / max(len(sources), 1)
@@ -326,11 +330,12 @@ class DigitsTask(Task):
                "classifier_origin": record.get("origin", "trained here")}
         row.update(self.fid(outputs, ctx))
         row.update(copy_share(outputs, data.target_train, data.target_test))
-        if hasattr(ctx.method, "coupling_row"):
-            row["plan_acc"] = plan_accuracy(ctx.method, sources, labels, data.target_train,
-                                            data.target_train_labels, ctx.device)
-        if hasattr(ctx.method, "plan_diagnostics"):  # OTCS: its cost's exact plan, each side's relation accuracy
-            row.update(ctx.method.plan_diagnostics(data))
+        if ctx.method is not None:
+            plan_acc = plan_accuracy(ctx.method, sources, labels, data.target_train, data.target_train_labels,
+                                     ctx.device)
+            if plan_acc is not None:
+                row["plan_acc"] = plan_acc
+            row.update(ctx.method.plan_metrics(data))  # e.g. OTCS: its cost's exact plan, each side's relations
         return row
 
     def probe(self, data: TaskData, sources: torch.Tensor, outputs: torch.Tensor,

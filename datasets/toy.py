@@ -11,7 +11,7 @@
 
 The exact plan is the L2-regularised OT plan of the *training* samples (uniform weights) solved by
 POT (``bench.ot.exact_l2_plan``), for the eps and the cost xi of the fitted method when it has a
-``plan_spec()`` (OTCS), else for the task's default (eps = 0.01 x mean cost; toy2d: the
+``ot_problem()`` (OTCS), else for the task's default (eps = 0.01 x mean cost; toy2d: the
 keypoint-guided cost with tau = 0.1 x median keypoint cost).  A test source x is not a training
 point; its exact conditional pi(.|x) keeps the exact dual v of the targets and takes u(x) from the
 dual optimality condition (1/m) sum_j H(x, y_j) = 1 (``bench.ot.conditional_weights``), i.e. it is
@@ -20,7 +20,7 @@ the plan's extension that keeps the x-marginal exact at x.
 ``evaluate`` returns the task metric, ``w2`` (test outputs vs target test samples, ot.emd2 /
 quantiles), and for a handful of probe sources with 1000 transported samples each:
 ``lhs_w2`` = mean_x W2(p_sde(.|x), pi(.|x)) (Theorem 2's left-hand side) and, when the method
-exposes its coupling (``coupling_row``), ``plan_w2`` = mean_x W2(pi_hat(.|x), pi(.|x)).  It prints
+exposes its coupling (``conditional_plan``), ``plan_w2`` = mean_x W2(pi_hat(.|x), pi(.|x)).  It prints
 them beside the method's bound terms (which the runner also records as bound_* columns).
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ class _ToyTask(Task):
                  labels: torch.Tensor | None, ctx: EvalContext) -> dict[str, Any]:
         res: dict[str, Any] = {"w2": ot.w2_empirical(outputs, data.target_test), "w2_n": len(outputs)}
         method = ctx.method
-        spec = method.plan_spec() if hasattr(method, "plan_spec") else self.default_spec(data)
+        spec = (method.ot_problem() if method is not None else None) or self.default_spec(data)
         spec = {**spec, "xi": (lambda f: (lambda a, b: f(a, b).cpu()))(spec["xi"])}
         H, u, v, _ = self.exact_plan(data, spec)
         res["exact_plan_marginal_err"] = float(np.abs(H.mean(1) - 1).mean() + np.abs(H.mean(0) - 1).mean())
@@ -116,8 +116,9 @@ class _ToyTask(Task):
         for p in range(len(probes)):
             if samples is not None:
                 lhs.append(ot.w2_empirical(samples[p], Y, None, w_exact[p]))
-            if hasattr(method, "coupling_row"):
-                w_hat = method.coupling_row(probes[p:p + 1], Y[:free])[0].double().cpu()
+            w_hat = None if method is None else method.conditional_plan(probes[p:p + 1], Y[:free])
+            if w_hat is not None:
+                w_hat = w_hat[0].double().cpu()
                 plan.append(ot.w2_empirical(Y[:free], Y[:free], w_hat, w_exact[p, :free]))
         if lhs:
             res["lhs_w2"] = float(np.mean(lhs))
@@ -126,7 +127,7 @@ class _ToyTask(Task):
         if plan:
             res["plan_w2"] = float(np.mean(plan))
         res.update(self.task_metrics(data, sources, outputs, labels, samples))
-        bounds = method.bound_terms() if hasattr(method, "bound_terms") else None
+        bounds = method.diagnostics() if method is not None else None
         line = ", ".join(f"{k}={res[k]:.4g}" for k in ("lhs_w2", "plan_w2") if k in res)
         if bounds:
             line += " | bound terms: " + ", ".join(

@@ -132,7 +132,7 @@ class DDIB(Method):
         z = self._encode(self.source_model, x.to(self.device).float())
         return self._decode(self.target_model, z).float()
 
-    def bound_terms(self) -> dict[str, float] | None:
+    def diagnostics(self) -> dict[str, float] | None:
         if "cycle_rmse" not in self.extra_state:
             return None
         return {"cycle_rmse": self.extra_state["cycle_rmse"],

@@ -303,7 +303,7 @@ class EGSDE(Method):
         lambda_s, lambda_i = self.weights()
         return lambda_s * self.realism_energy(y, x_t, t) + lambda_i * faithfulness_energy(y, x_t, self.lowpass)
 
-    def bound_terms(self) -> dict[str, float] | None:
+    def diagnostics(self) -> dict[str, float] | None:
         """The scales the sampler uses: both weights (resolved or given) and the low-pass side (images), and the
         measured pulls at weight 1 and the score's RMS per dimension at t0 (the auto rule's inputs)."""
         if "pull_s" not in self.extra_state:

@@ -42,12 +42,12 @@ The algorithm (the paper's Algorithms 1 and 2), top to bottom:
    ``guidance`` w != 0 samples with (1 + w) eps(.|x) - w eps(.|null) (two network calls a step).
    ``stage2=retrieve`` (a reference, not the authors'): no score model; a source is transported to a target
    training image drawn from pi_hat(.|x) of the stage-I potentials, so a row shows what stage I alone gives.
-6. **Stage I's diagnostics** (``plan_diagnostics``, called by the digits task's evaluate; labels only score):
+6. **Stage I's diagnostics** (``plan_metrics``, called by the digits task's evaluate; labels only score):
    ``plan_acc_exact``, the share of the exact (POT) plan of the same guiding cost on class-balanced training
    subsets that joins same-class points, and ``rel_acc_src`` / ``rel_acc_tgt``, the share of each side's points
    whose largest relation is their own class's keypoint: with the learned ``plan_acc`` and Acc they tell a cost
    that pairs the wrong classes from a solver that did not reach its plan from a stage II that ignores it.
-7. **Theorem 2 terms** (``bound_terms``):  E_x W2(p_sde(.|x), pi(.|x)) <= C1 ||grad L(pi_hat, u, v)||_1
+7. **Theorem 2 terms** (``diagnostics``):  E_x W2(p_sde(.|x), pi(.|x)) <= C1 ||grad L(pi_hat, u, v)||_1
    + sqrt(C2 J_CSM) + C3 E_x W2(p_T(.|x), p_prior), with unknown C1..C3, so only the terms are
    reported:
    * bound_marginal_x = E_x |E_y H(x, y) - 1| and bound_marginal_y = E_y |E_x H(x, y) - 1| on the
@@ -78,7 +78,7 @@ from bench import graph, ot
 from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
 from bench.diffusion import EMA, VPSDE, WEIGHTINGS, Guided, NullCondition, VOutput, dsm_eval, dsm_loss, mixture_eps, cpu_chunked, sample_ddim, sample_sde
 from bench.nn import canvas_side, MLP, ScoreMLP, UNet, crop_to, pad_to
-from bench.nn.contrastive import Encoder, embed, train_encoder
+from bench.nn.contrastive import Encoder, train_encoder
 from bench.options import Option
 from bench.context import stream_seed
 from bench.scoremodel import score_lr
@@ -91,7 +91,7 @@ STAGE2 = ("diffusion", "retrieve")
 POTENTIAL_INPUTS = ("features", "relations")
 SAMPLERS = ("sde", "ddim")
 FEATURE_DIM = 128  # features=contrastive: the encoder's representation size
-# plan_diagnostics: class-balanced training points a side for the exact plan (fixed subsets, any seed)
+# plan_metrics: class-balanced training points a side for the exact plan (fixed subsets, any seed)
 EXACT_PLAN_N = {"smoke": 500, "cpu": 2000, "fast": 2000, "paper": 2000}
 EXACT_PLAN_SEED = 20261207
 FEATURE_STEPS = Option(smoke=50, cpu=2000, fast=4000, paper=4000, help="features=contrastive: the encoder's steps")
@@ -429,7 +429,7 @@ class OTCS(Method):
         a = float(self.options["alpha"])
         return g if a == 0 else a * ot.cost_matrix(cx, cy, self.options["cost"]) + (1 - a) * g
 
-    def plan_spec(self) -> dict[str, Any]:
+    def ot_problem(self) -> dict[str, Any]:
         """What defines this run's OT problem (for the toy tasks' exact plans): the absolute eps
         and a function xi(x, y) on raw samples; keypoints (and the alpha of xi) when semi-paired."""
         st = self.extra_state
@@ -650,10 +650,10 @@ class OTCS(Method):
             with run.stage("otcs-compatibility"), torch.no_grad():
                 us, vs = self.potentials()
                 all_j = torch.arange(P.m, device=dev)
-                mask_fn = None
-                if P.k and o["h_mask"]:
-                    def mask_fn(i0, i1):
-                        return ot.keypoint_mask(torch.arange(i0, i1, device=dev), all_j, P.src_key, P.tgt_key)
+
+                def keypoint_block(i0, i1):
+                    return ot.keypoint_mask(torch.arange(i0, i1, device=dev), all_j, P.src_key, P.tgt_key)
+                mask_fn = keypoint_block if P.k and o["h_mask"] else None
                 H = ot.sparse_compatibility(
                     us, vs, lambda i0, i1: P.xi_block(torch.arange(i0, i1, device=dev), all_j), P.eps_n,
                     threshold=o["h_threshold"], max_per_row=o["h_max_per_row"],
@@ -803,9 +803,9 @@ class OTCS(Method):
 
     @torch.no_grad()
     def _retrieve(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """stage2=retrieve: for each source a target training image drawn from pi_hat(.|x) (``coupling_row``)."""
+        """stage2=retrieve: for each source a target training image drawn from pi_hat(.|x) (``conditional_plan``)."""
         targets = self.retrieve_targets.to(self.device)
-        w = self.coupling_row(x.to(self.device), targets)
+        w = self.conditional_plan(x.to(self.device), targets)
         j = torch.multinomial(w.double(), 1, generator=generator).flatten()
         return targets[j].float().clone()
 
@@ -834,7 +834,7 @@ class OTCS(Method):
         return super().to(device)
 
     @torch.no_grad()
-    def coupling_row(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def conditional_plan(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """pi_hat(.|x) on ``targets`` (B, m): H(x, y_j) / sum_j H(x, y_j) from the learned potentials
         (a row with no positive H gets uniform weights, flagged by the caller through its sum)."""
         s, eps = self.extra_state["xi_scale"], self.extra_state["epsilon"]
@@ -849,7 +849,7 @@ class OTCS(Method):
 
     # -- stage I's diagnostics (labels read here only to score, called by the task's evaluate) ----------
     @torch.no_grad()
-    def plan_diagnostics(self, data: TaskData, n: int | None = None, seed: int = EXACT_PLAN_SEED) -> dict[str, Any]:
+    def plan_metrics(self, data: TaskData, n: int | None = None, seed: int = EXACT_PLAN_SEED) -> dict[str, Any]:
         """What limits the plan, on class-balanced subsets of the two training sets (``n`` a side; labels read
         only to score, never to build anything):
 
@@ -886,7 +886,7 @@ class OTCS(Method):
         return out
 
     # -- state ---------------------------------------------------------------------------------------
-    def bound_terms(self) -> dict[str, float] | None:
+    def diagnostics(self) -> dict[str, float] | None:
         st = self.extra_state
         if "bound_jcsm" not in st:
             return None

@@ -288,7 +288,7 @@ class ReFlow(Method):
         z1 = ode.integrate(self._flow, z0, 0.0, 1.0, self.steps, self.options["ode_method"])
         return from_canvas(z1, self.shape).float()
 
-    def bound_terms(self) -> dict[str, float] | None:
+    def diagnostics(self) -> dict[str, float] | None:
         s = self.extra_state.get("straightness")
         if not s:
             return None

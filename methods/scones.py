@@ -235,7 +235,7 @@ class SCONES(Method):
         y = y + float(sigmas[-1]) ** 2 * ve_score(y, float(sigmas[-1]))  # the authors' final denoising step
         return model.unprep(y).float()
 
-    def bound_terms(self) -> dict[str, float] | None:
+    def diagnostics(self) -> dict[str, float] | None:
         st = self.extra_state
         if "marginal_x" not in st:
             return None

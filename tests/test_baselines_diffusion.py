@@ -86,7 +86,7 @@ def test_reflow_toy1d_moves_minus4_to_4_and_reflow_straightens_the_paths(one_thr
              straightness_n=256, reflow_pairs=1000)
     assert abs(float(_at_minus4(m).mean()) - 4.0) < 0.5
     assert ot.w2_empirical(_transport(m, data.source_test), data.target_test) < 0.3
-    b = m.bound_terms()
+    b = m.diagnostics()
     # Liu et al.: rectification straightens the flow (S of the 2-rectified flow far below the 1-rectified one)
     assert b["straightness_round1"] < 0.1 * b["straightness_round0"] and b["straightness"] == b["straightness_round1"]
     assert m.nfe == 50 and b["reflow_rounds"] == 1
@@ -170,9 +170,9 @@ def test_reflow_trains_with_the_papers_translation_loss_by_default():
     assert options_variant("reflow", "cpu", "digits", old_row, task_options) == "loss=pixel"
     m = fit_in_memory(ReFlow, tiny_images(), **ReFlow.test_options)
     assert m.uses_classifier and not any(p.requires_grad for p in m.classifier.parameters())
-    assert m.bound_terms()["feature_scale"] > 0
+    assert m.diagnostics()["feature_scale"] > 0
     plain = fit_in_memory(ReFlow, tiny_images(), **{**ReFlow.test_options, "loss": "pixel"})
-    assert plain.classifier is None and "feature_scale" not in plain.bound_terms()
+    assert plain.classifier is None and "feature_scale" not in plain.diagnostics()
 
 
 # -- DDIB ---------------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_ddib_toy1d_bridges_minus4_to_4_and_is_cycle_consistent(one_thread):
     m = _fit("ddib", data, **TOY, toy_ddim_steps=200, cycle_n=256)
     assert abs(float(_at_minus4(m).mean()) - 4.0) < 0.5
     assert ot.w2_empirical(_transport(m, data.source_test), data.target_test) < 0.3
-    b = m.bound_terms()
+    b = m.diagnostics()
     assert b["cycle_rmse"] < 0.05 and b["translation_cycle_rmse"] < 0.1
     assert m.nfe == 400
     y1, y2 = _transport(m, data.source_test[:50], 1), _transport(m, data.source_test[:50], 2)
@@ -195,7 +195,7 @@ def test_ddib_toy2d_decodes_into_the_target_modes(one_thread):
     m = _fit("ddib", data, **TOY, encoder="pf-heun", toy_ddim_steps=50, cycle_n=256)
     near, _ = _modes(_transport(m, data.source_test))
     assert near > 0.85
-    assert m.bound_terms()["cycle_rmse"] < 0.05 and m.nfe == 200
+    assert m.diagnostics()["cycle_rmse"] < 0.05 and m.nfe == 200
 
 
 # -- EGSDE --------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_egsde_auto_weights_give_the_stated_pulls_from_training_data_only(one_th
     data.source_test = torch.full_like(data.source_test, float("nan"))
     data.target_test = torch.full_like(data.target_test, float("nan"))
     m = _fit("egsde", data, **{**EGSDE.test_options, "cls_steps": 30, "score_steps": 30})
-    b = m.bound_terms()
+    b = m.diagnostics()
     assert b["lowpass_side"] == 1 and 0 < b["pull_s"] and 0 < b["pull_i"] and b["eps_rms"] > 0
     assert b["lambda_s"] * b["pull_s"] == pytest.approx(REALISM_PULL)
     assert b["lambda_i"] * b["pull_i"] == pytest.approx(AUTHORS_FAITHFULNESS_PULL)
@@ -311,7 +311,7 @@ def test_scones_toy1d_samples_the_entropic_plan(one_thread):
     assert ot.w2_empirical(_transport(m, data.source_test), data.target_test) < 0.3
     # pi(.|x) of the entropic plan between N(-4, 1) and N(4, 1) is centred on x + 8
     assert abs(float(_at_minus4(m).mean()) - 4.0) < 0.5
-    b = m.bound_terms()
+    b = m.diagnostics()
     assert b["marginal_x"] < 0.1 and b["epsilon"] == pytest.approx(0.1 * m.extra_state["xi_scale"])
     assert m.nfe == 50 * 2 + 1
 
@@ -372,7 +372,7 @@ def test_a_fit_killed_in_any_stage_resumes_to_the_same_model(name, tmp_path, one
         assert _fit_in(d, name, data, kill_after=cut) is None or cut >= 30
         resumed = _fit_in(d, name, data)
         torch.testing.assert_close(_transport(resumed, x), expected, rtol=0, atol=0)
-        assert resumed.bound_terms() == whole.bound_terms()
+        assert resumed.diagnostics() == whole.diagnostics()
 
 
 # -- all four on digits through `bench run` ------------------------------------------------------------

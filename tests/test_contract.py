@@ -35,7 +35,7 @@ def _data(kind: str, setting: str, cls):
 
 def _fit(cls, data, seed=0):
     torch.manual_seed(seed)
-    m = cls(**getattr(cls, "test_options", {}))
+    m = cls(**cls.test_options)
     m.check_setting(data)
     run = FitContext(None, device="cpu", seed=seed, budget="smoke", progress=False)
     run.method = m
@@ -82,7 +82,7 @@ def test_method_contract(name, kind, setting):
     # save -> load into a fresh instance -> same transport
     state = copy.deepcopy(m.state_dict())
     torch.manual_seed(999)  # a different initialisation, overwritten by the load
-    fresh = cls(**getattr(cls, "test_options", {}))
+    fresh = cls(**cls.test_options)
     run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     fresh.setup(data, run)
     fresh.load_state_dict(state)
@@ -102,7 +102,7 @@ def test_optimizer_state_survives_a_resume(name, tmp_path):
     cls = METHODS[name]
     data = _data("images", SEMI_PAIRED if SEMI_PAIRED in cls.settings else cls.settings[0], cls)
     torch.manual_seed(0)
-    m = cls(**getattr(cls, "test_options", {}))
+    m = cls(**cls.test_options)
     run = FitContext(tmp_path, device="cpu", seed=0, budget="smoke", progress=False)
     run.method = m
     m.setup(data, run)
@@ -110,7 +110,7 @@ def test_optimizer_state_survives_a_resume(name, tmp_path):
     run.checkpoint()
     loose = [k for k, v in vars(m).items() if isinstance(v, torch.optim.Optimizer) and v not in m._optimizers.values()]
     assert not loose, f"{name}: optimizer attribute(s) {loose} are not registered with self.optimizer(name, opt)"
-    fresh = cls(**getattr(cls, "test_options", {}))
+    fresh = cls(**cls.test_options)
     run2 = FitContext(tmp_path, device="cpu", seed=0, budget="smoke", progress=False)
     run2.method = fresh
     fresh.setup(data, run2)
@@ -131,10 +131,10 @@ def test_refuses_unsupported_setting(name):
     for setting in SETTINGS:
         data = tiny_vectors(setting)
         if setting in cls.settings:
-            cls(**getattr(cls, "test_options", {})).check_setting(data)
+            cls(**cls.test_options).check_setting(data)
         else:
             with pytest.raises(BenchError, match="does not support"):
-                cls(**getattr(cls, "test_options", {})).check_setting(data)
+                cls(**cls.test_options).check_setting(data)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -219,7 +219,7 @@ def test_method_moves_a_toy_onto_its_target_in_the_right_direction(name, one_thr
     from bench.testing import fit_in_memory
 
     cls = METHODS[name]
-    options = getattr(cls, "behaviour_options", None)
+    options = cls.behaviour_options
     if options is None:
         options = next((BEHAVIOUR[c.name] for c in cls.__mro__ if getattr(c, "name", None) in BEHAVIOUR), {})
     task = Toy1D() if UNPAIRED in cls.settings else Toy2D()
@@ -241,7 +241,7 @@ def test_method_moves_a_toy_onto_its_target_in_the_right_direction(name, one_thr
 
 
 def _fit_in(directory, cls, data, kill_after: int | None = None):
-    return fit_until_killed(cls, data, directory, getattr(cls, "test_options", {}), kill_after)
+    return fit_until_killed(cls, data, directory, cls.test_options, kill_after)
 
 
 @pytest.mark.parametrize("name,kind", [(n, k) for n in METHODS for k in KINDS])
@@ -263,4 +263,4 @@ def test_a_fit_killed_after_any_checkpoint_resumes_bitwise(name, kind, tmp_path,
         resumed, _ = _fit_in(d, cls, data)
         torch.testing.assert_close(_transport(resumed, x), expected, rtol=0, atol=0,
                                    msg=lambda m: f"{name} ({kind}) resumed after checkpoint {cut} of {n}: {m}")
-        assert resumed.bound_terms() == whole.bound_terms()
+        assert resumed.diagnostics() == whole.diagnostics()

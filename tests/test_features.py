@@ -164,8 +164,8 @@ def _prepared(data, **options):
 
 def test_spread_relation_pairs_the_right_chains_where_the_distance_relation_cannot():
     data = _toy_task()
-    spread = _prepared(data, relations="spread", spread_k=6).plan_diagnostics(data, n=450)
-    dist = _prepared(data, relations="distance").plan_diagnostics(data, n=450)
+    spread = _prepared(data, relations="spread", spread_k=6).plan_metrics(data, n=450)
+    dist = _prepared(data, relations="distance").plan_metrics(data, n=450)
     assert spread["rel_acc_src"] == 100.0 and spread["rel_acc_tgt"] == 100.0
     assert spread["plan_acc_exact"] > 99.0  # the exact plan of JS(R_x, R_y) joins chain c to chain c
     assert dist["rel_acc_src"] < 60.0 and dist["plan_acc_exact"] < 70.0  # the toy does separate the two

@@ -269,7 +269,7 @@ def test_every_method_runs_on_the_ground_truth_tasks(name, task, tmp_path, one_t
     """Plumbing at each method's test options: 64-D vectors and the semi-paired clusters go through `bench run`'s
     path (fit, transport, barycentric draws, scores in range) for every method that declares the setting."""
     cls = methods()[name]
-    options = dict(getattr(cls, "test_options", {}))
+    options = dict(cls.test_options)
     try:  # the runner refuses image-only options on a vector task
         from bench.options import path_only
         options = {k: v for k, v in options.items() if path_only(cls.default_options).get(k, ("",))[0] != "image"}

@@ -36,7 +36,7 @@ def _fit_and_evaluate(task, **options):
 
 
 def _check_bounds(m):
-    b = m.bound_terms()
+    b = m.diagnostics()
     for k in BOUND_KEYS:
         assert k in b and math.isfinite(b[k]), k
     assert b["bound_sqrt_jcsm"] == pytest.approx(math.sqrt(b["bound_jcsm"]))
@@ -155,9 +155,9 @@ def test_stage1_potentials_match_the_exact_pot_plan_on_a_small_problem():
     from bench import ot
     H, u, v = ot.exact_l2_plan(ot.cost_matrix(xs, yt).double().numpy(), eps)
     exact_rows = torch.tensor(H / H.sum(1, keepdims=True))
-    learned_rows = m.coupling_row(xs, yt).double()
+    learned_rows = m.conditional_plan(xs, yt).double()
     assert float((learned_rows - exact_rows).abs().sum(1).mean()) < 0.2  # mean TV distance of pi(.|x) x 2
-    b = m.bound_terms()
+    b = m.diagnostics()
     assert b["bound_marginal_x"] < 0.1 and b["bound_marginal_y"] < 0.1
     assert b["bound_empty_rows"] == 0 and b["bound_ot_n"] == 40
 
@@ -336,7 +336,7 @@ def test_contrastive_features_are_fitted_without_labels_and_feed_stage_one():
     m2.setup(data, FitContext(None, device="cpu", seed=0, budget="smoke", progress=False))
     m2.load_state_dict(m.state_dict())
     assert torch.equal(m2.features(data.source_test[:6]), f)
-    rows = m.coupling_row(data.source_test[:4], data.target_test[:9])
+    rows = m.conditional_plan(data.source_test[:4], data.target_test[:9])
     assert rows.shape == (4, 9) and torch.allclose(rows.sum(1), torch.ones(4))
     y = m.transport(data.source_test[:3], generator=torch.Generator().manual_seed(0))
     assert y.shape == data.target_test[:3].shape and torch.isfinite(y).all()
@@ -356,12 +356,12 @@ def test_spread_relations_come_from_each_domains_graph_and_travel_with_the_state
     assert torch.allclose(rx.sum(1), torch.ones(len(rx)))
     # tiny_images' two blob classes: each point's strongest relation is its own class's keypoint
     assert torch.equal(rx.argmax(1), data.source_test_labels) and torch.equal(ry.argmax(1), data.target_test_labels)
-    rows = m.coupling_row(data.source_test[:4], data.target_test[:9])
+    rows = m.conditional_plan(data.source_test[:4], data.target_test[:9])
     assert rows.shape == (4, 9) and torch.allclose(rows.sum(1), torch.ones(4))
     m2 = OTCS(**opts)
     m2.setup(data, FitContext(None, device="cpu", seed=0, budget="smoke", progress=False))
     m2.load_state_dict(m.state_dict())
-    assert torch.equal(m2.coupling_row(data.source_test[:4], data.target_test[:9]), rows)
+    assert torch.equal(m2.conditional_plan(data.source_test[:4], data.target_test[:9]), rows)
     with pytest.raises(BenchError, match="relations"):
         OTCS(relations="nearest")
 
@@ -436,7 +436,7 @@ def test_potentials_may_read_the_relation_vectors():
                                      "potential_input": "relations"})
     assert m.u_net.net[0].in_features == 2 and m.v_net.net[0].in_features == 2  # two guiding pairs
     assert torch.equal(m._prob.fx, m._relations(m.spread_fx, "x"))
-    rows = m.coupling_row(data.source_test[:4], data.target_test[:9])
+    rows = m.conditional_plan(data.source_test[:4], data.target_test[:9])
     assert rows.shape == (4, 9) and torch.allclose(rows.sum(1), torch.ones(4))
     with pytest.raises(BenchError, match="potential_input"):
         OTCS(potential_input="relations").check_setting(tiny_vectors(UNPAIRED))
@@ -449,7 +449,7 @@ def test_plan_retrieval_draws_target_training_images_from_the_stage_one_plan():
     data = tiny_images(SEMI_PAIRED, n=64)
     opts = {**OTCS.test_options, "relations": "spread", "spread_k": 5, "stage2": "retrieve"}
     m = fit_in_memory(OTCS, data, **opts)
-    assert m.score is None and m.ema is None and m.nfe == 0 and m.bound_terms() is None
+    assert m.score is None and m.ema is None and m.nfe == 0 and m.diagnostics() is None
     x = data.source_test
     y = m.transport(x, generator=torch.Generator().manual_seed(0))
     flat = data.target_train.flatten(1)
@@ -460,7 +460,7 @@ def test_plan_retrieval_draws_target_training_images_from_the_stage_one_plan():
 
     assert y.shape == (len(x), *data.shape) and bool((which(y) >= 0).all())  # every output is a training target
     # the draws follow the plan's rows: many draws of one source land in proportion to pi_hat(.|x)
-    w = m.coupling_row(x[:1], data.target_train)[0]
+    w = m.conditional_plan(x[:1], data.target_train)[0]
     draws = m.transport(x[:1].expand(4000, *x.shape[1:]), generator=torch.Generator().manual_seed(1))
     j = which(draws)
     top = int(w.argmax())
@@ -478,7 +478,7 @@ def test_plan_diagnostics_score_the_exact_plan_and_each_sides_relations():
     data.extra = {"pair_indices": {"source": [int(torch.nonzero(data.source_train_labels == c)[0, 0]) for c in (0, 1)],
                                    "target": [int(torch.nonzero(data.target_train_labels == c)[0, 0]) for c in (0, 1)]}}
     m = fit_in_memory(OTCS, data, **{**OTCS.test_options, "relations": "spread", "spread_k": 5})
-    d = m.plan_diagnostics(data, n=40)
+    d = m.plan_metrics(data, n=40)
     assert d["plan_exact_n"] == [40, 40]
     for k in ("plan_acc_exact", "rel_acc_src", "rel_acc_tgt"):
         assert 0.0 <= d[k] <= 100.0, k
@@ -486,7 +486,7 @@ def test_plan_diagnostics_score_the_exact_plan_and_each_sides_relations():
     assert d["plan_acc_exact"] == pytest.approx(100.0)
     nolabels = TaskData(name="x", setting=SEMI_PAIRED, source_train=data.source_train, target_train=data.target_train,
                         source_test=data.source_test, target_test=data.target_test, pairs=data.pairs)
-    assert m.plan_diagnostics(nolabels) == {}
+    assert m.plan_metrics(nolabels) == {}
 
 
 def test_the_glyph_variant_is_registered_with_its_own_defaults():

@@ -89,7 +89,7 @@ def _cases():
 @pytest.mark.parametrize("name,kind,extra", list(_cases()))
 def test_the_declared_state_is_what_fit_changes_and_all_a_restore_needs(name, kind, extra, one_thread):
     cls = METHODS[name]
-    options = {**getattr(cls, "test_options", {}), **extra}
+    options = {**cls.test_options, **extra}
     data = _data(cls, kind)
     m, run = _set_up(cls, data, options)
     before = {k: _snapshot(v) for k, v in _undeclared(m).items()}
@@ -113,9 +113,10 @@ def test_the_declared_state_is_what_fit_changes_and_all_a_restore_needs(name, ki
     x = data.source_test[:8]
     torch.testing.assert_close(_transport(fresh, x), _transport(m, x), rtol=0, atol=0)
     assert fresh.diagnostics() == m.diagnostics()
-    if hasattr(m, "conditional_plan"):  # what the tasks' plan metrics read (digits plan_acc, toy plan_w2)
-        targets = data.target_train[:16]
-        torch.testing.assert_close(fresh.conditional_plan(x, targets), m.conditional_plan(x, targets), rtol=0, atol=0)
+    targets = data.target_train[:16]  # the coupling the tasks' plan metrics read (digits plan_acc, toy plan_w2)
+    plan = m.conditional_plan(x, targets)
+    if plan is not None:
+        torch.testing.assert_close(fresh.conditional_plan(x, targets), plan, rtol=0, atol=0)
 
 
 def store_round_trip(state):
@@ -131,7 +132,7 @@ def store_round_trip(state):
 def test_the_configurations_beyond_the_test_options_resume_bitwise(name, kind, extra, tmp_path, one_thread):
     """As the contract's kill-and-resume test, for the EXTRA configurations, killed at five checkpoints across the fit."""
     cls = METHODS[name]
-    options = {**getattr(cls, "test_options", {}), **extra}
+    options = {**cls.test_options, **extra}
     data = _data(cls, kind)
     whole, n = fit_until_killed(cls, data, tmp_path / "whole", options)
     x = data.source_test[:8]

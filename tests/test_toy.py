@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.api import SEMI_PAIRED, UNPAIRED, EvalContext
+from bench.api import SEMI_PAIRED, UNPAIRED, EvalContext, Method
 from bench.datasets.toy import TGT_CENTRES, Toy1D, Toy2D
 from bench.registry import tasks
 
@@ -84,7 +84,7 @@ def test_evaluate_measures_zero_lhs_for_exact_samples(task_cls):
     data = task.load(None, 0)
     sampler = _ExactSampler(task, data)
     ctx = EvalContext(cache_dir=None, device=torch.device("cpu"), budget="smoke", seed=0,
-                      method=object(), transport=sampler.transport)
+                      method=Method(), transport=sampler.transport)  # a method with no plan of its own
     outputs = sampler.transport(data.source_test)
     res = task.evaluate(data, data.source_test, outputs, data.source_test_labels, ctx)
     assert res["exact_plan_marginal_err"] < 1e-2

@@ -2,7 +2,7 @@
 """OTCS stage I learned, briefly: how close the potentials' plan comes to the exact plan of the same cost.
 
 Runs OTCS's own ``prepare_ot`` and ``fit_potentials`` (``cpu`` budget, whole training splits) for ``--steps``
-potential steps, then scores the learned plan pi_hat(.|x) (``coupling_row``) on class-balanced MNIST *training*
+potential steps, then scores the learned plan pi_hat(.|x) (``conditional_plan``) on class-balanced MNIST *training*
 sources (``--n``, drawn by ``--subset-seed``; labels read only to score) against the 8,000 Chinese-MNIST training
 targets: ``plan_acc_train``, the same quantity as the rows' ``plan_acc`` on training instead of test sources.
 One JSON line per run is appended to ``--out``.
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     i = balanced_subset(data.source_train_labels, a.n, a.subset_seed)
     pa = plan_accuracy(m, data.source_train[i], data.source_train_labels[i], data.target_train,
                        data.target_train_labels, "cpu")
-    diag = m.plan_diagnostics(data, n=a.n, seed=a.subset_seed)
+    diag = m.plan_metrics(data, n=a.n, seed=a.subset_seed)
     if a.marginals:
         from bench import ot
         P = m._prob

@@ -2,7 +2,7 @@
 """OTCS stage I on digits: the spread relation on the whole training splits, per feature map (issue 38).
 
 For one feature map of the relation graph (``--map``) and each seed, with OTCS's own code (``prepare_ot``,
-``plan_diagnostics``; ``cpu`` budget, so the OT sets are all 60,000 MNIST + 8,000 Chinese-MNIST training images
+``plan_metrics``; ``cpu`` budget, so the OT sets are all 60,000 MNIST + 8,000 Chinese-MNIST training images
 with the seed's 10 guiding pairs appended):
   - time of the map's features on both splits, of the kNN graphs, and of the rest of ``prepare_ot`` (the label
     spreading, the relation vectors of every training point); peak resident memory of the process;
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         for T, subset_seed in [(float(v), ss) for v in a.sharpen.split(",") for ss in subset_seeds]:
             m.options["spread_sharpen"] = T
             t = time.perf_counter()
-            diag = m.plan_diagnostics(data, n=a.n, seed=subset_seed)
+            diag = m.plan_metrics(data, n=a.n, seed=subset_seed)
             row = {"map": a.map, "seed": seed, "k": a.k, "sharpen": T, "opts": extra, "n": a.n,
                    "subset_seed": subset_seed, **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in diag.items()},
                    "features_s": round(features_s, 1), "knn_s": round(knn_s, 1), "spread_s": round(spread_s, 1),
