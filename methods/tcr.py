@@ -72,8 +72,7 @@ class TCR(Method):
     probe_loop = "fit"
     probe_every = {"cpu": 500}
     readme_label = "TCR (4,000 updates)"
-    readme_grids = ("very dim copies of the inputs (seed 2: faint blotches, "
-                    "which the judge splits into 一 and 四 by width)")
+    readme_grids = "near-black outputs with faint traces of the inputs (authors' weight and lr)"
     readme_order = 4
     notes = ("semi-paired only: supervised MSE on the guiding pairs plus ||f(T x) - T f(x)||^2 on unpaired sources "
              "under random rotation/translation/zoom (flip optional); target training images unused; UNet "
