@@ -72,7 +72,7 @@ class OTM(SaddleMap):
     paper = "Rout, Korotin, Burnaev. Generative Modeling with Optimal Transport Maps. ICLR 2022"
     probe_every = {"cpu": 100}
     readme_label = "OTM (550 potential updates)"
-    readme_grids = "dim, blurred copies of the inputs"
+    readme_grids = "dimmed copies of the inputs"
     readme_order = 7
     notes = ("unpaired: on semi-paired tasks the guiding pairs are ignored; strong NOT's saddle problem with the "
              "cost as -<Q(x), T(x)>/D, the potential updated first then K_G = 5 map steps, Adam betas (0, 0.9), "
