@@ -207,6 +207,7 @@ def test_missing_pieces_give_one_line_errors(tmp_path, root):
 _bench, TINY_OTCS = sr.bench_cli, sr.TINY_OTCS
 
 
+@pytest.mark.slow
 def test_bench_data_reports_and_refuses(root, tmp_path):
     res = _bench("data", "--task", "animal", "--data-root", str(root), root=root, cache=tmp_path / "c")
     assert res.returncode == 0, res.stderr

@@ -206,6 +206,7 @@ def _known_failure(reason: str):
     return pytest.mark.xfail(strict=True, reason=f"measured at the toy settings above: {reason}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls,seed", [
     pytest.param(NOT, 0, id="not-0"), pytest.param(NOT, 1, id="not-1"),
     pytest.param(W2GAN, 0, id="w2gan-0", marks=_known_failure("L2-UVP 12.1 %, the 95 % quantile 0.46 low")),
@@ -244,6 +245,7 @@ def test_the_exact_toy2d_plan_crosses_about_a_fifth_of_each_mode(exact_crossing)
     assert 15 < upper < 25 and 15 < lower < 25  # measured: 20.8 / 19.0 (a balanced 2,000-point sample: 18.9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [
     pytest.param(W2GAN, id="w2gan", marks=_known_failure("crosses 0 % of each mode, the exact plan 21 % / 19 %")),
     pytest.param(OTICNN, id="ot-icnn"),

@@ -196,6 +196,7 @@ def test_non_aligned_images_are_refused(tmp_path, cache):
 _bench, TINY_OTCS = sr.bench_cli, sr.TINY_OTCS
 
 
+@pytest.mark.slow
 def test_bench_data_reports_and_refuses(root, tmp_path):
     res = _bench("data", "--task", "celeba-sr", "--data-root", str(root), root=root, cache=tmp_path / "c")
     assert res.returncode == 0, res.stderr

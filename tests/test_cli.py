@@ -17,6 +17,7 @@ def _bench(*args: str):
                           timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needles", [
     (["--methods", "not", "--task", "toy1d", "--opt", "not.map_lr=abc"], ["map_lr", "'abc'", "a number"]),
     (["--methods", "not", "--task", "toy1d", "--opt", "toy_steps=1.5"], ["toy_steps", "1.5", "an integer"]),
@@ -33,6 +34,7 @@ def test_bad_option_values_are_one_line(tmp_path, args, needles):
     assert not (tmp_path / "runs" / "toy1d").exists() and not (tmp_path / "runs" / "digits").exists()
 
 
+@pytest.mark.slow
 def test_diverged_run_fails_and_stays_failed_until_retried(tmp_path):
     out = tmp_path / "runs"
     args = ["run", "--methods", "not", "--task", "toy1d", "--out", str(out), "--no-progress",

@@ -244,6 +244,7 @@ def _fit_in(directory, cls, data, kill_after: int | None = None):
     return fit_until_killed(cls, data, directory, cls.test_options, kill_after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kind", [(n, k) for n in METHODS for k in KINDS])
 def test_a_fit_killed_after_any_checkpoint_resumes_bitwise(name, kind, tmp_path, one_thread):
     """Killed right after its first, middle or last-but-one checkpoint (images: the middle one) and run again, a

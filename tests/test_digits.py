@@ -72,6 +72,7 @@ def mnist_style(data_root, bench_cache):
     return DigitsTask(prep="mnist-style").load(data_root, seed=0, budget="fast", cache_dir=bench_cache)
 
 
+@pytest.mark.slow
 def test_target_looks_like_mnist(mnist_style):
     """The mnist-style variant: polarity (white strokes on black), stroke intensity, ink amount and
     centring match MNIST's."""

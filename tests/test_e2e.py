@@ -63,6 +63,7 @@ def test_table_shows_rows_with_fid_n_acc_and_cfd(digits_runs, data_root, bench_c
     assert res.returncode == 0 and "\\begin{tabular}" in res.stdout
 
 
+@pytest.mark.slow
 def test_missing_and_corrupt_data_give_one_line_errors(tmp_path, data_root, bench_cache):
     res = _bench("run", "--methods", "identity", "--task", "digits", "--out", str(tmp_path / "runs"),
                  "--data-root", str(tmp_path / "nowhere"), cache=bench_cache, data_root=data_root)

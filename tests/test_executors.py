@@ -41,6 +41,7 @@ def _check_grid(out: Path, res) -> list[Path]:
     return rundirs
 
 
+@pytest.mark.slow
 def test_local_jobs(tmp_path):
     """--jobs 2: two spawned workers share a 2x2 grid (NOT/KNOT x 2 seeds on tiny-vectors: seconds)."""
     out = tmp_path / "runs"
@@ -58,6 +59,7 @@ def test_local_jobs(tmp_path):
     assert again.returncode == 0 and "4 run(s): 4 finished before" in again.stdout, again.stdout
 
 
+@pytest.mark.slow
 def test_ray_executor(tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed: pip install 'otbench[ray]' to test --executor ray")
     out = tmp_path / "runs"
@@ -66,6 +68,7 @@ def test_ray_executor(tmp_path):
     assert all(r["device"] == "cpu" for r in rows)
 
 
+@pytest.mark.slow
 def test_slurm_executor_with_submitit_local(tmp_path):
     pytest.importorskip("submitit", reason="submitit is not installed: pip install 'otbench[slurm]'")
     out = tmp_path / "runs"

@@ -67,6 +67,7 @@ def _inode(path: Path):
         return None
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_gives_the_same_row(tmp_path, reference):
     """Ten kill -9 at random points (start-up, training, transport, scoring, writing), then a resume.
 
@@ -122,6 +123,7 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+@pytest.mark.slow
 def test_truncated_row_samples_and_checkpoint_are_detected_and_recovered(tmp_path, one_thread):
     spec = RunSpec("not", "toy1d", 0, "smoke", dict(NOT_OPTS, toy_steps=150))
     out = tmp_path / "runs"
@@ -168,6 +170,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_bench_eval_never_executes_a_crafted_pickle(tmp_path):
     out = tmp_path / "runs"
     env = _env({"BENCH_PLUGINS": "bench.testing"})
@@ -197,6 +200,7 @@ def test_bench_eval_never_executes_a_crafted_pickle(tmp_path):
     assert len(err) == 1 and "checkpoint.pt is unreadable" in err[0] and "bench run" in err[0], err
 
 
+@pytest.mark.slow
 def test_a_killed_holders_lock_is_taken_over(tmp_path):
     """filelock uses flock(2): the kernel drops the lock when its process dies, kill -9 included."""
     out = tmp_path / "runs"
@@ -221,6 +225,7 @@ def test_a_killed_holders_lock_is_taken_over(tmp_path):
     assert res.returncode == 0 and "1 run now" in res.stdout, res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_four_processes_on_one_grid_run_each_run_exactly_once(tmp_path):
     """Four identical `bench run` on one --out and a 2x2 grid (NOT/KNOT x 2 seeds, tiny-vectors): each run
     is trained by exactly one process; the others say who holds it and move on."""

@@ -230,6 +230,7 @@ print(weights_sha256(net.state_dict()))
 """
 
 
+@pytest.mark.slow
 def test_classifier_training_is_bit_reproducible_across_processes_and_thread_counts():
     """Issue 10: the Acc judge must be the same network on every run, so Acc is comparable."""
     import subprocess

@@ -124,6 +124,7 @@ def test_nt_xent_matches_its_definition_and_prefers_matching_views():
     assert nt_xent(z, z) < nt_xent(z, z.roll(1, 0))
 
 
+@pytest.mark.slow
 def test_contrastive_encoder_learns_invariance_without_labels_and_is_deterministic(one_thread):
     """64 random scribbles, no labels: after a short contrastive fit, a distorted view of each scribble finds
     its partner view (nearest by cosine in the learned space) far more often than at initialisation

@@ -153,6 +153,7 @@ def test_digit_sized_images_use_a_32x32_canvas():
 
 
 # -- toy problems with known answers -------------------------------------------------------
+@pytest.mark.slow
 def test_not_strong_shifts_a_gaussian():
     """N(-4, 1) -> N(4, 1): the OT map is x + 8, so x = -4 goes to 4."""
     m = _fit(NOT, _gaussians(-4, 1, 4, 1), toy_steps=300, **ANNEAL)
@@ -162,6 +163,7 @@ def test_not_strong_shifts_a_gaussian():
     assert 0.6 < slope < 1.4
 
 
+@pytest.mark.slow
 def test_not_strong_moves_both_modes_onto_target_modes():
     """Sources at (0, +-2) -> targets at (+-2, 0): each source mode lands on the target modes,
     and the two target modes each receive a fair share (no mode collapse)."""
@@ -176,6 +178,7 @@ def test_not_strong_moves_both_modes_onto_target_modes():
     assert 0.25 < share < 0.75
 
 
+@pytest.mark.slow
 def test_not_weak_spread_grows_with_gamma_as_in_closed_form():
     """N(0, s^2) -> N(0, 1) under the gamma-weak quadratic cost (gamma >= s): the optimal
     conditional law is pi(.|x) = N(x / gamma, 1 - s^2 / gamma^2) (barycentric projection
@@ -191,6 +194,7 @@ def test_not_weak_spread_grows_with_gamma_as_in_closed_form():
     assert out[0.6] > 0.2 and out[1.0] > out[0.6] + 0.15
 
 
+@pytest.mark.slow
 def test_knot_energy_cost_on_a_shift_gives_the_independent_coupling():
     """N(-4, 1) -> N(4, 1), distance kernel, gamma = 1: E||x - y|| is the same for every plan (all
     targets lie right of all sources), and E||y - y'|| is concave in the law of y, so the optimal

@@ -139,6 +139,7 @@ def test_unknown_or_mistyped_options_are_one_line_errors():
     assert OTCS(steps=10.0).options["steps"] == 10 and OTCS(lr=1).options["lr"] == 1.0
 
 
+@pytest.mark.slow
 def test_stage1_potentials_match_the_exact_pot_plan_on_a_small_problem():
     g = torch.Generator().manual_seed(0)
     xs, yt = torch.randn(40, 1, generator=g) - 1, torch.randn(40, 1, generator=g) + 1

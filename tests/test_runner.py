@@ -406,6 +406,7 @@ def _bench(*args, env=None, cwd=None):
                           env=full_env, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["run", "--methods", "nope", "--task", "tiny-vectors"], "unknown method 'nope'"),
     (["run", "--methods", "identity", "--task", "nope"], "unknown task 'nope'"),
@@ -424,6 +425,7 @@ def test_cli_errors_are_one_line(tmp_path, args, needle):
     assert not list((tmp_path / "runs").rglob("row.json"))
 
 
+@pytest.mark.slow
 def test_cli_unwritable_out(tmp_path):
     if os.geteuid() == 0:
         target = "/proc/otbench-cannot-write"  # root ignores permission bits; /proc refuses everyone
@@ -436,6 +438,7 @@ def test_cli_unwritable_out(tmp_path):
     assert res.returncode == 2 and "not writable" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_run_table_eval_list_status(tmp_path):
     out = tmp_path / "runs"
     res = _bench("run", "--methods", "identity,label-oracle", "--task", "tiny-vectors", "--seeds", "0,1",

@@ -127,6 +127,7 @@ def store_round_trip(state):
     return torch.load(buf, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kind,extra", [pytest.param(n, k, e, id=f"{n}-{k}-{'-'.join(f'{a}={b}' for a, b in e.items())}")
                                              for n, k, e in EXTRA])
 def test_the_configurations_beyond_the_test_options_resume_bitwise(name, kind, extra, tmp_path, one_thread):

@@ -78,6 +78,7 @@ class _ExactSampler:
         return Y[idx]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task_cls", [Toy1D, Toy2D])
 def test_evaluate_measures_zero_lhs_for_exact_samples(task_cls):
     task = task_cls()
