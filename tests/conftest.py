@@ -144,3 +144,44 @@ def run_bench(data_root, bench_cache):
             except SystemExit as exc:
                 assert exc.code in (0, None), f"`bench {' '.join(args)}` exited with {exc.code}"
     return run
+
+
+@pytest.fixture
+def third_party_plugin(monkeypatch, tmp_path):
+    """``load(src, module)``: make the module ``src/<module>.py`` a plugin the way a user does (its folder importable,
+    ``BENCH_PLUGINS=<module>``), so that the next registry lookup imports it, as a fresh `bench` process would.
+    The registries are copies for the test: the other tests never see the plugin."""
+    import sys
+
+    import bench.registry as registry
+
+    loaded: list[str] = []
+
+    def load(src: Path, module: str) -> None:
+        registry.load_plugins()  # everything registered so far stays; only BENCH_PLUGINS is read again
+        monkeypatch.syspath_prepend(str(src))
+        monkeypatch.setenv("BENCH_PLUGINS", module)
+        monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setattr(registry, "_extra_loaded", False)
+        for reg in (registry.METHODS, registry.TASKS):
+            monkeypatch.setattr(reg, "_table", dict(reg._table))
+            monkeypatch.setattr(reg, "_origin", dict(reg._origin))
+        loaded.append(module)
+
+    yield load
+    for module in loaded:
+        sys.modules.pop(module, None)
+
+
+@pytest.fixture
+def bench_ok():
+    """`bench <args>` through click's runner in this process; its output, failing the test on a non-zero exit."""
+    from click.testing import CliRunner
+
+    from bench.cli import cli
+
+    def run(*args) -> str:
+        res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        return res.output
+    return run

@@ -9,10 +9,7 @@ import sys
 import textwrap
 
 import pytest
-from click.testing import CliRunner
 
-import bench.registry as registry
-from bench.cli import cli
 
 MODULE = "otbench_plugin_shift"  # the third-party module's name (unique: nothing else may import it)
 METHOD = "plugin-shift"
@@ -74,43 +71,28 @@ register_method(ShiftMap)
 
 
 @pytest.fixture
-def plugin(tmp_path, monkeypatch):
-    """The plugin's folder on the path and BENCH_PLUGINS naming it; the registry forgets it after."""
+def plugin(tmp_path, third_party_plugin):
+    """The plugin's module in a folder outside the repository, loaded through BENCH_PLUGINS."""
     src = tmp_path / "plugin"
     src.mkdir()
     (src / f"{MODULE}.py").write_text(textwrap.dedent(PLUGIN).format(method=METHOD, label=LABEL, grids=GRIDS))
-    monkeypatch.syspath_prepend(str(src))
-    monkeypatch.setenv("BENCH_PLUGINS", MODULE)
-    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
-    # this process read BENCH_PLUGINS already (a user's fresh `bench` process reads it once); read it again here,
-    # and keep the plugin's registration out of the other tests' registry
-    monkeypatch.setattr(registry, "_extra_loaded", False)
-    monkeypatch.setattr(registry.METHODS, "_table", dict(registry.METHODS._table))
-    monkeypatch.setattr(registry.METHODS, "_origin", dict(registry.METHODS._origin))
-    yield
-    sys.modules.pop(MODULE, None)
-
-
-def _bench(*args) -> str:
-    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    return res.output
+    third_party_plugin(src, MODULE)
 
 
 def test_a_method_plugin_is_listed_run_tabled_and_in_the_readme_table(plugin, tmp_path, one_thread, script,
-                                                                      monkeypatch):
-    listed = _bench("list", "--methods")
+                                                                      monkeypatch, bench_ok):
+    listed = bench_ok("list", "--methods")
     (line,) = [ln for ln in listed.splitlines() if ln.startswith(METHOD)]
     assert "Toy" in line and "matches each coordinate's mean and std" in line
 
     out = tmp_path / "runs"
-    _bench("run", "--methods", METHOD, "--task", "toy1d", "--budget", "smoke", "--out", out,
+    bench_ok("run", "--methods", METHOD, "--task", "toy1d", "--budget", "smoke", "--out", out,
            "--data-root", tmp_path, "--device", "cpu", "--no-progress")
     (path,) = (out / "toy1d" / METHOD).glob("smoke-seed0*/row.json")
     row = json.loads(path.read_text())
     assert row["method"] == METHOD and row["options"] == {"steps": 20, "lr": 0.05}
 
-    table = _bench("table", "--task", "toy1d", "--out", out, "--format", "markdown")
+    table = bench_ok("table", "--task", "toy1d", "--out", out, "--format", "markdown")
     first = table.split("\n\n")[0].splitlines()  # the metrics table (the Theorem 2 terms follow it)
     headers = [c.strip() for c in first[0].strip("|").split("|")]
     (cells,) = [[c.strip() for c in ln.strip("|").split("|")] for ln in first if ln.startswith(f"| {METHOD} ")]

@@ -6,14 +6,12 @@ published values and a metric the engine has never seen.  `bench list`, `bench d
 from __future__ import annotations
 
 import hashlib
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import bench.registry as registry
 from bench.api import BenchError
 from bench.cli import cli, main
 
@@ -73,8 +71,8 @@ NOT,OT,0.125,1.0
 
 
 @pytest.fixture
-def plugin(tmp_path, monkeypatch):
-    """The plugin's folder on the path, its data root, and BENCH_PLUGINS naming it; the registry forgets it after."""
+def plugin(tmp_path, third_party_plugin):
+    """The plugin's module and data root in folders outside the repository, loaded through BENCH_PLUGINS."""
     root = tmp_path / "data"
     points = root / "plugin_points" / "points.npy"
     points.parent.mkdir(parents=True)
@@ -85,41 +83,25 @@ def plugin(tmp_path, monkeypatch):
     (src / f"{MODULE}.py").write_text(textwrap.dedent(PLUGIN).format(
         sha256=hashlib.sha256(raw).hexdigest(), size=len(raw), task=TASK, shift=SHIFT))
     (src / "published.csv").write_text(PUBLISHED)
-    # a user's fresh `bench` process reads BENCH_PLUGINS once; this one has (or would have) read it already: load
-    # everything registered so far, then let the next lookup read BENCH_PLUGINS again, into a copy of the table
-    # (so that the other tests' registry never holds the plugin)
-    registry.load_plugins()
-    monkeypatch.syspath_prepend(str(src))
-    monkeypatch.setenv("BENCH_PLUGINS", MODULE)
-    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(registry, "_extra_loaded", False)
-    monkeypatch.setattr(registry.TASKS, "_table", dict(registry.TASKS._table))
-    monkeypatch.setattr(registry.TASKS, "_origin", dict(registry.TASKS._origin))
-    yield root, points
-    sys.modules.pop(MODULE, None)
+    third_party_plugin(src, MODULE)
+    return root, points
 
 
-def _bench(*args) -> str:
-    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    return res.output
-
-
-def test_a_task_plugin_brings_its_own_files_and_paper_values(plugin, tmp_path, one_thread, capsys):
+def test_a_task_plugin_brings_its_own_files_and_paper_values(plugin, tmp_path, one_thread, capsys, bench_ok):
     root, points = plugin
-    listed = _bench("list", "--tasks")
+    listed = bench_ok("list", "--tasks")
     (line,) = [ln for ln in listed.splitlines() if ln.startswith(TASK)]
     assert "gap (Mean gap, lower is better)" in line and "moved by (3.0, 0)" in line
 
-    out = _bench("data", "--task", TASK, "--data-root", root)
+    out = bench_ok("data", "--task", TASK, "--data-root", root)
     assert f"data root: {root}" in out and "verified files: 1" in out
 
     out = tmp_path / "runs"
-    _bench("run", "--methods", "identity", "--task", TASK, "--budget", "smoke", "--out", out,
+    bench_ok("run", "--methods", "identity", "--task", TASK, "--budget", "smoke", "--out", out,
            "--data-root", root, "--device", "cpu", "--no-progress")
     (row,) = (out / TASK / "identity").glob("smoke-seed0*/row.json")
 
-    table = _bench("table", "--task", TASK, "--out", out, "--format", "markdown")
+    table = bench_ok("table", "--task", TASK, "--out", out, "--format", "markdown")
     lines = [ln for ln in table.splitlines() if ln.startswith("|")]
     headers = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {r[0]: r for r in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:])}
