@@ -34,6 +34,7 @@ from . import __version__, schema, store
 from .api import BenchError, EvalContext, Metric, Method, Task, TaskData
 from .budgets import Budget
 from .context import FitContext, pick_device, seed_everything
+from .data import cache_dir as default_cache_dir
 from .errors import RunFailed
 from .host import device_name, git_commit, sync
 from .locks import RunLock
@@ -150,8 +151,8 @@ def probe_indices(count: int, n: int, labels: torch.Tensor | None = None) -> tup
 
 
 def attach_probe(p: Prepared) -> None:
-    """A learning curve: every ``every`` steps of the method's ``probe_loop``, transport a fixed subset of
-    ``n`` (``--probe-n``) evaluation sources (``probe_indices``: class-balanced when labels are known; own random stream) and
+    """A learning curve: every ``--probe-every`` steps of the method's ``probe_loop``, transport a fixed subset of
+    ``--probe-n`` evaluation sources (``probe_indices``: class-balanced when labels are known; own random stream) and
     log the task's ``probe`` metrics as stage "probe" of log.jsonl.  Training is not changed by it: the probe
     draws no number from the training streams, and its time is kept out of the loop's timing."""
     every, n = p.settings.probe_every, p.settings.probe_n
@@ -409,13 +410,13 @@ def share_fit(rundir: Path, spec: RunSpec, method: Method, task: Task, *, bf16: 
     return None
 
 
-def load_run(rundir: Path, *, data_root: Path, device: str = "cpu", cache_dir: Path | None = None) -> Prepared:
+def load_run(rundir: Path, *, data_root: Path, device: str = "cpu") -> Prepared:
     """A trained run's method, set up on its task's data with the run's own options and restored from its
     checkpoint: for scripts that inspect or re-sample a run.  A one-line error when there is no checkpoint."""
     rundir = Path(rundir)
     spec = read_spec(rundir)
     method, task = spec.build()
-    settings = Settings(out=rundir.parent.parent.parent, data_root=data_root, cache_dir=cache_dir or rundir,
+    settings = Settings(out=rundir.parent.parent.parent, data_root=data_root, cache_dir=default_cache_dir(),
                         device=device, progress=False)
     p = prepare(spec, rundir, method, task, settings)
     if not p.run.restore():
@@ -426,8 +427,8 @@ def load_run(rundir: Path, *, data_root: Path, device: str = "cpu", cache_dir: P
 def evaluate_dir(rundir: Path, settings: Settings, *, log: Log = print, warn: Log | None = None) -> dict[str, Any]:
     """Recompute a finished run's metrics from its stored samples (``bench eval``) and rewrite its row.
 
-    ``settings.out`` is ignored (the row stays in ``rundir``).  Unreadable samples are transported again from the final checkpoint; an unreadable
-    checkpoint or config is a one-line error naming the file.
+    ``settings.out`` is ignored (the row stays in ``rundir``).  Unreadable samples are transported again from the
+    final checkpoint; an unreadable checkpoint or config is a one-line error naming the file.
     """
     warn = warn or log
     rundir = Path(rundir)

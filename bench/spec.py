@@ -86,7 +86,8 @@ class Settings:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise BenchError(f"{flag} {value!r}: pass an integer >= {low}")
         every = self.checkpoint_every
-        if not (isinstance(every, (int, float)) and not isinstance(every, bool) and math.isfinite(every) and every >= 0):
+        number = isinstance(every, (int, float)) and not isinstance(every, bool)
+        if not (number and math.isfinite(every) and every >= 0):
             raise BenchError(f"--checkpoint-every {every!r}: pass a number of seconds >= 0")
 
 
