@@ -17,7 +17,7 @@ import torch
 
 from .data import DataFile, ensure
 from .errors import BenchError  # noqa: F401  (re-exported: plugins import it from bench.api)
-from .options import resolve
+from .options import resolve, upgrade
 
 UNPAIRED = "unpaired"
 SEMI_PAIRED = "semi-paired"
@@ -104,6 +104,11 @@ class TaskData:
     def is_image(self) -> bool:
         return self.target_train.dim() == 4
 
+    @property
+    def kind(self) -> str:
+        """"image" or "vector": which of each option's two values (``Option(vector=...)``) a method reads."""
+        return "image" if self.is_image else "vector"
+
     def describe(self) -> str:
         k = 0 if self.pairs is None else len(self.pairs[0])
         return (f"{self.name}: {self.setting}, source {tuple(self.source_train.shape)}, "
@@ -155,6 +160,9 @@ class Method:
     # a stored row without the key is read as having that value (tables then still count it as a run of
     # today's defaults while the default is that value); any other missing option labels the row "name=unset"
     options_before: ClassVar[dict[str, Any]] = {}
+    # former option names -> today's: rows and run directories stored under a former name read as today's
+    # (bench.options.upgrade; scripts/upgrade_runs.py moves run directories to the hash of today's names)
+    renamed_options: ClassVar[dict[str, str]] = {}
     # the attributes that are this method's state: what a checkpoint saves and a resume (or ``bench eval``) restores
     # into a freshly set-up instance.  An nn.Module is saved by its state_dict, a tensor as it is, None as None
     # (a configuration without that part); ``setup`` must create every one.  Besides these a checkpoint holds
@@ -164,18 +172,40 @@ class Method:
     # resume cannot recompute (networks, EMA copies, a stored plan, a trainer's random state).
     state_attrs: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, budget: str = "smoke", **options: Any) -> None:
-        self.budget = str(budget)
+    def __init__(self, budget: str = "smoke", kind: str = "image", **options: Any) -> None:
+        self.budget, self.kind = str(budget), str(kind)
+        self.refuse_former_names(options)
         self.given_options = dict(options)
-        # every option's value for this budget, typed and validated: what the row records
-        self.options = resolve(f"method {self.name!r}", self.default_options, options, self.budget)
+        # every option's value for this budget and kind of task (images or vectors), typed and validated: what the
+        # row records
+        self.options = resolve(f"method {self.name!r}", self.default_options, options, self.budget, self.kind)
+        self.is_image = self.kind == "image"
         self.device = torch.device("cpu")
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
         self._pending_optim: dict[str, Any] = {}
 
     @classmethod
-    def resolve_options(cls, budget: str, options: dict[str, Any]) -> dict[str, Any]:
-        return resolve(f"method {cls.name!r}", cls.default_options, options, budget)
+    def refuse_former_names(cls, given: dict[str, Any]) -> None:
+        """A one-line BenchError naming today's option for a former name (``renamed_options``, or a ``toy_X`` /
+        ``image_X`` twin that one option with a vector value replaced)."""
+        for key in given:
+            if key in cls.default_options:
+                continue
+            kind = "vector" if key.startswith("toy_") else "image" if key.startswith("image_") else None
+            if key not in cls.renamed_options and kind is None:
+                continue
+            today = sorted(upgrade(cls.default_options, {key: given[key]}, kind or "image", cls.renamed_options))
+            today = [t for t in today if t in cls.default_options]
+            if not today:
+                continue
+            why = (f"is now {today[0]}" if kind is None else
+                   f"is gone: one option serves images and vectors, with its own value on {kind} tasks")
+            raise BenchError(f"method {cls.name!r} option {key} {why}; pass "
+                             + " or ".join(f"--opt {cls.name}.{t}=..." for t in today) + " instead")
+
+    @classmethod
+    def resolve_options(cls, budget: str, options: dict[str, Any], kind: str = "image") -> dict[str, Any]:
+        return resolve(f"method {cls.name!r}", cls.default_options, options, budget, kind)
 
     # -- optimizers: one checkpoint mechanism for every plugin ------------------------------
     def optimizer(self, name: str, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -192,7 +222,16 @@ class Method:
         """Network function evaluations per transported sample (0 for non-neural rows)."""
         return 1
 
+    def check_kind(self, data: TaskData) -> None:
+        """A one-line BenchError when ``data`` is not the kind of task (image or vector) whose option values this
+        instance resolved: call it first in ``setup``."""
+        if data.kind != self.kind:
+            raise BenchError(f"method {self.name!r} was built with its {self.kind} options and {data.name!r} is "
+                             f"a{'n' if data.kind == 'image' else ''} {data.kind} task: build it with "
+                             f"kind={data.kind!r} (RunSpec and `bench run` pass the task's kind)")
+
     def check_setting(self, data: TaskData) -> None:
+        self.check_kind(data)
         if data.setting not in self.settings:
             raise BenchError(
                 f"method {self.name!r} does not support the {data.setting} setting of task "
@@ -339,6 +378,8 @@ class Task:
 
     name: ClassVar[str] = ""
     setting: ClassVar[str] = UNPAIRED
+    # "image" (N, C, H, W) or "vector" (N, D): which value of each method option (``Option(vector=...)``) applies
+    kind: ClassVar[str] = "image"
     metrics: ClassVar[tuple[Metric, ...]] = ()
     description: ClassVar[str] = ""
     # published values, {registry method name: {metric: value}}, printed beside measured cells; the task says
@@ -351,6 +392,12 @@ class Task:
     # the files of the data root this task reads (path, size, sha256, download source): what the default
     # check_data, and so `bench data [--download]`, verifies or fetches
     data_files: ClassVar[tuple[DataFile, ...]] = ()
+
+    @classmethod
+    def table_notes(cls, rows: list[dict[str, Any]]) -> list[str]:
+        """Paragraphs a table of these stored rows adds under itself, about what this task's protocol knows of them
+        (the digits task: rows scored by different judges); [] by default."""
+        return []
 
     @classmethod
     def row_label(cls, row: dict[str, Any]) -> str:

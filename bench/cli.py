@@ -13,7 +13,7 @@ import click
 from .budgets import BUDGET_NAMES, BUDGETS
 from .data import cache_dir, resolve_root
 from .errors import BenchError, RunFailed
-from .options import declared, path_only
+from .options import declared
 
 
 def _data_root(value):
@@ -72,20 +72,6 @@ def _seeds(value: str) -> list[int]:
     if not seeds or min(seeds) < 0:
         raise BenchError(f"--seeds {value!r} must be comma-separated integers >= 0, e.g. 0,1,2")
     return seeds
-
-
-def _check_task_kind(specs: list, data_root) -> None:
-    """Refuse, before any run starts, a given option that the task's kind (images or vectors) never reads; the
-    task's data is loaded once for it, and only when such an option is given."""
-    from .registry import get_method
-    from .spec import check_options_apply
-
-    todo = [s for s in specs if set(s.options) & set(path_only(get_method(s.method).default_options))]
-    if todo:
-        _, task = todo[0].build()
-        data = task.load(data_root, todo[0].seed, budget=todo[0].budget)
-        for spec in todo:
-            check_options_apply(spec, spec.build()[0], data.is_image)
 
 
 def _grid(methods: str, task: str, seeds: str, budget: str, opts, task_opts) -> list:
@@ -171,7 +157,6 @@ def run(methods, task, seeds, budget, out, data_root, device, bf16, compile_, op
     check_executor(executor, jobs=jobs, slurm_local=slurm_local, slurm_time=slurm_time, slurm_cpus=slurm_cpus,
                    slurm_gpus=slurm_gpus, ray_cpus=ray_cpus, ray_gpus=ray_gpus)
     check_writable(out)
-    _check_task_kind(specs[: len(_split(methods))], settings.data_root)
     outcomes = run_grid(specs, settings, executor=executor, jobs=jobs, ray_address=ray_address,
                         ray_cpus=ray_cpus, ray_gpus=ray_gpus, slurm_partition=slurm_partition,
                         slurm_time=slurm_time, slurm_gpus=slurm_gpus, slurm_cpus=slurm_cpus,
@@ -180,6 +165,29 @@ def run(methods, task, seeds, budget, out, data_root, device, bf16, compile_, op
     click.echo(f"rows stored under {out / task}; show them with `bench table --task {task} --out {out}`")
     if any(o.status in ("failed", "error") for o in outcomes):
         raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--out", default="runs", show_default=True, type=click.Path(path_type=Path))
+def upgrade(out):
+    """Move run directories made under former option names to today's, so that `bench run` resumes them."""
+    from .locks import RunLocked
+    from .rundir import CONFIG_FILE, upgrade_run
+
+    moved = skipped = 0
+    for config in sorted(Path(out).glob(f"*/*/*/{CONFIG_FILE}")):
+        try:
+            target = upgrade_run(config.parent)
+        except RunLocked as exc:
+            click.echo(f"skipped (in use): {exc}")
+            skipped += 1
+            continue
+        if target is not None:
+            click.echo(f"{config.parent} -> {target.name}")
+            moved += 1
+    click.echo(f"{moved} run directories moved to today's option names" + (f", {skipped} in use" if skipped else ""))
+    if skipped:
+        sys.exit(1)
 
 
 @cli.command()
@@ -272,12 +280,14 @@ def list_(show_methods, show_tasks, one_method, budget):
 
     if one_method:
         cls = get_method(one_method)
-        resolved = cls.resolve_options(budget, {})
+        images, vectors = cls.resolve_options(budget, {}, "image"), cls.resolve_options(budget, {}, "vector")
         spec = declared(cls.default_options)
-        lines = [[k, json.dumps(v), spec[k].describe() if spec[k].per_budget else "", spec[k].help]
-                 for k, v in resolved.items()]
-        click.echo(f"{cls.name} on the {budget} budget (NFE {cls(budget=budget).nfe}):")
-        click.echo(tabulate(lines, headers=["option", "value", "per budget", "help"], tablefmt="simple"))
+        lines = [[k, json.dumps(v), "" if vectors[k] == v else json.dumps(vectors[k]),
+                  spec[k].describe("image") if spec[k].per_budget else "", spec[k].help]
+                 for k, v in images.items()]
+        click.echo(f"{cls.name} on the {budget} budget (NFE {cls(budget=budget).nfe} on images):")
+        click.echo(tabulate(lines, headers=["option", "images", "vectors (where other)", "images per budget", "help"],
+                            tablefmt="simple"))
         return
     both = not (show_methods or show_tasks)
     if show_methods or both:

@@ -76,10 +76,10 @@ def classifier_options(cpu_width: int, **steps_meta) -> dict[str, Option]:
     """The domain classifier's options, one declaration for every method that trains one (``steps_meta``: e.g. the
     authors' value and source of ``cls_steps``)."""
     return {
-        "cls_steps": Option(smoke=60, cpu=1000, fast=5000, paper=5000, help="classifier steps", **steps_meta),
-        "toy_cls_steps": Option(smoke=1000, cpu=2000, fast=2000, paper=2000),
-        "cls_batch": Option(smoke=16, cpu=32, fast=32, paper=32, help="noisy images per domain per step"),
-        "toy_cls_batch": Option(256, help="noisy samples per domain per step on vector tasks"),
+        "cls_steps": Option(smoke=60, cpu=1000, fast=5000, paper=5000, help="classifier steps",
+                            vector=Option(smoke=1000, cpu=2000, fast=2000, paper=2000), **steps_meta),
+        "cls_batch": Option(smoke=16, cpu=32, fast=32, paper=32, vector=256,
+                            help="noisy samples per domain per step"),
         "cls_lr": Option(3e-4),
         "cls_weight_decay": Option(0.05),
         "cls_width": Option(smoke=16, cpu=cpu_width, fast=64, paper=128, help="classifier width on images"),

@@ -47,6 +47,8 @@ NETWORK_OPTIONS: dict[str, Any] = {
     "mlp_hidden": Option(smoke=128, cpu=256, fast=256, paper=256),
     "mlp_depth": 3,
 }
+# outer steps on vector tasks (NOT's and KNOT's; OTM declares its own)
+VECTOR_STEPS = Option(smoke=400, cpu=2000, fast=5000, paper=10_000)
 # the same networks, small enough for a contract test to train in seconds on bench.testing.tiny_images()
 TEST_NETWORK_OPTIONS: dict[str, Any] = {"unet_base": 8, "unet_mults": [1, 2], "unet_blocks": 1, "unet_attention": [],
                                         "critic_base": 8, "mlp_hidden": 32, "mlp_depth": 2}
@@ -88,22 +90,21 @@ class SaddleMap(Method):
                         help="how z enters the image map: one extra input channel (NOT authors) or a "
                              "noise_dim vector through conditional normalisation at every layer (KNOT authors)"),
         "noise_dim": Option(128, help="cond-norm noise: size of z"),
-        "z_std": Option(0.1, help="std of the noise (NOT authors: 0.1 channel; KNOT authors: 1.0 cond-norm)"),
-        "toy_z_std": 1.0,
+        "z_std": Option(0.1, vector=1.0,
+                        help="std of the noise (NOT authors: 0.1 channel; KNOT authors: 1.0 cond-norm)"),
         "cost_scale": Option(1.0, help="multiplies the cost; 1 = the authors' mse without the 1/2"),
         **SADDLE_OPTIONS,
-        # images (toy_* on vector tasks); smoke: about a minute on a 2-core CPU for 28x28 digits
-        "batch_size": Option(smoke=16, cpu=64, fast=64, paper=64),
-        "toy_steps": Option(smoke=400, cpu=2000, fast=5000, paper=10_000),
-        "toy_batch_size": 64,
-        "toy_lr": 1e-3,
+        "steps": SADDLE_OPTIONS["steps"].on_vectors(VECTOR_STEPS),
+        # smoke: about a minute on a 2-core CPU for 28x28 digits
+        "batch_size": Option(smoke=16, cpu=64, fast=64, paper=64, vector=64),
+        "map_lr": Option(1e-4, vector=1e-3),
+        "critic_lr": Option(1e-4, vector=1e-3),
         **NETWORK_OPTIONS,
     }
     # the map, the potential and the trainer's random stream (its optimisers are registered with the method)
     state_attrs = ("T", "f", "saddle")
     # trains in a few seconds on bench.testing.tiny_images() / tiny_vectors()
-    test_options: dict[str, Any] = {"steps": 6, "toy_steps": 6, "inner_steps": 2, "batch_size": 8,
-                                    "toy_batch_size": 8, **TEST_NETWORK_OPTIONS}
+    test_options: dict[str, Any] = {"steps": 6, "inner_steps": 2, "batch_size": 8, **TEST_NETWORK_OPTIONS}
 
     def __init__(self, budget: str = "smoke", **options: Any) -> None:
         super().__init__(budget, **options)
@@ -142,14 +143,14 @@ class SaddleMap(Method):
         return int(self.options["n_z"]) if self.stochastic else 1
 
     def setup(self, data: TaskData, run) -> None:
+        self.check_kind(data)
         o = self.options
-        self.is_image = data.is_image
         self.shape = data.shape
+        self.z_std = float(o["z_std"])
         if data.is_image:
             c, h, w = data.shape
             self.canvas = canvas_side(h, w)
             self.z_shape = (1, self.canvas, self.canvas) if self.stochastic else None
-            self.z_std = float(o["z_std"])
             self.cond_norm = self.stochastic and o["noise"] == "cond-norm"
             channel = self.stochastic and not self.cond_norm
             if self.cond_norm:
@@ -157,19 +158,13 @@ class SaddleMap(Method):
             self.T = map_unet(c + (1 if channel else 0), c, o, self.canvas,
                               noise_dim=int(o["noise_dim"]) if self.cond_norm else 0)
             self.f = resnet_critic(c, o, self.canvas)
-            self.batch_size = o["batch_size"]
-            steps, lr = o["steps"], o["map_lr"]
         else:
             (dim,) = data.shape
             self.z_shape = (dim,) if self.stochastic else None
-            self.z_std = float(o["toy_z_std"])
             self.T = vector_mlp(dim + (dim if self.stochastic else 0), dim, o)
             self.f = vector_mlp(dim, 1, o)
-            self.batch_size = o["toy_batch_size"]
-            steps, lr = o["toy_steps"], o["toy_lr"]
-        critic_lr = o["critic_lr"] if data.is_image else lr
-        resolved = {**o, "steps": steps, "map_lr": lr, "critic_lr": critic_lr}
-        self.saddle = SaddleTrainer.from_options(self.T.parameters(), self.f.parameters(), resolved, run, method=self)
+        self.batch_size = o["batch_size"]
+        self.saddle = SaddleTrainer.from_options(self.T.parameters(), self.f.parameters(), o, run, method=self)
 
     def _to_canvas(self, x: torch.Tensor) -> torch.Tensor:
         return pad_to(x, self.canvas) if self.is_image else x

@@ -2,12 +2,15 @@
 
 A plugin declares ``default_options = {"lr": 2e-4, "steps": Option(smoke=100, cpu=4000,
 fast=20_000, paper=300_000)}``.  A plain value is an :class:`Option` with that default for every
-budget.  :func:`resolve` turns the user's ``--opt`` values and the budget into the complete, typed
+budget.  ``Option(..., vector=...)`` gives the value on vector tasks (a plain value, or an Option with one
+value per budget) where it differs from the images' one: one name per concept, two kinds of task.
+:func:`resolve` turns the user's ``--opt`` values, the budget and the task's kind into the complete, typed
 set of values the run uses; that set (never ``None`` for "the budget decides") is what the run
 directory's hash and the result row record, so a row is enough to re-run it.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from typing import Any, Mapping
@@ -16,6 +19,7 @@ from .budgets import BUDGET_NAMES, Budget
 from .errors import BenchError
 
 _UNSET = object()
+KINDS = ("image", "vector")
 POSITIVE_SUFFIXES = ("lr", "steps", "batch_size", "batch")
 _TYPES = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string",
           list: "a JSON list, e.g. [1,2]", dict: "a JSON object"}
@@ -27,7 +31,7 @@ class Option:
     def __init__(self, default: Any = _UNSET, *, type: type | None = None, choices: tuple | None = None,
                  nullable: bool | None = None, help: str = "", sampling: bool = False,
                  authors: Any = _UNSET, source: str = "", problem: bool = False, low: float | None = None, high: float | None = None,
-                 **per_budget: Any) -> None:
+                 vector: Any = _UNSET, **per_budget: Any) -> None:
         bad = set(per_budget) - set(BUDGET_NAMES)
         if bad:
             raise TypeError(f"Option got unknown budget(s) {sorted(bad)}; budgets: {BUDGET_NAMES}")
@@ -55,12 +59,31 @@ class Option:
             type = _kind(values[0])
         self.type = type
         self.nullable = any(v is None for v in [default, *per_budget.values()]) if nullable is None else nullable
+        # the value on vector tasks, where it differs (an Option: one per budget); the images' one otherwise
+        if isinstance(vector, Option) and (vector.vector is not _UNSET or vector.choices or vector.help):
+            raise TypeError("Option(vector=Option(...)) takes values only (one per budget, or a default)")
+        self.vector = vector
 
     @property
     def has_authors(self) -> bool:
         return self.authors is not _UNSET
 
-    def value_for(self, budget: str) -> Any:
+    def on_vectors(self, vector: Any) -> "Option":
+        """This option with ``vector`` as its value on vector tasks (a value, or an Option per budget)."""
+        out = copy.copy(self)
+        out.per_budget = dict(self.per_budget)
+        out.vector = vector
+        return out
+
+    @property
+    def has_vector(self) -> bool:
+        return self.vector is not _UNSET
+
+    def value_for(self, budget: str, kind: str = "image") -> Any:
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+        if kind == "vector" and self.vector is not _UNSET:
+            return self.vector.value_for(budget) if isinstance(self.vector, Option) else self.vector
         return self.per_budget.get(budget, self.default)
 
     def validate(self, owner: str, name: str, value: Any) -> Any:
@@ -114,10 +137,17 @@ class Option:
             return 0, None, True
         return None, None, False
 
-    def describe(self) -> str:
-        if self.per_budget:
-            return ", ".join(f"{b}={self.value_for(b)!r}" for b in BUDGET_NAMES)
-        return repr(self.default)
+    def describe(self, kind: str = "image") -> str:
+        """The value per budget on tasks of ``kind`` (one value when no budget differs)."""
+        values = [self.value_for(b, kind) for b in BUDGET_NAMES]
+        if all(v == values[0] for v in values):
+            return repr(values[0])
+        return ", ".join(f"{b}={v!r}" for b, v in zip(BUDGET_NAMES, values))
+
+    @property
+    def varies(self) -> bool:
+        """Whether the value depends on the budget or on the task's kind."""
+        return len({repr(self.value_for(b, k)) for b in BUDGET_NAMES for k in KINDS}) > 1
 
 
 def _kind(value: Any) -> type | None:
@@ -159,16 +189,20 @@ def sampling_names(defaults: Mapping[str, Any]) -> set[str]:
     return {k for k, opt in declared(defaults).items() if opt.sampling}
 
 
-def resolve(owner: str, defaults: Mapping[str, Any], given: Mapping[str, Any], budget: str) -> dict[str, Any]:
-    """Every declared option's value for ``budget``, with ``given`` (validated) taking precedence."""
+def resolve(owner: str, defaults: Mapping[str, Any], given: Mapping[str, Any], budget: str,
+            kind: str = "image") -> dict[str, Any]:
+    """Every declared option's value for ``budget`` on tasks of ``kind`` (image or vector), with ``given``
+    (validated) taking precedence."""
     Budget(budget)  # one-line error for an unknown budget
+    if kind not in KINDS:
+        raise BenchError(f"{owner}: task kind {kind!r} is not one of {', '.join(KINDS)}")
     spec = declared(defaults)
     unknown = sorted(set(given) - set(spec))
     if unknown:
         raise BenchError(f"{owner} has no option(s) {unknown}; {_suggest(unknown[0], spec, owner)}")
     out = {}
     for name, opt in spec.items():
-        value = given[name] if name in given else opt.value_for(budget)
+        value = given[name] if name in given else opt.value_for(budget, kind)
         out[name] = opt.validate(owner, name, value) if name in given else value
     return out
 
@@ -187,34 +221,39 @@ def _suggest(name: str, spec: Mapping[str, Any], owner: str) -> str:
     return hint + f"known: {', '.join(sorted(spec)) or 'none'}"
 
 
-# -- options one kind of task ignores ----------------------------------------------------------------
-def path_only(defaults: Mapping[str, Any]) -> dict[str, tuple[str, list[str]]]:
-    """``{option: (kind, counterparts)}`` for the options only image or only vector tasks read, by the naming
-    convention of the methods: ``toy_X`` is read on vector tasks in place of ``X`` (then ``X`` is image-only),
-    and a ``toy_Y`` with no ``Y`` stands for every ``*_Y`` on vector tasks (NOT's ``toy_lr`` replaces its
-    ``map_lr`` and ``critic_lr``).  ``kind`` is "image" or "vector"; ``counterparts`` the options that play
-    the same part on the other kind."""
-    names = list(defaults)
-    out: dict[str, tuple[str, list[str]]] = {}
-    for toy in (n for n in names if n.startswith("toy_")):
-        base = toy[4:]
-        images = [base] if base in names else [n for n in names if n.endswith("_" + base) and not n.startswith("toy_")
-                                                  and "toy_" + n not in names]
-        out[toy] = ("vector", images)
-        for n in images:
-            out[n] = ("image", [toy])
+# -- rows and run directories written with older option names ---------------------------------------
+def upgrade(defaults: Mapping[str, Any], options: Mapping[str, Any], kind: str,
+            renamed: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``options`` as stored by a run that predates today's names, in today's names.
+
+    ``renamed`` maps a method's former option names to today's (or to ``(name, {old value: new value})`` where
+    the values changed form too, as DPM-OT's boolean ``attention`` became the list ``unet_attention``).  Options
+    once came in ``toy_X`` twins, read on vector tasks in place of ``X`` (a ``toy_Y`` with no ``Y`` stood for
+    every ``*_Y`` without its own twin, as NOT's ``toy_lr`` for its ``map_lr`` and ``critic_lr``); today each is
+    one option with a vector value (``Option(vector=...)``).  On a vector task a twin's value becomes its counterpart's, on an image task
+    (which never read it) it is dropped; an ``image_X`` twin (read on images in place of ``X``) the other way
+    round.  Options already in today's names pass unchanged."""
+    old: dict[str, Any] = {}
+    for k, v in options.items():
+        new = (renamed or {}).get(k, k)
+        if isinstance(new, tuple):
+            new, values = new
+            v = next((b for a, b in values.items() if a == v and type(a) is type(v)), v)
+        old[new] = v
+    names_now = {k: (v[0] if isinstance(v, tuple) else v) for k, v in (renamed or {}).items()}
+    names = {k for k in old if not k.startswith(("toy_", "image_"))} or set(defaults)  # the names the row's code had
+    out = {k: v for k, v in old.items() if not k.startswith(("toy_", "image_"))}
+    for k in sorted(k for k in old if k.startswith("image_")):  # image-only twins (TCR's image_mlp_*)
+        if kind == "image":
+            out[k[6:]] = old[k]
+    for toy in sorted(k for k in old if k.startswith("toy_")):
+        if kind != "vector":
+            continue
+        base = names_now.get(toy[4:], toy[4:])
+        targets = [base] if base in names else sorted(
+            n for n in names if n.endswith("_" + base) and "toy_" + n not in old)
+        for n in targets:
+            out[n] = old[toy]
     return out
 
 
-def check_path(owner: str, defaults: Mapping[str, Any], given: Mapping[str, Any], budget: str, *,
-               is_image: bool, task: str, prefix: str = "") -> None:
-    """A one-line BenchError for a given option (not at its default) that a task of this kind never reads:
-    a run would record and hash a setting that changed nothing."""
-    spec = declared(defaults)
-    for name, (kind, other) in path_only(spec).items():
-        if name not in given or given[name] == spec[name].value_for(budget) or (kind == "image") == is_image:
-            continue
-        fix = (f"where {' / '.join(other)} plays its part: pass " + " or ".join(f"--opt {prefix}{o}=..." for o in other)
-               + " instead") if other else "which never reads it: drop it"
-        raise BenchError(f"{owner} option {name} applies to {kind} tasks only and {task} is "
-                         f"{'an image' if is_image else 'a vector'} task, {fix}")

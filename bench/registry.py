@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
 from .api import BenchError, Method, Task
-from .options import Option, suggest
+from .options import Option, suggest, upgrade
 
 T = TypeVar("T")
 
@@ -130,12 +130,15 @@ def options_variant(method: str, budget: str, task: str, options: dict, task_opt
 
     A default option the row does not have (added after it ran) is labelled ``name=unset``, so a row run
     before a default changed never reads as a run of today's defaults; unless the method's ``options_before``
-    names the value that reproduces the code the row ran (then the row is read as having it)."""
-    cls = get_method(method)
-    base_m = _plain(cls(budget=budget).options)
-    base_t = _plain(get_task(task)().options)
-    before = {k: v.value_for(budget) if isinstance(v, Option) else v for k, v in cls.options_before.items()}
-    options, task_options = _plain({**before, **(options or {})}), _plain(task_options or {})
+    names the value that reproduces the code the row ran (then the row is read as having it).  Options stored
+    under former names read as today's (:func:`bench.options.upgrade`)."""
+    cls, task_cls = get_method(method), get_task(task)
+    kind = task_cls.kind
+    base_m = _plain(cls(budget=budget, kind=kind).options)
+    base_t = _plain(task_cls().options)
+    before = {k: v.value_for(budget, kind) if isinstance(v, Option) else v for k, v in cls.options_before.items()}
+    options = upgrade(cls.default_options, options or {}, kind, cls.renamed_options)
+    options, task_options = _plain({**before, **options}), _plain(task_options or {})
     parts = [f"{k}={v}" for k, v in sorted(options.items()) if base_m.get(k, object()) != v]
     parts += [f"{k}=unset" for k in sorted(set(base_m) - set(options))]
     parts += [f"task.{k}={v}" for k, v in sorted(task_options.items()) if base_t.get(k, object()) != v]

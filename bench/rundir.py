@@ -18,9 +18,10 @@ from . import __version__, schema, store
 from .api import BenchError, Metric, Method, Task
 from .errors import RunFailed
 from .host import git_commit
-from .locks import LOCK_FILE, OWNER_FILE, describe_owner, holder
-from .registry import get_task
-from .spec import RunSpec
+from .locks import LOCK_FILE, OWNER_FILE, RunLock, describe_owner, holder
+from .options import upgrade
+from .registry import get_method, get_task
+from .spec import RunSpec, run_directory
 
 ROW_FILE = "row.json"
 FAILED_FILE = "failed.json"
@@ -252,3 +253,40 @@ def run_state(rundir: Path) -> tuple[str, str]:
             detail += f" (last error: {errors[-1].get('error', '?')[:160]})"
         return "interrupted", detail
     return "not started", ""
+
+
+# -- run directories made under former option names ---------------------------------------------------
+def upgrade_run(rundir: Path) -> Path | None:
+    """Move a run directory made under former option names (``Method.renamed_options``, ``toy_X`` twins) to
+    the directory today's names hash to, with its config.json, row.json, failed.json and the checkpoint's copy
+    of the config rewritten in today's names, so that `bench run` resumes or skips it instead of training it
+    again.  Returns the new directory, or None when nothing was to do.  Holds the run's lock while it works
+    (RunLocked when another process holds it); refuses (BenchError) when the new directory exists already."""
+    rundir = Path(rundir)
+    config = store.read_json(rundir / CONFIG_FILE)
+    cls, kind = get_method(config["method"]), get_task(config["task"]).kind
+    options = upgrade(cls.default_options, config["options"], kind, cls.renamed_options)
+    if options == config["options"]:
+        return None
+    target = run_directory(rundir.parent.parent.parent, config["task"], config["method"], config["budget"],
+                           config["seed"], options, config.get("task_options", {}))
+    if target.exists():
+        raise BenchError(f"{rundir} upgrades to {target}, which exists already: keep one of the two and remove "
+                         f"the other, then run `bench upgrade` again")
+    with RunLock(rundir):
+        for name in (CONFIG_FILE, ROW_FILE, FAILED_FILE):
+            path = rundir / name
+            if path.exists():
+                obj = store.read_json(path)
+                if isinstance(obj, dict) and isinstance(obj.get("options"), dict):
+                    store.write_json(path, {**obj, "options": upgrade(cls.default_options, obj["options"], kind,
+                                                                      cls.renamed_options)})
+        if (rundir / CHECKPOINT_FILE).exists():
+            ckpt = store.torch_load(rundir / CHECKPOINT_FILE)
+            if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
+                ckpt["config"] = {**ckpt["config"], "options": options}
+                store.torch_save(rundir / CHECKPOINT_FILE, ckpt)
+    os.replace(rundir, target)
+    event(target, "upgraded", former=rundir.name)
+    return target
+

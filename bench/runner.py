@@ -45,7 +45,7 @@ from .rundir import (CHECKPOINT_FILE, CONFIG_FILE, FAILED_FILE, ROW_FILE, SAMPLE
                      config_fit_from, earlier_failure, event, finished_row, only_lock_files, quarantine,
                      read_failure, read_spec, record_failure, remove_empty, remove_files)
 from .rundir import RUN_DIR_HINT
-from .spec import RunSpec, Settings, check_options_apply, rerun_command, run_directory, variant
+from .spec import RunSpec, Settings, rerun_command, run_directory, variant
 
 
 def transport_all(method: Method, x: torch.Tensor, device: torch.device, batch_size: int,
@@ -102,16 +102,16 @@ class Prepared:
     settings: Settings
 
 
-def prepare(spec: RunSpec, rundir: Path, method: Method, task: Task, settings: Settings, *,
-            check_options: bool = False) -> Prepared:
-    """Load the data, check the setting (and, with ``check_options``, that no given option is one this kind of
-    task never reads), set the method up on its device (no training)."""
+def prepare(spec: RunSpec, rundir: Path, method: Method, task: Task, settings: Settings) -> Prepared:
+    """Load the data, check the setting (and that the data is the kind of task, image or vector, whose option
+    values the method resolved), set the method up on its device (no training)."""
     dev = pick_device(settings.device)
     seed_everything(spec.seed)
     data = task.load(settings.data_root, spec.seed, budget=spec.budget)
+    if data.kind != task.kind:
+        raise BenchError(f"task {spec.task!r} declares kind {task.kind!r} but its data is {data.kind} data: "
+                         f"set its class attribute kind = {data.kind!r}")
     method.check_setting(data)
-    if check_options:
-        check_options_apply(spec, method, data.is_image)
     bf16, compile = settings.bf16, settings.compile
     run = FitContext(rundir, device=dev, seed=spec.seed, budget=Budget(spec.budget), bf16=bf16, compile=compile,
                      checkpoint_every=settings.checkpoint_every, progress=settings.progress)
@@ -179,7 +179,7 @@ def restore(p: Prepared, warn: Log) -> str:
         return "restored" if p.run.restore() else "none"
     except store.CorruptFile as exc:
         quarantine(exc, warn, "training again from scratch")
-        set_up(p, type(p.method)(budget=p.spec.budget, **p.method.given_options))
+        set_up(p, type(p.method)(budget=p.spec.budget, kind=p.method.kind, **p.method.given_options))
         return "corrupt"
 
 
@@ -331,7 +331,7 @@ def run_one(spec: RunSpec, settings: Settings, *, log: Log = print, warn: Log | 
 
 def _run_locked(spec: RunSpec, rundir: Path, method: Method, task: Task, settings: Settings, *, log: Log,
                 warn: Log) -> dict[str, Any]:
-    p = prepare(spec, rundir, method, task, settings, check_options=True)
+    p = prepare(spec, rundir, method, task, settings)
     attach_probe(p)
     bf16, compile = bool(settings.bf16), bool(settings.compile)
     fit_from = share_fit(rundir, spec, method, task, bf16=bf16, log=log)

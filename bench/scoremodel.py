@@ -56,19 +56,18 @@ def score_lr() -> Option:
     return Option(2e-4, cpu=CPU_SCORE_LR, help="Adam lr of the score model (cpu: measured, bench.scoremodel)")
 
 
-def training_options(prefix: str, steps: Option, toy_steps: Option | None = None, batch: Option | None = None,
+def training_options(prefix: str, steps: Option, vector_steps: Option | None = None, batch: Option | None = None,
                      lr: float | Option = 2e-4, warmup: int = 200, ema: float = 0.999) -> dict[str, Option]:
-    """Training of one network: ``{prefix}_steps`` etc. on images, ``toy_{prefix}_*`` on vectors."""
+    """Training of one network: ``{prefix}_steps``, ``_batch``, ``_lr`` (each with its value on vector tasks),
+    ``_warmup``, ``_grad_clip``, ``_ema``."""
+    lr = lr if isinstance(lr, Option) else Option(lr)
     return {
-        f"{prefix}_steps": steps,
-        f"{prefix}_batch": batch or Option(smoke=16, cpu=64, fast=128, paper=128),
-        f"{prefix}_lr": lr if isinstance(lr, Option) else Option(lr),
+        f"{prefix}_steps": steps.on_vectors(vector_steps or Option(smoke=2000, cpu=4000, fast=10_000, paper=10_000)),
+        f"{prefix}_batch": (batch or Option(smoke=16, cpu=64, fast=128, paper=128)).on_vectors(256),
+        f"{prefix}_lr": lr.on_vectors(1e-3),
         f"{prefix}_warmup": Option(warmup, help="linear learning-rate warm-up steps"),
         f"{prefix}_grad_clip": Option(1.0, type=float, help="gradient-norm clip (0: none)"),
         f"{prefix}_ema": Option(ema, help="EMA decay of the weights used for sampling"),
-        f"toy_{prefix}_steps": toy_steps or Option(smoke=2000, cpu=4000, fast=10_000, paper=10_000),
-        f"toy_{prefix}_batch": Option(256),
-        f"toy_{prefix}_lr": Option(1e-3),
     }
 
 
@@ -85,7 +84,7 @@ def tiny_options(*prefixes: str) -> dict[str, Any]:
     """Networks and training runs small enough for the shared contract test (``test_options``)."""
     out: dict[str, Any] = {"unet_base": 8, "unet_mults": [1, 2], "mlp_hidden": 16, "mlp_depth": 2}
     for p in prefixes:
-        out.update({f"{p}_steps": 4, f"{p}_batch": 8, f"toy_{p}_steps": 4, f"toy_{p}_batch": 8, f"{p}_warmup": 1})
+        out.update({f"{p}_steps": 4, f"{p}_batch": 8, f"{p}_warmup": 1})
     return out
 
 
@@ -94,11 +93,6 @@ def check_same_shape(method, data, why: str) -> None:
     if data.source_shape != data.shape:
         raise BenchError(f"{method.name} {why}, so source and target need one shape; got {data.source_shape} "
                          f"and {data.shape}: resize the task's sources")
-
-
-def setting(o: dict[str, Any], prefix: str, key: str, image: bool) -> Any:
-    """``o[prefix_key]`` on images, ``o[toy_prefix_key]`` on vectors."""
-    return o[f"{prefix}_{key}" if image else f"toy_{prefix}_{key}"]
 
 
 # -- networks -----------------------------------------------------------------------------------
@@ -185,7 +179,7 @@ class ScoreModel(nn.Module):
         self.shape, self.prefix = tuple(shape), prefix
         self.net, self.work_shape = network(self.shape, o)
         self.image = len(self.shape) == 3
-        self.ema = EMA(self.net, decay=setting(o, prefix, "ema", True))
+        self.ema = EMA(self.net, decay=o[f"{prefix}_ema"])
         self.sde = VPSDE(o["beta_min"], o["beta_max"])
 
     def prep(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,11 +195,10 @@ class ScoreModel(nn.Module):
             self.net.to(memory_format=torch.channels_last)
             self.ema.module.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
-        p, img = self.prefix, self.image
-        fit_network(method, run, self.net, self.ema,
-                    dsm_batches(x, self.sde, setting(o, p, "batch", img), o["score_weighting"]),
-                    loop=name, stream=f"{method.name}-{name}", optimizer=name, steps=setting(o, p, "steps", img),
-                    lr=setting(o, p, "lr", img), warmup=o[f"{p}_warmup"], grad_clip=o[f"{p}_grad_clip"])
+        p = self.prefix
+        fit_network(method, run, self.net, self.ema, dsm_batches(x, self.sde, o[f"{p}_batch"], o["score_weighting"]),
+                    loop=name, stream=f"{method.name}-{name}", optimizer=name, steps=o[f"{p}_steps"],
+                    lr=o[f"{p}_lr"], warmup=o[f"{p}_warmup"], grad_clip=o[f"{p}_grad_clip"])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return in_rows(self.ema, x, t)  # sampling on the CPU: 128 rows a call

@@ -13,7 +13,6 @@ from .api import Method, Task
 from .budgets import Budget
 from .context import pick_device
 from .errors import BenchError
-from .options import check_path
 from .registry import _plain, get_method, get_task, options_variant
 from .schema import options_digest
 
@@ -41,7 +40,7 @@ class RunSpec:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise BenchError(f"seed {self.seed!r} must be an integer >= 0, e.g. --seeds 0,1,2")
         task = get_task(self.task)(**self.task_options)
-        method = get_method(self.method)(budget=self.budget, **self.options)
+        method = get_method(self.method)(budget=self.budget, kind=task.kind, **self.options)
         return method, task
 
     def directory(self, out: Path) -> Path:
@@ -91,14 +90,6 @@ class Settings:
             raise BenchError(f"--checkpoint-every {every!r}: pass a number of seconds >= 0")
 
 
-def check_options_apply(spec: RunSpec, method: Method, is_image: bool) -> None:
-    """A one-line BenchError for a given option that this kind of task (images or vectors) never reads
-    (:func:`bench.options.check_path`): the run would record and hash a setting that changed nothing."""
-    check_path(f"method {spec.method!r}", type(method).default_options,
-               {k: method.options[k] for k in method.given_options}, spec.budget, is_image=is_image,
-               task=spec.task, prefix=f"{spec.method}.")
-
-
 def variant(spec: RunSpec, method: Method, task: Task) -> str:
     """A short label of the options that differ from the budget's defaults ('' for defaults)."""
     return options_variant(spec.method, spec.budget, spec.task, method.options, task.options)
@@ -117,7 +108,7 @@ def rerun_command(spec: RunSpec, rundir: Path, *, force: bool = False) -> str:
                 pass
         return f"{key}={text}"
 
-    base = _plain(get_method(spec.method).resolve_options(spec.budget, {}))
+    base = _plain(get_method(spec.method).resolve_options(spec.budget, {}, get_task(spec.task).kind))
     tbase = _plain(get_task(spec.task)().options)
     args = ["bench", "run", "--methods", spec.method, "--task", spec.task, "--seeds", str(spec.seed),
             "--budget", spec.budget, "--out", str(Path(rundir).parent.parent.parent)]

@@ -239,20 +239,10 @@ def render(out: Path, task_cls, fmt: str = "markdown", budget: str | None = None
                    "rows' seed std, and never on smoke."
                  + (f" `paper`: the value published in {task_cls.paper_source} (protocols differ; see PROTOCOL.md)."
                     if getattr(task_cls, "paper_source", "") else ""))
-        judges = sorted(df["classifier_sha256"].dropna().unique()) if "classifier_sha256" in df else []
-        if len(judges) > 1:  # e.g. the digits classifier trained on CPUs with other instruction sets
-            text += (f"\n\nThese rows were judged by {len(judges)} different classifiers (sha256 "
-                     f"{', '.join(j[:8] for j in judges)}...): their accuracy-type metrics are not strictly comparable; "
-                     f"re-evaluate the stored samples on one machine (`bench eval RUN_DIR`) to compare them.")
-        if "classifier_sha256" in df:
-            judged = df["classifier_sha256"].notna()
-            noisy = df["classifier_test_acc_noisy"] if "classifier_test_acc_noisy" in df else pd.Series(index=df.index)
-            fragile = int((judged & noisy.isna()).sum())
-            if fragile:  # rows judged before the classifier learned to ignore pixel noise (cnn16-v1)
-                text += (f"\n\n{fragile} of these rows were judged by a classifier with no noise-robustness record "
-                         f"(`classifier_test_acc_noisy`: the first, noise-fragile judge, which reads faint pixel noise "
-                         f"as one class): their accuracy-type metrics understate outputs that carry noise; "
-                         f"re-evaluate their stored samples (`bench eval RUN_DIR`).")
+        rows = [{k: v for k, v in r.items() if not (isinstance(v, float) and v != v)}  # pandas' NaN: absent
+                for r in df.to_dict("records")]
+        for note in task_cls.table_notes(rows) if task_cls is not None else ():
+            text += "\n\n" + note
     return text
 
 

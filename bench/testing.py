@@ -90,6 +90,7 @@ class TinyImagesTask(_TinyTask):
 
 class TinyVectorsTask(_TinyTask):
     name = "tiny-vectors"
+    kind = "vector"
     setting = UNPAIRED
 
     def make(self, seed):
@@ -104,7 +105,7 @@ def fit_in_memory(cls, data: TaskData, seed: int = 0, **options):
     """Construct ``cls(**options)`` and fit it on ``data`` on the CPU with a throwaway run (smoke budget,
     no run directory): the plugin's own check_setting / setup / fit, as the runner calls them."""
     torch.manual_seed(seed)
-    m = cls(**options)
+    m = cls(kind=data.kind, **options)
     m.check_setting(data)
     run = FitContext(None, device="cpu", seed=seed, budget="smoke", progress=False)
     run.method = m
@@ -123,7 +124,7 @@ def fit_until_killed(cls, data: TaskData, directory, options: dict, kill_after: 
     ``(None, count)``, else ``(method, count)``: the resume tests' kill."""
     run = FitContext(directory, device="cpu", seed=0, budget="smoke", progress=False, checkpoint_every=0.0)
     torch.manual_seed(0)
-    run.method = m = cls(**options)
+    run.method = m = cls(kind=data.kind, **options)
     m.setup(data, run)
     run.restore()
     saved, count = run.checkpoint, [0]

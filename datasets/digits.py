@@ -59,7 +59,7 @@ from bench.api import DISTANCE, PERCENT, SEMI_PAIRED, BenchError, EvalContext, M
 from bench.datasets import otcs_table1
 from bench.glyph import MNIST_STROKE_WIDTH, mnistify  # noqa: F401  (the task's own recipe, re-exported)
 from bench.locks import cache_entry_lock
-from bench.metrics.classifier import judge_label, load_or_train, predict
+from bench.metrics.classifier import judge_label, judge_notes, load_or_train, predict
 from bench.metrics.fid import fid_against
 from bench.metrics.frechet import feature_stats, frechet_distance
 from bench.metrics.memorisation import copy_share
@@ -222,6 +222,10 @@ class DigitsTask(Task):
     @classmethod
     def row_label(cls, row):
         return judge_label(row, cls.pinned_judges)
+
+    @classmethod
+    def table_notes(cls, rows):
+        return judge_notes(rows)
     data_files = (*MNIST_FILES, CHINESE_MNIST_FILE)
     default_options = {
         # the paper resizes the 64x64 images to 28x28 ("plain"); "mnist-style" is this project's

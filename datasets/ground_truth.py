@@ -80,6 +80,7 @@ class KnownMapTask(Task):
 
     family_name: ClassVar[str] = ""
     dim: ClassVar[int] = 2
+    kind = "vector"
     setting = UNPAIRED
     metrics = (L2_UVP, BW2_UVP, COS)
     eval_sizes = {"smoke": 512, "cpu": None, "fast": None, "paper": None}
@@ -295,6 +296,7 @@ CLUSTER_OFFSET = 1.0
 class ClustersTask(Task):
     name = "clusters-16"
     dim = 16
+    kind = "vector"
     setting = SEMI_PAIRED
     metrics = (CLUSTER_HIT, L2_UVP, BW2_UVP)
     description = ("16-D semi-paired: 4 source clusters, 4 target clusters each nearest its source cluster; the "

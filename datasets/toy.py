@@ -41,6 +41,7 @@ TAU_REL = 0.1
 
 
 class _ToyTask(Task):
+    kind = "vector"
     eval_sizes = {"smoke": None, "cpu": None, "fast": None, "paper": None}
     probes: torch.Tensor
 

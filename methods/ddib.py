@@ -62,9 +62,8 @@ class DDIB(Method):
         "encoder": Option("ddim", choices=ode.ENCODERS, help="deterministic encoder/decoder (authors: ddim)",
                 authors='ddim', source='suxuann/ddib scripts/imagenet_translation.py (ddim_reverse_sample_loop)'),
         # paper: the authors run DDIM over all 1000 steps of their chain (no respacing)
-        "ddim_steps": Option(smoke=8, cpu=25, fast=100, paper=1000, help="steps of each ODE on images",
+        "ddim_steps": Option(smoke=8, cpu=25, fast=100, paper=1000, vector=200, help="steps of each ODE",
                 authors=1000, source='suxuann/ddib scripts/imagenet_translation.py (DDIM over all 1,000 steps)'),
-        "toy_ddim_steps": Option(200, help="steps of each ODE on vector tasks"),
         # authors: the DDIM decoder clips x0_hat to [-1, 1] (guided-diffusion's clip_denoised), the encoder does not
         "clip_x0": Option(True, help="clip the x0 prediction to [-1, 1] while DDIM-decoding images (authors)",
                 authors=True, source='suxuann/ddib scripts/imagenet_translation.py (decoder clip_denoised=True)'),
@@ -76,16 +75,15 @@ class DDIB(Method):
         "the encoder ends at alpha(T) = 0.0066 of the continuous VP-SDE where the authors' last step uses alpha_bar_next = 0",
     )
     state_attrs = ("source_model", "target_model")  # each domain's score network and its EMA
-    test_options: dict[str, Any] = {**tiny_options("score"), "ddim_steps": 3, "toy_ddim_steps": 3, "cycle_n": 8}
+    test_options: dict[str, Any] = {**tiny_options("score"), "ddim_steps": 3, "cycle_n": 8}
 
     def __init__(self, budget: str = "smoke", **options: Any) -> None:
         super().__init__(budget, **options)
         self.extra_state: dict[str, Any] = {}
-        self.is_image = True
 
     @property
     def steps(self) -> int:
-        return int(self.options["ddim_steps"] if self.is_image else self.options["toy_ddim_steps"])
+        return int(self.options["ddim_steps"])
 
     @property
     def nfe(self) -> int:
@@ -97,7 +95,7 @@ class DDIB(Method):
 
     # -- setup: one model per domain -----------------------------------------------------------
     def setup(self, data: TaskData, run) -> None:
-        self.is_image = data.is_image
+        self.check_kind(data)
         self.source_model = ScoreModel(data.source_shape, self.options)
         self.target_model = ScoreModel(data.shape, self.options)
 

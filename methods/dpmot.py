@@ -77,17 +77,19 @@ class DPMOT(Method):
              "studies/dpmot_generation/ runs the paper's own few-step generation claim.")
     default_options: dict[str, Any] = {
         # score model (target domain, unconditional)
-        "score_steps": Option(smoke=100, cpu=4000, fast=8000, paper=300_000),
+        "steps": Option(smoke=100, cpu=4000, fast=8000, paper=300_000, help="score model updates"),
         "batch_size": Option(smoke=32, cpu=64, fast=128, paper=128),
         "lr": score_lr(),
         "warmup": 200,
         "grad_clip": Option(1.0, type=float),
-        "ema_decay": 0.999,
-        "weighting": Option("sigma2", choices=("sigma2", "g2"), help="eps-MSE (DDPM) or likelihood weighting"),
-        "base": Option(smoke=16, cpu=16, fast=64, paper=64, help="UNet width"),
-        "num_res_blocks": Option(smoke=1, cpu=1, fast=2, paper=2),
-        "attention": Option(smoke=False, cpu=False, fast=True, paper=True, help="self-attention at half resolution"),
-        "hidden": Option(256, help="ScoreMLP width (vector tasks)"),
+        "ema": 0.999,
+        "loss_weighting": Option("sigma2", choices=("sigma2", "g2"), help="eps-MSE (DDPM) or likelihood weighting"),
+        "unet_base": Option(smoke=16, cpu=16, fast=64, paper=64, help="UNet width"),
+        "unet_blocks": Option(smoke=1, cpu=1, fast=2, paper=2, help="residual blocks per level"),
+        "unet_attention": Option(smoke=[], cpu=[], fast=[1], paper=[1], type=list,
+                                 help="UNet levels with self-attention (0 = full resolution, 1 = half)"),
+        "mlp_hidden": Option(256, help="ScoreMLP width (vector tasks)"),
+        "mlp_depth": Option(3, help="ScoreMLP hidden layers (vector tasks)"),
         "beta_min": 0.1,
         "beta_max": 20.0,
         # the OT expressway
@@ -113,7 +115,11 @@ class DPMOT(Method):
     # images diffused with noise from the run's stream on the run's device, drawn once: a restore on another device
     # could not redraw them)
     state_attrs = ("net", "ema", "ot")
-    test_options = {"score_steps": 20, "batch_size": 32, "base": 8, "num_res_blocks": 1, "hidden": 32,
+    options_before = {"mlp_depth": 3}  # the ScoreMLP's depth before it was an option
+    renamed_options = {"score_steps": "steps", "ema_decay": "ema", "weighting": "loss_weighting", "base": "unet_base",
+                       "num_res_blocks": "unet_blocks", "hidden": "mlp_hidden",
+                       "attention": ("unet_attention", {False: [], True: [1]})}
+    test_options = {"steps": 20, "batch_size": 32, "unet_base": 8, "unet_blocks": 1, "mlp_hidden": 32,
                     "warmup": 5, "ot_steps": 30, "ot_batch": 128, "M": 3, "max_latents": 64}
 
     # -- setup ------------------------------------------------------------------------------
@@ -126,23 +132,22 @@ class DPMOT(Method):
             raise BenchError("dpmot needs 0 < t_M <= 1 and M >= 1")
 
     def setup(self, data: TaskData, run) -> None:
+        self.check_kind(data)
         o = self.options
         self.sde = VPSDE(o["beta_min"], o["beta_max"])
-        self.is_image = data.is_image
         self.data_shape = data.shape
         if data.is_image:
             c, h, w = data.shape
             mults = (1, 2, 2) if max(h, w) >= 16 else (1, 2)
             side = canvas_side(h, w, multiple=2 ** (len(mults) - 1))
             self.work_shape = (c, side, side)
-            self.net = UNet(c, c, base=o["base"], mults=mults,
-                            num_res_blocks=o["num_res_blocks"],
-                            attention_resolutions=(side // 2,) if o["attention"] else (),
+            self.net = UNet(c, c, base=o["unet_base"], mults=mults, num_res_blocks=o["unet_blocks"],
+                            attention_resolutions=tuple(side // 2 ** int(k) for k in o["unet_attention"]),
                             image_size=side)
         else:
             self.work_shape = tuple(data.shape)
-            self.net = ScoreMLP(int(data.shape[0]), hidden=o["hidden"], depth=3)
-        self.ema = EMA(self.net, o["ema_decay"])
+            self.net = ScoreMLP(int(data.shape[0]), hidden=o["mlp_hidden"], depth=o["mlp_depth"])
+        self.ema = EMA(self.net, o["ema"])
         n_lat = len(data.target_train)
         cap = o["max_latents"]
         if cap is not None:
@@ -177,8 +182,8 @@ class DPMOT(Method):
             target = target.contiguous(memory_format=torch.channels_last)
 
         # 1. unconditional score model of the target domain (the shared EMA training loop)
-        fit_network(self, run, self.net, self.ema, dsm_batches(target, sde, o["batch_size"], o["weighting"]),
-                    loop="score", stream="dpmot-score", optimizer="score", steps=o["score_steps"], lr=o["lr"],
+        fit_network(self, run, self.net, self.ema, dsm_batches(target, sde, o["batch_size"], o["loss_weighting"]),
+                    loop="score", stream="dpmot-score", optimizer="score", steps=o["steps"], lr=o["lr"],
                     warmup=o["warmup"], grad_clip=o["grad_clip"])
 
         # 2. the discrete latent set: target training images diffused once to t_M

@@ -84,7 +84,7 @@ AUTHORS_DOWN_FACTOR = 32
 AUTHORS_LAMBDA_S, AUTHORS_LAMBDA_I = 500.0, 2.0
 # ``authors_faithfulness_pull`` on the AFHQ samples of clovaai/stargan-v2 (assets/representative/afhq: 15 cats,
 # 13 dogs, resized to 256 px): the median over the 195 cat -> dog pairs of sigma ||lambda_i grad_y E_i|| / sqrt(d);
-# tests/test_baselines_diffusion.py recomputes it where the samples are present
+# tests/test_egsde.py recomputes it where the samples are present
 AUTHORS_FAITHFULNESS_PULL = 0.467
 REALISM_PULL = AUTHORS_FAITHFULNESS_PULL  # stated: realism pulls as hard as the authors' faithfulness term
 
@@ -183,9 +183,8 @@ class EGSDE(Method):
             "256 px; 1 at 28 px, the mean ink only: module docstring); recorded as bound_lowpass_side"),
             authors=AUTO, source="ML-GSAI/EGSDE profiles/cat2dog/args.py, runners/egsde.py (down_N = 32: images "
             "resized to image_size / 32, 8 px at 256 px)"),
-        "sde_steps": Option(smoke=10, cpu=30, fast=500, paper=500, help="reverse-SDE steps from t0 (NFE)",
+        "sde_steps": Option(smoke=10, cpu=30, fast=500, paper=500, vector=200, help="reverse-SDE steps from t0 (NFE)",
                 authors=500, source='ML-GSAI/EGSDE profiles/cat2dog, runners/egsde.py (500 ancestral steps)'),
-        "toy_sde_steps": Option(200),
     }
     # rows stored before the auto rule ran with lambda_s 500, lambda_i 2, lowpass_side 8 (recorded, so they read as
     # those variants); weight_pairs did not exist and changed nothing there
@@ -198,8 +197,8 @@ class EGSDE(Method):
         "low-pass: average-pool and bilinear up-sampling in place of the authors' bicubic Resizer (ILVR); the side keeps their factor 32 (1 px on 28-px digits: the mean ink only)",
     )
     state_attrs = ("target_model", "classifier")  # the score network and its EMA; the domain classifier
-    test_options: dict[str, Any] = {**tiny_options("score"), "cls_steps": 4, "toy_cls_steps": 4, "cls_batch": 8,
-                                    "toy_cls_batch": 8, "cls_width": 8, "sde_steps": 3, "toy_sde_steps": 3}
+    test_options: dict[str, Any] = {**tiny_options("score"), "cls_steps": 4, "cls_batch": 8, "cls_width": 8,
+                                    "sde_steps": 3}
 
     def __init__(self, budget: str = "smoke", **options: Any) -> None:
         super().__init__(budget, **options)
@@ -218,12 +217,11 @@ class EGSDE(Method):
                              "pass e.g. --opt lowpass_side=auto")
         o["lowpass_side"] = v if v == AUTO else int(v)
         self.extra_state: dict[str, Any] = {}
-        self.is_image = True
         self.lowpass = 1  # the low-pass side the sampler uses (setup resolves auto)
 
     @property
     def nfe(self) -> int:
-        return int(self.options["sde_steps"] if self.is_image else self.options["toy_sde_steps"])
+        return int(self.options["sde_steps"])
 
     def check_setting(self, data: TaskData) -> None:
         super().check_setting(data)
@@ -231,8 +229,8 @@ class EGSDE(Method):
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self, data: TaskData, run) -> None:
+        self.check_kind(data)
         o = self.options
-        self.is_image = data.is_image
         self.target_model = ScoreModel(data.shape, o)
         self.classifier = DomainClassifier(self.target_model.work_shape, int(o["cls_width"]),
                                            int(o["mlp_hidden"]), int(o["mlp_depth"]))
@@ -248,8 +246,7 @@ class EGSDE(Method):
         # 2. the domain classifier on noisy source (0) and target (1) samples
         xs, yt = model.prep(data.source_train).to(dev), model.prep(data.target_train).to(dev)
         fit_domain_classifier(self, run, self.classifier, xs, yt, model.sde,
-                              batch=int(o["cls_batch"] if self.is_image else o["toy_cls_batch"]),
-                              steps=int(o["cls_steps"] if self.is_image else o["toy_cls_steps"]),
+                              batch=int(o["cls_batch"]), steps=int(o["cls_steps"]),
                               lr=float(o["cls_lr"]), weight_decay=float(o["cls_weight_decay"]),
                               loop="domain-classifier", stream="egsde-classifier", optimizer="classifier")
         # 3. the energies' pulls on training pairs, and the weights the auto rule gives (module docstring)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from bench.api import BenchError
-from bench.mapmodel import SaddleMap
+from bench.mapmodel import VECTOR_STEPS, SaddleMap
 from bench.options import Option
 
 KERNELS = ("distance", "gaussian", "laplacian")
@@ -85,9 +85,9 @@ class KNOT(SaddleMap):
         # inputs, so 600
         # cpu: sized so that the whole run (fit + transport + evaluation) stays within the 45-minute cap on a 2-core
         # CPU; each row records its measured minutes per stage (`timings`), studies/cpu_perf has the step costs
-        "steps": Option(smoke=3, cpu=600, fast=4000, paper=100_000, help="outer steps",
+        "steps": Option(smoke=3, cpu=600, fast=4000, paper=100_000, vector=VECTOR_STEPS, help="outer steps",
                 authors=100000, source='iamalexkorotin/KernelNeuralOptimalTransport notebooks (kernel NOT training) (MAX_STEPS 100k)'),
-        "batch_size": Option(smoke=4, cpu=16, fast=64, paper=64,
+        "batch_size": Option(smoke=4, cpu=16, fast=64, paper=64, vector=64,
                 authors=64, source='iamalexkorotin/KernelNeuralOptimalTransport notebooks (kernel NOT training) (BATCH_SIZE 64)'),
         "distance_per_dim": Option(False, help="divide the distance kernel by sqrt(D) (authors: no)"),
         "noise": Option("cond-norm", choices=("channel", "cond-norm")),

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from bench.api import BenchError
-from bench.mapmodel import SaddleMap
+from bench.mapmodel import VECTOR_STEPS, SaddleMap
 from bench.options import Option
 
 COSTS = ("strong", "weak")
@@ -65,7 +65,7 @@ class NOT(SaddleMap):
         # input with the critic still improving, so 600
         # cpu: sized so that the whole run (fit + transport + evaluation) stays within the 45-minute cap on a 2-core
         # CPU; each row records its measured minutes per stage (`timings`), studies/cpu_perf has the step costs
-        "steps": Option(smoke=24, cpu=600, fast=4000, paper=100_000, help="outer steps (authors: 100k)",
+        "steps": Option(smoke=24, cpu=600, fast=4000, paper=100_000, vector=VECTOR_STEPS, help="outer steps (authors: 100k)",
                 authors=100000, source='iamalexkorotin/NeuralOptimalTransport notebooks/NOT_training_strong.ipynb, NOT_training_weak.ipynb (MAX_STEPS 100k)'),
     }
     compared_against = 'iamalexkorotin/NeuralOptimalTransport (notebooks/NOT_training_strong.ipynb, NOT_training_weak.ipynb; src/resnet2.py, src/unet.py)'

@@ -55,29 +55,27 @@ class OTICNN(Method):
         # cpu: sized so that the whole run (fit + transport + evaluation) stays within the 45-minute cap on a 2-core
         # CPU; each row records its measured minutes per stage (`timings`), studies/cpu_perf has the step costs
         "steps": Option(smoke=100, cpu=3000, fast=10_000, paper=40_000,
+                        vector=Option(smoke=300, cpu=2000, fast=5000, paper=5000),
                         help="updates of f (authors, 784-d: 40 epochs of 1000 batches)",
                 authors=40000, source='AmirTag/OT-ICNN High_dim_experiments/Gaussian_to_Gaussian.py (40 epochs of 1,000 batches)'),
-        "inner_steps": Option(16, help="updates of g per update of f (authors, 784-d: 16)",
+        "inner_steps": Option(16, vector=10, help="updates of g per update of f (authors, 784-d: 16; 2-D: 10)",
                 authors=16, source='AmirTag/OT-ICNN High_dim_experiments/Gaussian_to_Gaussian.py'),
-        "batch_size": Option(smoke=32, cpu=60, fast=60, paper=60, help="authors: 60"),
-        "map_lr": Option(1e-4, help="g's lr (authors: 1e-4)"),
-        "critic_lr": Option(1e-4, help="f's lr (authors: 1e-4)"),
+        "batch_size": Option(smoke=32, cpu=60, fast=60, paper=60, vector=64, help="authors: 60"),
+        # vectors: 1e-3 had not converged on toy1d after 300 steps
+        "map_lr": Option(1e-4, vector=3e-3, help="g's lr (authors: 1e-4)"),
+        "critic_lr": Option(1e-4, vector=3e-3, help="f's lr (authors: 1e-4)"),
         "lr_halve_every": Option(2000, help="images: halve both lrs every this many updates of f (authors: every "
-                                            "2 epochs of 1000 batches); 0 = lr_schedule decides"),
+                                            "2 epochs of 1000 batches); 0 (and vectors) = lr_schedule decides"),
         "betas": Option([0.5, 0.99], help="Adam betas (authors: 0.5, 0.99)"),
         "weight_decay": Option(1e-5, help="Adam weight decay (authors: 1e-5)"),
         "lambda_cvx": Option(0.1, help="g's penalty on negative weights (authors: 0.1); 0 = clamp g after every update",
                 authors=0.1, source='AmirTag/OT-ICNN High_dim_experiments/Gaussian_to_Gaussian.py'),
-        "hidden": Option(smoke=128, cpu=512, fast=1024, paper=1024, help="ICNN width (authors: 1024)",
-                authors=1024, source='AmirTag/OT-ICNN High_dim_experiments/Gaussian_to_Gaussian.py'),
-        "depth": Option(3, help="ICNN hidden layers (authors: 3)"),
-        "toy_steps": Option(smoke=300, cpu=2000, fast=5000, paper=5000, help="vectors: updates of f"),
-        "toy_inner_steps": Option(10, help="vectors: updates of g per update of f (authors' 2-D: 10)"),
-        "toy_batch_size": 64,
-        "toy_lr": Option(3e-3, help="vectors: lr of f and g (toy1d: 1e-3 had not converged after 300 steps)"),
-        "toy_lr_schedule": Option("constant", choices=("constant", "multistep", "cosine"), help="vectors"),
-        "toy_hidden": 64,
+        "potential_hidden": Option(smoke=128, cpu=512, fast=1024, paper=1024, vector=64,
+                                   help="ICNN width (authors: 1024)",
+                                   authors=1024, source='AmirTag/OT-ICNN High_dim_experiments/Gaussian_to_Gaussian.py'),
+        "potential_depth": Option(3, help="ICNN hidden layers (authors: 3)"),
     }
+    renamed_options = {"hidden": "potential_hidden", "depth": "potential_depth"}
     compared_against = 'AmirTag/OT-ICNN @6caa9b9 (High_dim_experiments/Gaussian_to_Gaussian.py, icnn_modules.py)'
     deviations = (
         'batches: a fresh batch for every g update and for the f update, where the authors reuse one (x, y) pair of batches for all 16 g steps and the f step',
@@ -87,8 +85,8 @@ class OTICNN(Method):
     )
     # the two ICNNs and the trainer's random stream; centre and spread are recomputed by setup from the data
     state_attrs = ("f", "g", "saddle")
-    test_options: dict[str, Any] = {"steps": 3, "toy_steps": 3, "inner_steps": 2, "toy_inner_steps": 2,
-                                    "batch_size": 8, "toy_batch_size": 8, "hidden": 16, "toy_hidden": 16, "depth": 2}
+    test_options: dict[str, Any] = {"steps": 3, "inner_steps": 2, "batch_size": 8, "potential_hidden": 16,
+                                    "potential_depth": 2}
 
     def check_setting(self, data: TaskData) -> None:
         super().check_setting(data)
@@ -98,20 +96,18 @@ class OTICNN(Method):
                              f"{d_tgt}; resize the task")
 
     def setup(self, data: TaskData, run) -> None:
+        self.check_kind(data)
         o = self.options
         self.shape = data.shape
         dim = int(torch.Size(data.shape).numel())
-        image = data.is_image
-        hidden = o["hidden"] if image else o["toy_hidden"]
-        self.f, self.g = ICNN(dim, hidden, o["depth"]), ICNN(dim, hidden, o["depth"])
-        self.batch_size = o["batch_size"] if image else o["toy_batch_size"]
-        every = int(o["lr_halve_every"])
+        hidden, depth = o["potential_hidden"], o["potential_depth"]
+        self.f, self.g = ICNN(dim, hidden, depth), ICNN(dim, hidden, depth)
+        self.batch_size = o["batch_size"]
+        every = int(o["lr_halve_every"]) if self.is_image else 0
         halvings = {"lr_schedule": "multistep", "lr_decay": 0.5,  # as fractions of the steps, for the trainer
                     "lr_milestones": [k * every / o["steps"] for k in range(1, -(-o["steps"] // every))]} if every else {}
-        resolved = {**o, **halvings} if image else {**o, "steps": o["toy_steps"], "inner_steps": o["toy_inner_steps"],
-                                                    "map_lr": o["toy_lr"], "critic_lr": o["toy_lr"],
-                                                    "lr_schedule": o["toy_lr_schedule"]}
-        self.saddle = SaddleTrainer.from_options(self.g.parameters(), self.f.parameters(), resolved, run, method=self)
+        self.saddle = SaddleTrainer.from_options(self.g.parameters(), self.f.parameters(), {**o, **halvings}, run,
+                                                 method=self)
         # f and g work in standardised coordinates z = (x - m) / s with one common shift m and one scalar
         # scale s for both domains (pooled mean and std), under which the quadratic-cost OT map is
         # equivariant: T(x) = m + s T_z((x - m) / s); the networks see inputs of order one

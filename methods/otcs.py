@@ -186,7 +186,7 @@ class OTCS(Method):
         "h_max_nnz": Option(300_000_000, help="memory guard: more stored entries is an error"),
         "h_mask": Option(False, help="apply the keypoint mask when computing H (authors: no)"),
         "h_block": Option(None, type=int, help="rows per block; null: 256 (CPU) / 2048 (GPU)"),
-        # stage II: conditional score model (images; the toy_* options apply to vector tasks)
+        # stage II: conditional score model (a UNet on images, an MLP on vectors)
         "loss_weighting": Option("sigma2", choices=WEIGHTINGS,
                                  help="sigma2: plain eps-MSE, uniform t (authors); g2: likelihood weighting; "
                                       "v: velocity MSE (eps-MSE / alpha^2)"),
@@ -199,14 +199,12 @@ class OTCS(Method):
         # cpu, measured on the first cpu run (2026-11-25): 3000 steps left the score model unable to generate
         # (Acc 10 %, faint strokes; results/digits/PROTOCOL.md); a step costs 0.22 s, and stage I + H + bounds +
         # transport + evaluation took 21 min, so 6000 steps (~22 min) keep the whole run near 45 min
-        "steps": Option(smoke=150, cpu=6000, fast=12_000, paper=100_000),
-        "batch_size": Option(smoke=16, cpu=64, fast=128, paper=128),
+        "steps": Option(smoke=150, cpu=6000, fast=12_000, paper=100_000,
+                        vector=Option(smoke=2000, cpu=4000, fast=10_000, paper=10_000)),
+        "batch_size": Option(smoke=16, cpu=64, fast=128, paper=128, vector=Option(smoke=256, cpu=256, fast=512, paper=512)),
         # lr: the authors' 2e-4; on `cpu` the lr measured by scripts/otcs_lr_study.py (held-out conditional eps-MSE
         # on held-out training rows after 2,000 steps: 0.0087 at 2e-4, 0.0069 at 2e-3; results/digits/otcs_lr_study)
-        "lr": score_lr(),
-        "toy_steps": Option(smoke=2000, cpu=4000, fast=10_000, paper=10_000),
-        "toy_batch_size": Option(smoke=256, cpu=256, fast=512, paper=512),
-        "toy_lr": 1e-3,
+        "lr": score_lr().on_vectors(1e-3),
         "ema": Option(0.999, authors=0.9999, source='XJTU-XGU/OTCS runners/ddpm.py (EMA 0.9999)'),
         "beta_min": 0.1,
         "beta_max": 20.0,
@@ -222,8 +220,8 @@ class OTCS(Method):
         # (sampling=True: transport-only, so runs differing only in these share one fit)
         "sampler": Option("sde", choices=SAMPLERS, sampling=True),
         "sde_steps": Option(smoke=20, cpu=100, fast=1000, paper=1000, sampling=True,
+                            vector=Option(smoke=100, cpu=100, fast=1000, paper=1000),
                 authors=1000, source='XJTU-XGU/OTCS functions/denoising.py (1,000 DDPM steps)'),
-        "toy_sde_steps": Option(smoke=100, cpu=100, fast=1000, paper=1000, sampling=True),
         "clip_x0": Option(True, sampling=True, help="clip the x0 prediction to [-1, 1] while sampling images (authors)"),
         "denoise": Option(True, sampling=True, help="last step returns the x0 prediction (no leftover noise)"),
         "ddim_steps": Option(100, sampling=True),
@@ -262,7 +260,7 @@ class OTCS(Method):
         "ot_steps": 30, "ot_batch": 16, "potential_hidden": 16, "potential_depth": 2, "steps": 4,
         "batch_size": 8, "unet_base": 8, "unet_mults": [1, 2], "unet_blocks": 1, "unet_attention": [],
         "mlp_hidden": 16, "mlp_depth": 2, "sde_steps": 3, "epsilon": None, "epsilon_rel": 0.1,
-        "h_threshold": 0.0, "toy_steps": 4, "toy_batch_size": 8, "toy_sde_steps": 3,
+        "h_threshold": 0.0,
     }
 
     def __init__(self, budget: str = "smoke", **options: Any) -> None:
@@ -280,7 +278,6 @@ class OTCS(Method):
             raise BenchError("otcs guidance needs a null condition learned in stage II: pass --opt otcs.cond_drop=0.1 "
                              "(or guidance=0)")
         self.extra_state: dict[str, Any] = {}
-        self.is_image = True
 
     # -- declared properties -------------------------------------------------------------------
     @property
@@ -290,7 +287,7 @@ class OTCS(Method):
             return 0
         if o["sampler"] == "ddim":
             return int(o["ddim_steps"])
-        return int(o["sde_steps"] if self.is_image else o["toy_sde_steps"])
+        return int(o["sde_steps"])
 
     def check_setting(self, data: TaskData) -> None:
         super().check_setting(data)
@@ -332,8 +329,8 @@ class OTCS(Method):
         return fmaps.compute(mode, x, encoder=self.encoder if mode == "contrastive" else None)
 
     def setup(self, data: TaskData, run) -> None:
+        self.check_kind(data)
         o = self.options
-        self.is_image = data.is_image
         self.shape, self.source_shape = data.shape, data.source_shape
         self.semi = data.setting == SEMI_PAIRED
         self._bf16 = bool(run.bf16)  # transport under the same bf16 autocast as training
@@ -681,10 +678,8 @@ class OTCS(Method):
         """Stage II: denoising score matching of the conditional score on pairs (x_i, y_j) drawn by
         resampling-by-compatibility, EMA of the weights."""
         o, dev, P = self.options, run.device, self._prob
-        img = self.is_image
-        steps = o["steps"] if img else o["toy_steps"]
-        batch = o["batch_size"] if img else o["toy_batch_size"]
-        opt = self.optimizer("score", torch.optim.Adam(self.score.parameters(), lr=o["lr"] if img else o["toy_lr"]))
+        steps, batch = o["steps"], o["batch_size"]
+        opt = self.optimizer("score", torch.optim.Adam(self.score.parameters(), lr=o["lr"]))
         g = run.generator("otcs-stage2", device=dev)
         net = run.maybe_compile(self.score)
         for step in run.loop("otcs-stage2-score", steps):

@@ -95,10 +95,10 @@ class OTM(SaddleMap):
         # one outer step = 1 potential + K_G = 5 map updates
         # cpu: sized so that the whole run (fit + transport + evaluation) stays within the 45-minute cap on a 2-core
         # CPU; each row records its measured minutes per stage (`timings`), studies/cpu_perf has the step costs
-        "steps": Option(smoke=24, cpu=550, fast=8000, paper=95_000,
-                        help="potential updates (authors' MNIST script: 101 epochs of 937 batches)"),
         # vectors: the inner-product cost converges more slowly than NOT's on toy1d (300 steps: T(-4) = 3.1)
-        "toy_steps": Option(smoke=1000, cpu=3000, fast=5000, paper=10_000),
+        "steps": Option(smoke=24, cpu=550, fast=8000, paper=95_000,
+                        vector=Option(smoke=1000, cpu=3000, fast=5000, paper=10_000),
+                        help="potential updates (authors' MNIST script: 101 epochs of 937 batches)"),
     }
     test_options: dict[str, Any] = {**SaddleMap.test_options, "steps": 3}
     # rows stored before ``map_head`` existed had NOT's linear output

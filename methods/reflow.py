@@ -4,7 +4,7 @@ The algorithm, top to bottom:
 
 1. **1-rectified flow.**  Draw x0 from the source and x1 from the target *independently* and fit a
    velocity field v(x, t) (a UNet on images, an MLP on vectors, EMA of the weights) by one of two losses
-   (``loss`` on images, ``toy_loss`` on vectors), with x_t = t x1 + (1 - t) x0 and t ~ U[0, 1]:
+   (``loss``; its default: classifier on images, pixel on vectors), with x_t = t x1 + (1 - t) x0 and t ~ U[0, 1]:
    * ``pixel``: the rectified-flow (flow-matching) loss E || (x1 - x0) - v(x_t, t) ||^2
      (``bench.ode.flow_matching_loss``; the paper's Algorithm 1, its generation and toy experiments);
    * ``classifier`` (the default on images): the paper's image-to-image translation loss (Sec. 5.3),
@@ -48,7 +48,7 @@ from bench.api import SEMI_PAIRED, UNPAIRED, BenchError, Method, TaskData
 from bench.diffusion import EMA, VPSDE, in_rows
 from bench.domain import DomainClassifier, classifier_options, fit_domain_classifier
 from bench.options import Option
-from bench.scoremodel import (check_same_shape, fit_network, from_canvas, network, network_options, setting,
+from bench.scoremodel import (check_same_shape, fit_network, from_canvas, network, network_options,
                               tiny_options, to_canvas, training_options)
 
 
@@ -116,22 +116,20 @@ class ReFlow(Method):
                                help="source samples pushed through the flow per reflow round (null: all)"),
         "ode_method": Option("euler", choices=ode.METHODS,
                 authors='rk45', source='gnobitab/RectifiedFlow ImageGeneration configs (CIFAR-10) (adaptive RK45, tol 1e-5)'),
-        "ode_steps": Option(smoke=8, cpu=40, fast=100, paper=100,
-                            help="ODE steps on images (NFE); the authors sample with adaptive RK45"),
-        "toy_ode_steps": Option(100, help="ODE steps on vector tasks"),
+        "ode_steps": Option(smoke=8, cpu=40, fast=100, paper=100, vector=100,
+                            help="ODE steps (NFE); the authors sample with adaptive RK45"),
         "straightness_n": Option(smoke=64, cpu=256, fast=1000, paper=1000,
                                  help="held source samples the straightness is measured on"),
         # the training loss (module docstring, step 1)
         "loss": Option("classifier", choices=LOSSES, authors="classifier", source=SEC_5_3, help=(
-            "on images: classifier, the paper's translation loss ||grad h(x_t)^T (x1 - x0 - v)||^2 with h the "
-            "domain classifier's last feature map; pixel, plain flow matching ||x1 - x0 - v||^2")),
-        "toy_loss": Option("pixel", choices=LOSSES, authors="pixel", source=(
-            "Liu, Gong, Liu, ICLR 2023, Algorithm 1 and Sec. 5.1 (toy examples: the plain loss)"),
-            help="on vector tasks: pixel (plain flow matching on the coordinates) or classifier"),
+            "classifier, the paper's translation loss ||grad h(x_t)^T (x1 - x0 - v)||^2 with h the domain "
+            "classifier's last feature map (images); pixel, plain flow matching ||x1 - x0 - v||^2 (vectors)"),
+            vector=Option("pixel", authors="pixel", source=(
+                "Liu, Gong, Liu, ICLR 2023, Algorithm 1 and Sec. 5.1 (toy examples: the plain loss)"))),
         **CLASSIFIER_OPTIONS,
     }
     # rows stored before the loss option: plain flow matching, no classifier (its options then changed nothing)
-    options_before = {"loss": "pixel", "toy_loss": "pixel", **CLASSIFIER_OPTIONS}
+    options_before = {"loss": "pixel", **CLASSIFIER_OPTIONS}
     compared_against = 'gnobitab/RectifiedFlow (ImageGeneration configs, sde_lib.py, losses.py); ICLR 2023 paper Sec. 5.3'
     deviations = (
         "velocity model: this benchmark's UNet trained from scratch for `flow_steps` (authors: NCSN++ nf 128, 1.3M iterations, Adam 2e-4, EMA 0.999999); t ~ U[0, 1] where the authors draw U[1e-3, 1]",
@@ -141,21 +139,19 @@ class ReFlow(Method):
     # straightness is measured on (drawn once), and a reflow round's generated pairs (ODE pushes, cleared after
     # the last round)
     state_attrs = ("velocity", "ema", "classifier", "held", "pair_x0", "pair_x1")
-    test_options: dict[str, Any] = {**tiny_options("flow"), "ode_steps": 3, "toy_ode_steps": 3,
-                                    "straightness_n": 8, "reflow_pairs": 16, "cls_steps": 4, "toy_cls_steps": 4,
-                                    "cls_batch": 8, "toy_cls_batch": 8, "cls_width": 8}
+    test_options: dict[str, Any] = {**tiny_options("flow"), "ode_steps": 3, "straightness_n": 8, "reflow_pairs": 16,
+                                    "cls_steps": 4, "cls_batch": 8, "cls_width": 8}
 
     def __init__(self, budget: str = "smoke", **options: Any) -> None:
         super().__init__(budget, **options)
         if self.options["reflow"] < 0:
             raise BenchError("reflow option reflow must be >= 0 (0: the 1-rectified flow)")
         self.extra_state: dict[str, Any] = {}
-        self.is_image = True
 
     # -- declared properties -------------------------------------------------------------------
     @property
     def steps(self) -> int:
-        return int(self.options["ode_steps"] if self.is_image else self.options["toy_ode_steps"])
+        return int(self.options["ode_steps"])
 
     @property
     def nfe(self) -> int:
@@ -167,13 +163,13 @@ class ReFlow(Method):
 
     # -- setup: the velocity field -------------------------------------------------------------
     def setup(self, data: TaskData, run) -> None:
-        self.is_image = data.is_image
+        self.check_kind(data)
         self.shape = tuple(data.shape)
         self.velocity, self.work_shape = network(self.shape, self.options)
         self.ema = EMA(self.velocity, decay=self.options["flow_ema"])
         self.held = torch.zeros(0, dtype=torch.long)  # source rows the straightness is measured on
         # h of the paper's translation loss (loss=classifier): a domain classifier on the canvas
-        self.uses_classifier = self.options["loss" if self.is_image else "toy_loss"] == "classifier"
+        self.uses_classifier = self.options["loss"] == "classifier"
         self.classifier = (DomainClassifier(self.work_shape, int(self.options["cls_width"]),
                                             int(self.options["mlp_hidden"]), int(self.options["mlp_depth"]))
                            if self.uses_classifier else None)
@@ -190,10 +186,10 @@ class ReFlow(Method):
 
     # -- fit --------------------------------------------------------------------------------------
     def fit(self, data: TaskData, run) -> None:
-        o, dev, img = self.options, run.device, self.is_image
+        o, dev = self.options, run.device
         source = to_canvas(data.source_train.float(), self.work_shape).to(dev)
         target = to_canvas(data.target_train.float(), self.work_shape).to(dev)
-        batch = setting(o, "flow", "batch", img)
+        batch = o["flow_batch"]
         if self.uses_classifier:
             self._fit_classifier(source, target, run)
         pair_loss = self._pair_loss()
@@ -233,9 +229,9 @@ class ReFlow(Method):
         return self.classifier.features(x, torch.full((x.shape[0],), self.cls_sde.t_eps, device=x.device))
 
     def _fit_classifier(self, source: torch.Tensor, target: torch.Tensor, run) -> None:
-        o, img = self.options, self.is_image
+        o = self.options
         fit_domain_classifier(self, run, self.classifier, source, target, self.cls_sde,
-                              batch=int(setting(o, "cls", "batch", img)), steps=int(setting(o, "cls", "steps", img)),
+                              batch=int(o["cls_batch"]), steps=int(o["cls_steps"]),
                               lr=float(o["cls_lr"]), weight_decay=float(o["cls_weight_decay"]),
                               loop="reflow-classifier", stream="reflow-classifier", optimizer="classifier")
         self.classifier.requires_grad_(False)  # fixed from here on: only the velocity field learns
@@ -263,9 +259,9 @@ class ReFlow(Method):
         return lambda net, x0, x1, g: feature_loss(net, self.h, x0, x1, g, scale=scale)
 
     def _train_round(self, r: int, loss, run) -> None:
-        o, img = self.options, self.is_image
+        o = self.options
         fit_network(self, run, self.velocity, self.ema, loss, loop=f"reflow-round{r}", stream=f"reflow-round{r}",
-                    optimizer=f"flow{r}", steps=setting(o, "flow", "steps", img), lr=setting(o, "flow", "lr", img),
+                    optimizer=f"flow{r}", steps=o["flow_steps"], lr=o["flow_lr"],
                     warmup=o["flow_warmup"], grad_clip=o["flow_grad_clip"])
 
     @torch.no_grad()

@@ -15,7 +15,8 @@ none, so 0 by default).  Images are warped by ``affine_grid`` / ``grid_sample`` 
 coordinates with the background (-1) outside, so a source and a target of different sizes get the
 same geometric transformation.  On vectors the same group acts linearly about the origin on the
 first two coordinates (rotation, zoom, flip; one coordinate: zoom and flip), plus a translation of
-+-``toy_max_translation`` (0 by default: a shift of the plane is no symmetry of a point cloud task).
++-``max_translation`` in data units (0 on vectors by default: a shift of the plane is no symmetry of a
+point cloud task).
 
 f is the shared UNet on images (the source resized to the target's size when they differ) and an
 MLP on vectors.  TCR needs the pairs, so it refuses unpaired tasks; target training images are
@@ -85,33 +86,32 @@ class TCR(Method):
                        authors="mse", source="paper Sec. 3 and the authors' README (MSE); their train_tcr.py uses L1, "
                                              "train_tcr_vgg_loss.py MSE"),
         "max_rotation": Option(10.0, help="degrees (authors' default 10)"),
-        "max_translation": Option(0.1, help="fraction of the image side (authors: 6 px)"),
+        "max_translation": Option(0.1, vector=0.0,
+                                  help="images: fraction of the side (authors: 6 px); vectors: data units (0: a "
+                                       "shift of the plane is no symmetry of a point cloud task)"),
         "max_zoom": Option(0.03, help="zoom in 1 +- this (authors' demo: 0.97..1.03)"),
         "regressor": Option("unet", choices=("unet", "mlp"),
                             help="images: f as the shared UNet (local, like the authors' convolutional net) or an "
                                  "MLP on the flattened image (global: every output pixel sees the whole input)"),
-        "image_mlp_hidden": Option(1024, help="images, regressor=mlp: width"),
-        "image_mlp_depth": Option(2, help="images, regressor=mlp: hidden layers"),
         "flip_prob": Option(0.0, help="probability of a horizontal flip (authors' loss: none)"),
-        "toy_max_translation": Option(0.0, help="vectors: translation in data units"),
         # one step = the K pairs + batch_size unpaired sources through f twice; the probes' Cls-FD was still falling
         # at 2,400 steps, so 4,000
         # cpu: sized so that the whole run (fit + transport + evaluation) stays within the 45-minute cap on a 2-core
         # CPU; each row records its measured minutes per stage (`timings`), studies/cpu_perf has the step costs
         "steps": Option(smoke=100, cpu=4000, fast=20_000, paper=20_000,
+                        vector=Option(smoke=400, cpu=2000, fast=4000, paper=4000),
                         help="updates (the paper publishes no count for digits)"),
-        "batch_size": Option(smoke=16, cpu=64, fast=64, paper=64),
+        "batch_size": Option(smoke=16, cpu=64, fast=64, paper=64, vector=128),
         "lr": Option(1e-3, authors=1e-3, source="aamir-mustafa/Transformation-CR train_tcr.py (--lr 0.001)"),
-        "toy_steps": Option(smoke=400, cpu=2000, fast=4000, paper=4000),
-        "toy_batch_size": 128,
-        "toy_lr": 1e-3,
         # the regressor: the map network's sizes on every budget (bench.mapmodel), attention at 14x14 (a 28x28
-        # canvas has no 16x16 level)
-        **{k: NETWORK_OPTIONS[k] for k in ("unet_base", "unet_mults", "unet_blocks", "mlp_hidden", "mlp_depth")},
+        # canvas has no 16x16 level); the MLP on images (regressor=mlp) is wider than the vectors' one
+        **{k: NETWORK_OPTIONS[k] for k in ("unet_base", "unet_mults", "unet_blocks")},
+        "mlp_hidden": Option(1024, vector=NETWORK_OPTIONS["mlp_hidden"], help="the MLP's width"),
+        "mlp_depth": Option(2, vector=NETWORK_OPTIONS["mlp_depth"], help="the MLP's hidden layers"),
         "unet_attention": Option(smoke=[], cpu=[], fast=[14], paper=[14]),
         "log_every": 100,
     }
-    options_before = {"loss": "mse", "regressor": "unet", "image_mlp_hidden": 1024, "image_mlp_depth": 2}
+    options_before = {"loss": "mse", "regressor": "unet"}
     compared_against = ("aamir-mustafa/Transformation-CR @e6552b4 (compute_tcr_loss.py, pytorch_tcr.py, "
                         "train_tcr.py); ECCV 2020 paper")
     deviations = (
@@ -122,7 +122,7 @@ class TCR(Method):
         "all ten guiding pairs and 64 unpaired sources per step vs the authors' 4 supervised + 40 unsupervised",
     )
     state_attrs = ("f",)  # the regressor
-    test_options: dict[str, Any] = {"steps": 4, "toy_steps": 4, "batch_size": 8, "toy_batch_size": 8,
+    test_options: dict[str, Any] = {"steps": 4, "batch_size": 8,
                                     **{k: v for k, v in TEST_NETWORK_OPTIONS.items() if k != "critic_base"}}
 
     def check_setting(self, data: TaskData) -> None:
@@ -135,15 +135,15 @@ class TCR(Method):
                              f"{data.source_shape} and target {data.shape} differ in kind")
 
     def setup(self, data: TaskData, run) -> None:
+        self.check_kind(data)
         o = self.options
-        self.is_image, self.shape = data.is_image, data.shape
+        self.shape = data.shape
         if not data.is_image:
             self.f = vector_mlp(data.source_shape[0], data.shape[0], o)
             return
         if o["regressor"] == "mlp":
             self.flat = True
-            self.f = MLP(math.prod(data.shape), math.prod(data.shape), hidden=o["image_mlp_hidden"],
-                         depth=o["image_mlp_depth"])
+            self.f = MLP(math.prod(data.shape), math.prod(data.shape), hidden=o["mlp_hidden"], depth=o["mlp_depth"])
             return
         self.flat = False
         # a UNet from the source's channels to the target's, on the smallest canvas its levels divide
@@ -170,14 +170,13 @@ class TCR(Method):
 
     def transforms(self, n: int, generator: torch.Generator) -> torch.Tensor:
         o = self.options
-        shift = 2.0 * o["max_translation"] if self.is_image else o["toy_max_translation"]  # normalised: side = 2
+        shift = 2.0 * o["max_translation"] if self.is_image else o["max_translation"]  # images: the side is 2
         return random_affine(n, generator, max_rotation=o["max_rotation"], max_translation=shift,
                              max_zoom=o["max_zoom"], flip_prob=o["flip_prob"])
 
     def fit(self, data: TaskData, run) -> None:
         o = self.options
-        image = self.is_image
-        steps, B, lr = (o["steps"], o["batch_size"], o["lr"]) if image else (o["toy_steps"], o["toy_batch_size"], o["toy_lr"])
+        steps, B, lr = o["steps"], o["batch_size"], o["lr"]
         opt = self.optimizer("f", torch.optim.Adam(self.f.parameters(), lr=lr))
         g = run.generator("tcr-batches")
         px, py = (p.to(run.device) for p in data.pairs)

@@ -117,36 +117,35 @@ class W2GAN(Method):
         "reg": Option("l2", choices=REGULARISERS, help="regulariser of the dual (authors: l2)"),
         "lambda_ineq": Option(10.0, help="weight (l2) or temperature (entropy) of the constraint penalty"),
         "ineq_interp": Option(True, help="also penalise violations on random interpolates (authors: on)"),
-        "lambda_eq": Option(10.0, help="images: equality penalty on the potentials' Brenier pairs; 0 = off "
-                                       "(authors' image experiments: 10)"),
-        "toy_lambda_eq": Option(0.0, help="vectors: the same; 0 because on toy1d it pulled the generator onto the "
-                                          "decreasing map",
-                                authors=200.0, source="jshe/wasserstein-2 exp_2d/options.py @99d9cac (eq_phi 1, "
-                                                      "lambda_eq = lambda_ineq = 200; eq_phi 0 at 33f399d)"),
+        "lambda_eq": Option(10.0, help="equality penalty on the potentials' Brenier pairs; 0 = off (authors' image "
+                                       "experiments: 10); vectors: 0 because on toy1d it pulled the generator onto "
+                                       "the decreasing map",
+                            vector=Option(0.0, authors=200.0, source="jshe/wasserstein-2 exp_2d/options.py @99d9cac "
+                                          "(eq_phi 1, lambda_eq = lambda_ineq = 200; eq_phi 0 at 33f399d)")),
         "lambda_eps": Option(10.0, help="penalty on v(G(x))_+^2; 0 = off (authors: 10)"),
         **SADDLE_OPTIONS,
         # one outer step = critic_steps dual updates + 1 generator update (the authors' train_iters)
         # cpu: sized so that the whole run (fit + transport + evaluation) stays within the 45-minute cap on a 2-core
         # CPU; each row records its measured minutes per stage (`timings`), studies/cpu_perf has the step costs
         "steps": Option(smoke=30, cpu=1100, fast=20_000, paper=100_000, help="generator updates",
+                        vector=Option(smoke=1000, cpu=3000, fast=5000, paper=5000),  # authors' 2-D: 5000
                         authors=100_000, source="jshe/wasserstein-2 exp_da/options.py (train_iters 100000)"),
         "inner_steps": Option(1, help="generator updates per outer step"),
         "critic_steps": Option(5, help="dual updates per generator update (authors: d_iters 5)"),
         "critic_first": Option(True, help="dual updates first, as the authors"),
         "betas": Option([0.0, 0.9], help="Adam betas (authors: 0, 0.9)"),
         "weight_decay": 0.0,
-        "batch_size": Option(smoke=16, cpu=64, fast=64, paper=64),
-        "toy_steps": Option(smoke=1000, cpu=3000, fast=5000, paper=5000, help="vectors (authors' 2-D: 5000)"),
-        "toy_batch_size": 64,
-        "toy_lr": Option(1e-3, help="vectors: the potentials' lr"),
-        "toy_map_lr": Option(3e-4, help="vectors: the generator's lr (slower than the potentials, which must track it)"),
+        "batch_size": Option(smoke=16, cpu=64, fast=64, paper=64, vector=64),
+        "critic_lr": Option(1e-4, vector=1e-3, help="the potentials' lr"),
+        "map_lr": Option(1e-4, vector=3e-4, help="the generator's lr (vectors: slower than the potentials, which "
+                                                 "must track it)"),
         "potential_scale": Option("none", choices=("none", "mean-cost"),
-                                  help="images: multiply the potentials' outputs by the mean source-target cost",
-                                  authors="none", source="jshe/wasserstein-2 exp_da/networks.py (unscaled duals)"),
-        "toy_potential_scale": Option("mean-cost", choices=("none", "mean-cost"),
-                                      help="vectors: the same; on toy1d the potentials reach ~30 and unscaled the "
-                                           "critic took hundreds of steps to grow while the generator moved",
-                                      authors="none", source="jshe/wasserstein-2 exp_2d (unscaled duals)"),
+                                  help="multiply the potentials' outputs by the mean source-target cost (vectors: on "
+                                       "toy1d the potentials reach ~30 and unscaled the critic took hundreds of steps "
+                                       "to grow while the generator moved)",
+                                  authors="none", source="jshe/wasserstein-2 exp_da/networks.py (unscaled duals)",
+                                  vector=Option("mean-cost", authors="none",
+                                                source="jshe/wasserstein-2 exp_2d (unscaled duals)")),
         "potential_net": Option("mlp", choices=("mlp", "resnet"),
                                 help="images: u and e as MLPs on the flattened image (authors) or ResNet critics"),
         "potential_hidden": Option(512, help="images, mlp: width (authors: 200 then 500 on 16x16 USPS)"),
@@ -156,7 +155,7 @@ class W2GAN(Method):
         **NETWORK_OPTIONS,
     }
     # rows stored before ``potential_scale`` existed scaled the image potentials by the mean cost
-    options_before = {"potential_scale": "mean-cost", "toy_potential_scale": "mean-cost"}
+    options_before = {"potential_scale": "mean-cost"}
     compared_against = "jshe/wasserstein-2 @99d9cac (exp_da/, exp_mvg/, exp_2d/: w2_model.py, losses.py, networks.py, options.py)"
     deviations = (
         "generator: residual x + 2 tanh(UNet(x)) on NOT's 32x32 canvas vs the authors' 2-layer MLP + BatchNorm on "
@@ -165,8 +164,7 @@ class W2GAN(Method):
     )
     # the generator, the two potentials and the trainer's random stream (its optimisers are registered)
     state_attrs = ("G", "u", "e", "saddle")
-    test_options: dict[str, Any] = {"steps": 4, "toy_steps": 4, "critic_steps": 2, "batch_size": 8,
-                                    "toy_batch_size": 8, **TEST_NETWORK_OPTIONS}
+    test_options: dict[str, Any] = {"steps": 4, "critic_steps": 2, "batch_size": 8, **TEST_NETWORK_OPTIONS}
 
     def check_setting(self, data: TaskData) -> None:
         super().check_setting(data)
@@ -176,20 +174,20 @@ class W2GAN(Method):
 
     # -- networks ----------------------------------------------------------------------------
     def setup(self, data: TaskData, run) -> None:
+        self.check_kind(data)
         o = self.options
-        self.is_image, self.shape = data.is_image, data.shape
+        self.shape = data.shape
+        scale = self._cost_scale(data) if o["potential_scale"] == "mean-cost" else 1.0
         if data.is_image:
             c, h, w = data.shape
             mlp = o["potential_net"] == "mlp"
             self.canvas = canvas_side(h, w)  # NOT's canvas: the same generator network as NOT's map
             net = map_unet(c, c, o, self.canvas)  # output convolution starts at zero: G starts at the identity
             self.G = Residual(net, 2.0, squash=True)
-            scale = self._cost_scale(data) if o["potential_scale"] == "mean-cost" else 1.0
             self.u, self.e = (Potential(MLP(c * self.canvas ** 2, 1, hidden=o["potential_hidden"],
                                             depth=o["potential_depth"]), scale, flatten=True) if mlp else
                               Potential(resnet_critic(c, o, self.canvas), scale)
                               for _ in range(2))
-            self.batch_size, steps, lr, critic_lr = o["batch_size"], o["steps"], o["map_lr"], o["critic_lr"]
         else:
             (dim,) = data.shape
             net = vector_mlp(dim, dim, o)
@@ -199,12 +197,10 @@ class W2GAN(Method):
             centre, spread = both.mean(0), both.std(0).clamp(min=1e-6)
             src = data.source_train.float()
             self.G = Residual(net, spread, squash=False, centre=src.mean(0), spread=src.std(0).clamp(min=1e-6))
-            scale = self._cost_scale(data) if o["toy_potential_scale"] == "mean-cost" else 1.0
             self.u, self.e = (Potential(vector_mlp(dim, 1, o), scale, centre, spread) for _ in range(2))
-            self.batch_size, steps, lr, critic_lr = o["toy_batch_size"], o["toy_steps"], o["toy_map_lr"], o["toy_lr"]
-        resolved = {**o, "steps": steps, "map_lr": lr, "critic_lr": critic_lr}
+        self.batch_size = o["batch_size"]
         critic_params = list(self.u.parameters()) + list(self.e.parameters())
-        self.saddle = SaddleTrainer.from_options(self.G.parameters(), critic_params, resolved, run, method=self)
+        self.saddle = SaddleTrainer.from_options(self.G.parameters(), critic_params, o, run, method=self)
 
     def _cost_scale(self, data: TaskData, n: int = 256) -> float:
         """Mean cost between the first n sources and targets (paired by index: independent draws)."""
@@ -238,7 +234,7 @@ class W2GAN(Method):
                                device=saddle.generator.device).to(y) for _ in range(2))
             iy, ig = a * y + (1 - a) * g, b * g + (1 - b) * y
             loss = loss + self.violation_penalty(iy, ig, self.u(iy), self.v(ig))
-        lambda_eq = float(o["lambda_eq"] if self.is_image else o["toy_lambda_eq"])
+        lambda_eq = float(o["lambda_eq"])
         if lambda_eq > 0:
             # on the support of the plan the constraint is tight: y's partner is y - grad u(y), g's is g - grad v(g)
             ty = y - input_gradient(self.u, y, create_graph=True)

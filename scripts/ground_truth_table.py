@@ -53,7 +53,7 @@ def applicable(method: str, task: str, budget: str = "smoke") -> tuple[bool, str
     if cls.oracle and data.source_train_labels is None:
         return False, "needs class labels (task has none)"
     try:
-        cls(budget=budget).check_setting(data)
+        cls(budget=budget, kind=data.kind).check_setting(data)
     except BenchError as exc:
         return False, str(exc)
     return True, ""

@@ -41,8 +41,10 @@ def bench_cache(tmp_path_factory) -> Path:
 # Files that take minutes, longest first. Under `pytest -n 2 --dist loadfile` each worker takes whole files from a
 # queue (the first two files, then the next two, one each, then on demand); started last, these would leave one
 # worker running alone at the end. test_contract.py holds every registered method's behavioural and resume suites.
+# The last four hold the diffusion and flow baselines' toy-task fits (their order is a guess, not a measurement).
 LONG_FILES = ("test_contract.py", "test_e2e.py", "test_faults.py", "test_e2e_methods.py", "test_baselines_ot.py",
-              "test_baselines_diffusion.py", "test_executors.py")
+              "test_baselines_diffusion.py", "test_executors.py", "test_egsde.py", "test_scones.py", "test_ddib.py",
+              "test_reflow.py")
 
 
 def pytest_collection_modifyitems(config, items):

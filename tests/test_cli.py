@@ -20,7 +20,7 @@ def _bench(*args: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("args,needles", [
     (["--methods", "not", "--task", "toy1d", "--opt", "not.map_lr=abc"], ["map_lr", "'abc'", "a number"]),
-    (["--methods", "not", "--task", "toy1d", "--opt", "toy_steps=1.5"], ["toy_steps", "1.5", "an integer"]),
+    (["--methods", "not", "--task", "toy1d", "--opt", "steps=1.5"], ["steps", "1.5", "an integer"]),
     (["--methods", "identity", "--task", "digits", "--task-opt", "prep=bogus"], ["prep", "'bogus'", "one of"]),
     (["--methods", "identity", "--task", "toy1d", "--task-opt", "nope=1"], ["task 'toy1d'", "no option", "nope"]),
     (["--methods", "identity", "--task", "toy1d", "--task-opt", "novalue"], ["--task-opt", "KEY=VALUE"]),
@@ -38,7 +38,7 @@ def test_bad_option_values_are_one_line(tmp_path, args, needles):
 def test_diverged_run_fails_and_stays_failed_until_retried(tmp_path):
     out = tmp_path / "runs"
     args = ["run", "--methods", "not", "--task", "toy1d", "--out", str(out), "--no-progress",
-            "--opt", "not.toy_lr=1e4", "--opt", "toy_steps=40", "--opt", "log_every=5", "--opt", "mlp_hidden=32"]
+            "--opt", "not.map_lr=1e4", "--opt", "not.critic_lr=1e4", "--opt", "steps=40", "--opt", "log_every=5", "--opt", "mlp_hidden=32"]
     res = _bench(*args)
     assert res.returncode == 1, res.stdout + res.stderr
     assert "failed not on toy1d (seed 0, smoke): training diverged" in res.stdout and "saddle step" in res.stdout
@@ -46,7 +46,7 @@ def test_diverged_run_fails_and_stays_failed_until_retried(tmp_path):
     (rundir,) = (out / "toy1d" / "not").glob("smoke-seed0-*")
     assert not (rundir / "row.json").exists()
     failed = json.loads((rundir / "failed.json").read_text())
-    assert failed["stage"] == "saddle" and failed["options"]["toy_lr"] == 1e4
+    assert failed["stage"] == "saddle" and failed["options"]["map_lr"] == 1e4
     res = _bench(*args)  # not finished, not silently skipped, not trained again
     assert res.returncode == 1 and "failed earlier" in res.stdout and "--retry-failed" in res.stdout
     starts = lambda: [r for r in store.read_jsonl(rundir / "log.jsonl") if r.get("event") == "fit_start"]  # noqa: E731

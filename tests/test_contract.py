@@ -35,7 +35,7 @@ def _data(kind: str, setting: str, cls):
 
 def _fit(cls, data, seed=0):
     torch.manual_seed(seed)
-    m = cls(**cls.test_options)
+    m = cls(kind=data.kind, **cls.test_options)
     m.check_setting(data)
     run = FitContext(None, device="cpu", seed=seed, budget="smoke", progress=False)
     run.method = m
@@ -82,7 +82,7 @@ def test_method_contract(name, kind, setting):
     # save -> load into a fresh instance -> same transport
     state = copy.deepcopy(m.state_dict())
     torch.manual_seed(999)  # a different initialisation, overwritten by the load
-    fresh = cls(**cls.test_options)
+    fresh = cls(kind=data.kind, **cls.test_options)
     run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     fresh.setup(data, run)
     fresh.load_state_dict(state)
@@ -102,7 +102,7 @@ def test_optimizer_state_survives_a_resume(name, tmp_path):
     cls = METHODS[name]
     data = _data("images", SEMI_PAIRED if SEMI_PAIRED in cls.settings else cls.settings[0], cls)
     torch.manual_seed(0)
-    m = cls(**cls.test_options)
+    m = cls(kind=data.kind, **cls.test_options)
     run = FitContext(tmp_path, device="cpu", seed=0, budget="smoke", progress=False)
     run.method = m
     m.setup(data, run)
@@ -110,7 +110,7 @@ def test_optimizer_state_survives_a_resume(name, tmp_path):
     run.checkpoint()
     loose = [k for k, v in vars(m).items() if isinstance(v, torch.optim.Optimizer) and v not in m._optimizers.values()]
     assert not loose, f"{name}: optimizer attribute(s) {loose} are not registered with self.optimizer(name, opt)"
-    fresh = cls(**cls.test_options)
+    fresh = cls(kind=data.kind, **cls.test_options)
     run2 = FitContext(tmp_path, device="cpu", seed=0, budget="smoke", progress=False)
     run2.method = fresh
     fresh.setup(data, run2)
@@ -131,10 +131,21 @@ def test_refuses_unsupported_setting(name):
     for setting in SETTINGS:
         data = tiny_vectors(setting)
         if setting in cls.settings:
-            cls(**cls.test_options).check_setting(data)
+            cls(kind=data.kind, **cls.test_options).check_setting(data)
         else:
             with pytest.raises(BenchError, match="does not support"):
-                cls(**cls.test_options).check_setting(data)
+                cls(kind=data.kind, **cls.test_options).check_setting(data)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_method_built_for_one_kind_of_task_refuses_the_other(name):
+    """Options resolve for images or vectors (``Option(vector=...)``) when the method is built; set up on the other
+    kind it would train with the wrong values, so it refuses in one line naming the fix."""
+    cls = METHODS[name]
+    setting = SEMI_PAIRED if SEMI_PAIRED in cls.settings else cls.settings[0]
+    for built, data in (("image", tiny_vectors(setting)), ("vector", tiny_images(setting))):
+        with pytest.raises(BenchError, match=f"built with its {built} options.*kind='{data.kind}'"):
+            cls(kind=built, **cls.test_options).check_setting(data)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -169,25 +180,25 @@ def test_every_option_is_typed_and_a_wrong_type_is_a_one_line_error(name):
 # with no entry here takes its class's ``behaviour_options`` if it has them, else the entry of the nearest parent
 # class that has one (otcs-glyph: otcs's), else its smoke defaults.
 # Reference rows (identity, keypoint-nn, label-oracle) are floors and ceilings by design and skip the toy check.
-SCORE_TOY = {"mlp_hidden": 128, "mlp_depth": 3, "toy_score_steps": 1000, "toy_score_batch": 256, "score_warmup": 50}
-NOT_TOY = {"toy_steps": 300, "inner_steps": 5, "mlp_hidden": 64, "mlp_depth": 2, "toy_batch_size": 64,
+SCORE_TOY = {"mlp_hidden": 128, "mlp_depth": 3, "score_steps": 1000, "score_batch": 256, "score_warmup": 50}
+NOT_TOY = {"steps": 300, "inner_steps": 5, "mlp_hidden": 64, "mlp_depth": 2, "batch_size": 64,
            "betas": [0.0, 0.9], "lr_schedule": "cosine"}
 BEHAVIOUR = {
     "not": NOT_TOY,
-    "knot": {**NOT_TOY, "toy_steps": 400, "gamma": 1.0, "gamma_warmup": 0.0},
-    "w2gan": {"toy_steps": 1000, "mlp_hidden": 64, "mlp_depth": 2},
-    "ot-icnn": {"toy_steps": 200, "toy_lr": 1e-2, "toy_lr_schedule": "cosine"},
-    "otm": {"toy_steps": 1000, "lr_schedule": "cosine", "mlp_hidden": 64, "mlp_depth": 2},
-    "reflow": {"toy_flow_steps": 1200, "toy_ode_steps": 50, "mlp_hidden": 128},
-    "ddib": {**SCORE_TOY, "toy_ddim_steps": 100},
-    "egsde": {**SCORE_TOY, "toy_cls_steps": 800, "toy_sde_steps": 100, "lambda_s": 5.0, "lambda_i": 0.0},
+    "knot": {**NOT_TOY, "steps": 400, "gamma": 1.0, "gamma_warmup": 0.0},
+    "w2gan": {"steps": 1000, "mlp_hidden": 64, "mlp_depth": 2},
+    "ot-icnn": {"steps": 200, "map_lr": 1e-2, "critic_lr": 1e-2, "lr_schedule": "cosine"},
+    "otm": {"steps": 1000, "lr_schedule": "cosine", "mlp_hidden": 64, "mlp_depth": 2},
+    "reflow": {"flow_steps": 1200, "ode_steps": 50, "mlp_hidden": 128},
+    "ddib": {**SCORE_TOY, "ddim_steps": 100},
+    "egsde": {**SCORE_TOY, "cls_steps": 800, "sde_steps": 100, "lambda_s": 5.0, "lambda_i": 0.0},
     "scones": {**SCORE_TOY, "ot_steps": 1500, "ot_lr": 1e-3, "potential_hidden": 128, "n_steps_each": 2},
-    "dpmot": {"score_steps": 1500, "batch_size": 128, "hidden": 128, "lr": 2e-3, "warmup": 50, "ot_steps": 200,
+    "dpmot": {"steps": 1500, "batch_size": 128, "mlp_hidden": 128, "lr": 2e-3, "warmup": 50, "ot_steps": 200,
               "ot_batch": 512},
     "otcs": {"epsilon_rel": 0.01},
-    "tcr": {"toy_steps": 200, "mlp_hidden": 64, "mlp_depth": 2},
+    "tcr": {"steps": 200, "mlp_hidden": 64, "mlp_depth": 2},
 }
-# no direction to check: the kernel cost's optimal plan on toy1d is the independent coupling (tests/test_not.py);
+# no direction to check: the kernel cost's optimal plan on toy1d is the independent coupling (tests/test_knot.py);
 # EGSDE starts from the source perturbed to t0 = 0.5, where alpha(t0) = 0.28 of a source's offset survives against
 # noise of std 0.96 (measured corr(x, T(x)) 0.13): it promises realism and faithfulness energies, not a map
 MARGINAL_ONLY = {"knot", "egsde"}
@@ -198,7 +209,7 @@ BEHAVIOUR_FAILS = {
     "otcs-glyph": "W2 0.92 at otcs's toy setting (otcs passes; otcs-glyph with guidance=0: W2 0.40): its "
                   "classifier-free guidance (w = 3) pushes the outputs off the target marginal",
 }
-BEHAVING = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=BEHAVIOUR_FAILS[n])) if n in BEHAVIOUR_FAILS
+BEHAVING = [pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=BEHAVIOUR_FAILS[n])) if n in BEHAVIOUR_FAILS
             else n for n, c in METHODS.items() if c.family != "Reference"]
 
 

@@ -69,7 +69,7 @@ def test_semidiscrete_gaussian_masses_blocks_and_state():
 def _fit_dpmot(data, **options):
     from bench.methods.dpmot import DPMOT
     torch.manual_seed(0)
-    m = DPMOT(**options)
+    m = DPMOT(kind=data.kind, **options)
     run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     run.method = m
     m.check_setting(data)
@@ -84,7 +84,7 @@ def test_dpmot_on_tiny_vectors_lands_in_the_target_modes():
     data = tiny_vectors("semi-paired", n=512)  # pairs are accepted and ignored
     # t_M = 0.5 (not the authors' near-data 0.002): at a high level the diffused sources form a
     # continuous measure, which is what this check of the semi-discrete solver's cell masses needs
-    m = _fit_dpmot(data, score_steps=1500, batch_size=128, hidden=128, lr=2e-3, warmup=50,
+    m = _fit_dpmot(data, steps=1500, batch_size=128, mlp_hidden=128, lr=2e-3, warmup=50,
                    ot_steps=200, ot_batch=512, M=10, t_M=0.5)
     assert m.nfe == 10
     x = data.source_test.repeat(8, 1)

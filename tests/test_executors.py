@@ -16,9 +16,9 @@ from bench.executors import Settings, parse_minutes, run_ray, run_slurm
 
 # NOT and OTCS on toy1d x seeds 0,1, with tiny networks and few steps
 GRID = ["--methods", "not,otcs", "--task", "toy1d", "--seeds", "0,1", "--no-progress",
-        "--opt", "not.toy_steps=60", "--opt", "not.inner_steps=2", "--opt", "mlp_hidden=32",
-        "--opt", "otcs.potential_hidden=32", "--opt", "otcs.ot_steps=60", "--opt", "otcs.toy_steps=60",
-        "--opt", "otcs.toy_sde_steps=10", "--opt", "otcs.bound_pairs=64"]
+        "--opt", "not.steps=60", "--opt", "not.inner_steps=2", "--opt", "mlp_hidden=32",
+        "--opt", "otcs.potential_hidden=32", "--opt", "otcs.ot_steps=60", "--opt", "otcs.steps=60",
+        "--opt", "otcs.sde_steps=10", "--opt", "otcs.bound_pairs=64"]
 
 
 def _bench(out: Path, *args: str, timeout: int = 600):
@@ -47,7 +47,7 @@ def test_local_jobs(tmp_path):
     out = tmp_path / "runs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_PLUGINS": "bench.testing"}
     cmd = [sys.executable, "-m", "bench.cli", "run", "--methods", "not,knot", "--task", "tiny-vectors", "--seeds", "0,1",
-           "--opt", "toy_steps=100", "--opt", "inner_steps=2", "--opt", "mlp_hidden=32", "--out", str(out), "--jobs", "2"]
+           "--opt", "steps=100", "--opt", "inner_steps=2", "--opt", "mlp_hidden=32", "--out", str(out), "--jobs", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0 and "4 run(s): 4 run now" in res.stdout, (res.stdout + res.stderr)[-3000:]
     rundirs = sorted(d for d in (out / "tiny-vectors").glob("*/smoke-seed*"))

@@ -24,7 +24,7 @@ from bench.runner import run_one
 from bench.spec import RunSpec, Settings
 
 # NOT on toy1d, sized so that fitting takes ~2-3 s at one thread and checkpoints every 0.1 s
-NOT_OPTS = {"toy_steps": 500, "inner_steps": 3, "mlp_hidden": 32, "log_every": 25}
+NOT_OPTS = {"steps": 500, "inner_steps": 3, "mlp_hidden": 32, "log_every": 25}
 METRICS = ("mean_at_minus4", "w2", "lhs_w2", "plan_w2")
 
 
@@ -132,7 +132,7 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
 
 @pytest.mark.slow
 def test_truncated_row_samples_and_checkpoint_are_detected_and_recovered(tmp_path, one_thread):
-    spec = RunSpec("not", "toy1d", 0, "smoke", dict(NOT_OPTS, toy_steps=150))
+    spec = RunSpec("not", "toy1d", 0, "smoke", dict(NOT_OPTS, steps=150))
     out = tmp_path / "runs"
     warnings: list[str] = []
 
@@ -211,7 +211,7 @@ def test_bench_eval_never_executes_a_crafted_pickle(tmp_path):
 def test_a_killed_holders_lock_is_taken_over(tmp_path):
     """filelock uses flock(2): the kernel drops the lock when its process dies, kill -9 included."""
     out = tmp_path / "runs"
-    rundir = RunSpec("not", "toy1d", 0, "smoke", dict(NOT_OPTS, toy_steps=20)).directory(out)
+    rundir = RunSpec("not", "toy1d", 0, "smoke", dict(NOT_OPTS, steps=20)).directory(out)
     holder_src = ("import sys, time; from bench.locks import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
                   "print('held', flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", holder_src, str(rundir)], stdout=subprocess.PIPE, text=True,
@@ -219,7 +219,7 @@ def test_a_killed_holders_lock_is_taken_over(tmp_path):
     try:
         assert proc.stdout.readline().strip() == "held"
         assert holder(rundir)["pid"] == proc.pid
-        res = subprocess.run(_not_cmd(out, "--opt", "toy_steps=20"), capture_output=True, text=True, env=_env(),
+        res = subprocess.run(_not_cmd(out, "--opt", "steps=20"), capture_output=True, text=True, env=_env(),
                              timeout=300)
         # another process holds it: reported (naming the holder), skipped, and not an error
         assert res.returncode == 0 and f"running in pid {proc.pid}" in res.stdout, res.stdout + res.stderr
@@ -227,7 +227,7 @@ def test_a_killed_holders_lock_is_taken_over(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert holder(rundir) is None
-    res = subprocess.run(_not_cmd(out, "--opt", "toy_steps=20"), capture_output=True, text=True, env=_env(),
+    res = subprocess.run(_not_cmd(out, "--opt", "steps=20"), capture_output=True, text=True, env=_env(),
                          timeout=300)
     assert res.returncode == 0 and "1 run now" in res.stdout, res.stdout + res.stderr
 
@@ -238,7 +238,7 @@ def test_four_processes_on_one_grid_run_each_run_exactly_once(tmp_path):
     is trained by exactly one process; the others say who holds it and move on."""
     out = tmp_path / "runs"
     cmd = [sys.executable, "-m", "bench.cli", "run", "--task", "tiny-vectors", "--methods", "not,knot",
-           "--seeds", "0,1", "--out", str(out), "--no-progress", "--opt", "toy_steps=100", "--opt", "inner_steps=2",
+           "--seeds", "0,1", "--out", str(out), "--no-progress", "--opt", "steps=100", "--opt", "inner_steps=2",
            "--opt", "mlp_hidden=32"]
     env = _env({"BENCH_PLUGINS": "bench.testing"})
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -260,7 +260,7 @@ def test_four_processes_on_one_grid_run_each_run_exactly_once(tmp_path):
 
 # -- issue 39: every error path one line and recoverable -------------------------------------------------------
 # R = a finished NOT run on tiny-vectors (a few seconds), copied for each test; the CLI runs in this process.
-TINY_NOT = {"toy_steps": 30, "inner_steps": 2, "mlp_hidden": 16, "log_every": 10}
+TINY_NOT = {"steps": 30, "inner_steps": 2, "mlp_hidden": 16, "log_every": 10}
 TINY_ARGS = [a for k, v in TINY_NOT.items() for a in ("--opt", f"{k}={v}")]
 
 
@@ -404,8 +404,8 @@ def test_r08_a_batch_size_below_1_is_refused_before_work_and_empty_samples_recov
 
 @pytest.mark.parametrize("value", ["-1", "NaN", "0"])
 def test_r09_a_negative_or_nan_lr_is_bad_input(tmp_path, capsys, value):
-    code, _, err = _cli(capsys, "run", "-m", "not", "-t", "toy1d", "--out", tmp_path, "--opt", f"toy_lr={value}")
-    _one_error(code, err, "toy_lr")
+    code, _, err = _cli(capsys, "run", "-m", "not", "-t", "toy1d", "--out", tmp_path, "--opt", f"map_lr={value}")
+    _one_error(code, err, "map_lr")
     assert not (tmp_path / "toy1d").exists()
 
 
@@ -435,26 +435,26 @@ def test_r12_a_negative_seed_is_refused(tmp_path, capsys):
     assert not (tmp_path / "toy1d").exists()
 
 
-def test_r13_an_option_the_tasks_kind_never_reads_is_refused(tmp_path, capsys):
-    code, _, err = _cli(capsys, "run", "-m", "not", "-t", "toy1d", "--out", tmp_path, "--opt", "not.map_lr=1e4")
-    _one_error(code, err, "map_lr", "image tasks only", "--opt not.toy_lr=")
-    code, _, err = _cli(capsys, "run", "-m", "identity,not", "-t", "tiny-images", "--out", tmp_path,
+def test_r13_a_former_option_name_is_refused_naming_todays(tmp_path, capsys):
+    code, _, err = _cli(capsys, "run", "-m", "identity,not", "-t", "toy1d", "--out", tmp_path,
                         "--opt", "not.toy_lr=0.01")
-    _one_error(code, err, "toy_lr", "vector tasks only", "--opt not.map_lr=")
+    _one_error(code, err, "toy_lr", "--opt not.critic_lr=", "--opt not.map_lr=")
+    code, _, err = _cli(capsys, "run", "-m", "dpmot", "-t", "toy1d", "--out", tmp_path, "--opt", "base=8")
+    _one_error(code, err, "base", "--opt dpmot.unet_base=")
     assert not list(tmp_path.rglob("config.json")), "checked before any run started"
 
 
-def test_r13_an_ignored_option_at_its_default_is_the_default_run(R, capsys):
+def test_r13_an_option_at_its_default_is_the_default_run(R, capsys):
     code, out, _ = _run_R(capsys, R, "--opt", f"map_lr={R.row['options']['map_lr']}")
     assert code == 0 and "1 finished before" in out, out
 
 
 def test_r14_a_config_edited_after_training_is_not_trusted(R, capsys):
-    _edit_json(R / "config.json", lambda c: c["options"].update(toy_lr=1e9))
+    _edit_json(R / "config.json", lambda c: c["options"].update(map_lr=1e9))
     code, _, err = _cli(capsys, "eval", R, "--no-progress")
     assert code == 0 and len(err) == 1 and "config.json is unusable" in err[0] and "edited after" in err[0], err
-    assert json.loads((R / "row.json").read_text())["options"]["toy_lr"] == R.row["options"]["toy_lr"]
-    assert json.loads((R / "config.json").read_text())["options"]["toy_lr"] == R.row["options"]["toy_lr"]
+    assert json.loads((R / "row.json").read_text())["options"]["map_lr"] == R.row["options"]["map_lr"]
+    assert json.loads((R / "config.json").read_text())["options"]["map_lr"] == R.row["options"]["map_lr"]
 
 
 def test_r15_a_row_cannot_inject_cells_into_the_table(R, capsys, tmp_path):
@@ -498,8 +498,8 @@ def test_r16_data_corrupted_with_its_size_and_mtime_kept_is_caught(tmp_path, dat
 
 def test_newcomer_did_you_mean(tmp_path, capsys):
     _one_error(*_cli(capsys, "run", "-m", "nott", "-t", "toy1d", "--out", tmp_path)[::2], "did you mean 'not'")
-    _one_error(*_cli(capsys, "run", "-m", "not", "-t", "toy1d", "--out", tmp_path, "--opt", "toy_lrr=1")[::2],
-               "did you mean toy_lr", "bench list --method not")
+    _one_error(*_cli(capsys, "run", "-m", "not", "-t", "toy1d", "--out", tmp_path, "--opt", "map_lrr=1")[::2],
+               "did you mean map_lr", "bench list --method not")
 
 
 def test_newcomer_a_data_error_leaves_no_run_behind(tmp_path, capsys):

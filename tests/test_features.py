@@ -154,7 +154,7 @@ def _toy_task() -> TaskData:
 def _prepared(data, **options):
     from bench.methods.otcs import OTCS
     from bench.context import FitContext
-    m = OTCS(**{**OTCS.test_options, **options})
+    m = OTCS(kind=data.kind, **{**OTCS.test_options, **options})
     run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     m.check_setting(data)
     m.setup(data, run)

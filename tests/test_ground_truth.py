@@ -211,7 +211,7 @@ def test_clusters_scores_of_the_references(name, hit):
 
 
 # -- a method against the answer ------------------------------------------------------------------------
-NOT_FAST = dict(toy_steps=500, inner_steps=5, mlp_hidden=64, mlp_depth=2, toy_batch_size=64, lr_schedule="cosine")
+NOT_FAST = dict(steps=500, inner_steps=5, mlp_hidden=64, mlp_depth=2, batch_size=64, lr_schedule="cosine")
 
 
 @pytest.mark.slow
@@ -270,11 +270,6 @@ def test_every_method_runs_on_the_ground_truth_tasks(name, task, tmp_path, one_t
     path (fit, transport, barycentric draws, scores in range) for every method that declares the setting."""
     cls = methods()[name]
     options = dict(cls.test_options)
-    try:  # the runner refuses image-only options on a vector task
-        from bench.options import path_only
-        options = {k: v for k, v in options.items() if path_only(cls.default_options).get(k, ("",))[0] != "image"}
-    except ImportError:
-        pass
     if "ot_max_train" in cls.default_options:  # a plan over 512 x 512 training points, not 4,000 x 4,000 (seconds)
         options["ot_max_train"] = 512
     spec = RunSpec(name, task, 0, "smoke", options)

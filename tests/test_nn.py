@@ -1,9 +1,10 @@
-"""Shared networks: shapes for every conditioning mode, dependence on t and cond, padding."""
+"""Shared networks: shapes for every conditioning mode, dependence on t and cond, padding, the ICNN."""
 import pytest
 import torch
 
 from bench.api import BenchError
 from bench.nn import MLP, ScoreMLP, UNet, crop_to, pad_to, timestep_embedding
+from bench.nn.icnn import ICNN, input_gradient
 
 
 def _randomise(net):
@@ -151,3 +152,27 @@ def test_contrastive_encoder_learns_invariance_without_labels_and_is_determinist
     assert before < 0.2 and after > 0.6, (before, after)
     a, b = train_encoder(x, steps=3, batch=8, seed=1), train_encoder(x, steps=3, batch=8, seed=1)
     assert torch.equal(embed(a, x), embed(b, x))
+
+
+# -- the ICNN block (OT-ICNN's potentials; W2GAN and OTM use its input gradient) ------------------
+@pytest.mark.usefixtures("one_thread")
+def test_icnn_is_convex_and_its_gradient_is_autograd():
+    torch.manual_seed(0)
+    net = ICNN(3, hidden=16, depth=3)
+    assert float(net.negativity().detach()) == 0.0  # constrained weights start non-negative
+    a, b = torch.randn(256, 3) * 3, torch.randn(256, 3) * 3
+    for t in (0.25, 0.5, 0.75):
+        mid = net(t * a + (1 - t) * b)
+        assert (mid <= t * net(a) + (1 - t) * net(b) + 1e-4).all()
+    # a negative weight breaks the guarantee; negativity measures it and clamp_ removes it
+    with torch.no_grad():
+        net.convex[0].weight[0, 0] = -2.0
+    assert float(net.negativity().detach()) == pytest.approx(4.0)
+    net.clamp_()
+    assert float(net.negativity().detach()) == 0.0 and float(net.convex[0].weight[0, 0].detach()) == 0.0
+    x = torch.randn(5, 3)
+    eps, e0 = 1e-3, torch.tensor([1.0, 0.0, 0.0])
+    fd = (net(x + eps * e0) - net(x - eps * e0)) / (2 * eps)
+    torch.testing.assert_close(net.gradient(x)[:, 0], fd, atol=1e-2, rtol=1e-2)
+    quad = lambda z: 0.5 * z.pow(2).sum(1)  # noqa: E731
+    torch.testing.assert_close(input_gradient(quad, x), x)

@@ -96,7 +96,7 @@ class _OneScoreModel(Method):
     name = "one-score-model"
     state_attrs = ("model",)
     default_options = {**network_options(), **diffusion_options(),
-                       **training_options("score", steps=Option(60), toy_steps=Option(300))}
+                       **training_options("score", steps=Option(60), vector_steps=Option(300))}
 
     def setup(self, data, run):
         self.model = ScoreModel(data.shape[1:], self.options)
@@ -107,7 +107,7 @@ class _OneScoreModel(Method):
 
 def _fit(tmp_path, data, cap=None, **opts):
     torch.manual_seed(0)
-    m = _OneScoreModel(**{"mlp_hidden": 64, "mlp_depth": 2, "toy_score_batch": 128, "score_warmup": 10, **opts})
+    m = _OneScoreModel(kind="vector", **{"mlp_hidden": 64, "mlp_depth": 2, "score_batch": 128, "score_warmup": 10, **opts})
     run = FitContext(tmp_path, device="cpu", seed=0, budget="smoke", progress=False, step_cap=cap)
     run.method = m
     m.setup(data, run)

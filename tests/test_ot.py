@@ -1,9 +1,10 @@
-"""bench.ot: costs, guidance, the L2 dual, compatibility in blocks, resampling, exact plans."""
+"""bench.ot: costs, guidance, the L2 dual, compatibility in blocks, resampling, exact plans, the entropic dual."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import ot as pot
 import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
@@ -264,3 +265,29 @@ def test_spread_on_a_set_smaller_than_k_links_everyone():
     F = graph.spread(x, torch.tensor([0, 2]), k=10)
     assert F.shape == (3, 2) and F[1].argmax() == 0
     assert graph.knn(x, x, 10, exclude_self=True)[1].shape == (3, 2)
+
+
+# -- the entropic dual SCONES maximises --------------------------------------------------
+def test_entropic_dual_recovers_the_sinkhorn_plan():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 2, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64) + 1
+    C, eps = ot.cost_matrix(x, y), 0.3
+    u = torch.zeros(7, dtype=torch.float64, requires_grad=True)
+    v = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([u, v], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -ot.dual_entropic_objective(u, v, C, eps)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    H = ot.entropic_log_compatibility(u, v, C, eps).exp().detach()
+    # pi = H p q is the plan of min <C, pi> + eps KL(pi | p q), POT's sinkhorn with reg = eps
+    plan = pot.sinkhorn(np.full(7, 1 / 7), np.full(5, 1 / 5), C.numpy(), eps, stopThr=1e-13, numItermax=100_000)
+    np.testing.assert_allclose(H.numpy() / 35, plan, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(H.mean(1).numpy(), 1.0, atol=1e-6)  # the x-marginal of H p q is p
+    # aligned pairs: log H on the diagonal
+    diag = ot.entropic_log_compatibility(u[:5], v, torch.diagonal(C[:5]), eps)
+    torch.testing.assert_close(diag, torch.diagonal(ot.entropic_log_compatibility(u, v, C, eps)[:5]))

@@ -21,7 +21,7 @@ BOUND_KEYS = ("bound_marginal_x", "bound_marginal_y", "bound_lagrangian_grad", "
 def _fit_and_evaluate(task, **options):
     data = task.load(None, 0)
     torch.manual_seed(0)
-    m = OTCS(**options)
+    m = OTCS(kind=data.kind, **options)
     m.check_setting(data)
     run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     run.method = m
@@ -81,7 +81,7 @@ class _ExactEps(torch.nn.Module):
 @pytest.mark.parametrize("sampler,steps", [("sde", 200), ("ddim", 50)])
 def test_samplers_reproduce_a_known_conditional(sampler, steps):
     data = Toy1D().load(None, 0)
-    m = OTCS(sampler=sampler, toy_sde_steps=steps, ddim_steps=steps)
+    m = OTCS(kind="vector", sampler=sampler, sde_steps=steps, ddim_steps=steps)
     run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     m.setup(data, run)
     assert m.nfe == steps
@@ -111,11 +111,11 @@ def test_options_and_settings_are_validated():
 def test_budget_picks_steps_never_the_sampler():
     data = Toy1D().load(None, 0)
     for budget, nfe in (("smoke", 100), ("cpu", 100), ("fast", 1000), ("paper", 1000)):
-        m = OTCS(budget=budget)
+        m = OTCS(budget=budget, kind="vector")
         m.setup(data, FitContext(None, device="cpu", seed=0, budget=budget, progress=False))
         assert m.nfe == nfe, budget
         assert m.options["sampler"] == "sde" and m.options["clip_x0"] and m.options["denoise"], budget
-        assert OTCS(budget=budget).nfe == m.options["sde_steps"]  # images
+        assert OTCS(budget=budget).nfe == OTCS(budget=budget).options["sde_steps"]  # images
 
 
 def test_defaults_are_the_authors_settings():
@@ -146,7 +146,7 @@ def test_stage1_potentials_match_the_exact_pot_plan_on_a_small_problem():
     data = TaskData(name="small", setting=UNPAIRED, source_train=xs, target_train=yt,
                     source_test=xs[:4], target_test=yt[:4])
     torch.manual_seed(0)
-    m = OTCS(ot_steps=1500, ot_batch=40, potential_hidden=64, epsilon_rel=0.05, h_threshold=0.0,
+    m = OTCS(kind="vector", ot_steps=1500, ot_batch=40, potential_hidden=64, epsilon_rel=0.05, h_threshold=0.0,
              steps=1, batch_size=4, mlp_hidden=16, sde_steps=2, holdout=0.0)
     run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     run.method = m
@@ -170,7 +170,7 @@ def _stage1_only(**options):
     data = TaskData(name="small", setting=UNPAIRED, source_train=xs, target_train=yt,
                     source_test=xs[:4], target_test=yt[:4])
     torch.manual_seed(0)
-    m = OTCS(**{"ot_steps": 30, "ot_batch": 40, "potential_hidden": 64, "holdout": 0.0, **options})
+    m = OTCS(kind="vector", **{"ot_steps": 30, "ot_batch": 40, "potential_hidden": 64, "holdout": 0.0, **options})
     run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     run.method = m
     m.setup(data, run)
@@ -244,7 +244,7 @@ def _two_row_plan():
     """An OTCS set up on Toy1D, and a hand-made plan over 2 sources and 4 targets: row 0 -> targets 0, 1
     (weights 1, 3), row 1 -> targets 2, 3 (weights 2, 2); the exact noise predictor of its conditionals."""
     from bench import ot
-    m = OTCS(**OTCS.test_options)
+    m = OTCS(kind="vector", **OTCS.test_options)
     m.setup(Toy1D().load(None, 0), FitContext(None, device="cpu", seed=0, budget="smoke", progress=False))
     xs, yt = torch.tensor([[0.0], [1.0]]), torch.tensor([[-2.0], [1.0], [3.0], [5.0]])
     H = ot.SparseCompatibility(torch.tensor([0, 2, 4]), torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 3.0, 2.0, 2.0]),
@@ -440,7 +440,7 @@ def test_potentials_may_read_the_relation_vectors():
     rows = m.conditional_plan(data.source_test[:4], data.target_test[:9])
     assert rows.shape == (4, 9) and torch.allclose(rows.sum(1), torch.ones(4))
     with pytest.raises(BenchError, match="potential_input"):
-        OTCS(potential_input="relations").check_setting(tiny_vectors(UNPAIRED))
+        OTCS(kind="vector", potential_input="relations").check_setting(tiny_vectors(UNPAIRED))
 
 
 def test_plan_retrieval_draws_target_training_images_from_the_stage_one_plan():

@@ -38,6 +38,7 @@ POINTS = DataFile("plugin_points/points.npy", "{sha256}", {size},
 
 class PointsTask(Task):
     name = "{task}"
+    kind = "vector"
     setting = UNPAIRED
     metrics = (Metric("gap", "Mean gap", higher_is_better=False, digits=3),)
     description = "2-D points moved by ({shift}, 0), read from a file of the data root"

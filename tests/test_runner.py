@@ -82,6 +82,7 @@ class PercentTask(Task):
     """tiny-vectors scored by a percentage that the ``acc`` option sets (to test metric checks)."""
 
     name = "test-percent"
+    kind = "vector"
     setting = UNPAIRED
     metrics = (Metric("acc", "Acc (%)", higher_is_better=True, bounds=PERCENT),)
     eval_sizes = {"smoke": None, "cpu": None, "fast": None, "paper": None}
@@ -490,9 +491,10 @@ def test_an_option_added_with_the_old_behaviour_as_default_keeps_older_rows_in_t
 
 
 def test_table_says_when_its_rows_were_judged_by_different_classifiers(tmp_path, monkeypatch):
-    from bench.metrics.classifier import judge_label
+    from bench.metrics.classifier import judge_label, judge_notes
     # the task owns which rows are comparable: here, as the digits task does, by the judge that scored them
     monkeypatch.setattr(get_task("tiny-vectors"), "row_label", classmethod(lambda cls, row: judge_label(row)))
+    monkeypatch.setattr(get_task("tiny-vectors"), "table_notes", classmethod(lambda cls, rows: judge_notes(rows)))
     for seed in (0, 1):
         run_one(RunSpec("identity", "tiny-vectors", seed, "smoke", {}),
                 Settings(out=tmp_path / "runs", data_root=tmp_path, cache_dir=tmp_path, device="cpu", progress=False),

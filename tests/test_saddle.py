@@ -160,3 +160,21 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert g2.calls["critic"] == 30 - 17
     for a, b in ((g2.theta, ref.theta), (g2.omega, ref.omega)):
         torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=1e-6)
+
+
+# -- several critic steps per outer step (W2GAN's d_iters) ---------------------------------------------
+def test_saddle_trainer_makes_critic_steps_per_outer_step():
+    calls = {"map": 0, "critic": 0}
+    w_map, w_critic = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
+
+    def loss(kind, w):
+        def fn(step):
+            calls[kind] += 1
+            return (w ** 2).sum()
+        return fn
+
+    trainer = SaddleTrainer([w_map], [w_critic], steps=4, inner_steps=2, critic_steps=3)
+    trainer.fit(FitContext(None, progress=False), "s", map_loss=loss("map", w_map), critic_loss=loss("critic", w_critic))
+    assert calls == {"map": 8, "critic": 12}
+    with pytest.raises(BenchError, match="critic_steps"):
+        SaddleTrainer([w_map], [w_critic], steps=1, critic_steps=0)

@@ -12,7 +12,7 @@ from bench.runner import run_one
 from bench.spec import RunSpec, Settings
 from bench.tables import render
 
-TOY_NOT = {"toy_steps": 30, "inner_steps": 2, "mlp_hidden": 16, "mlp_depth": 2, "toy_batch_size": 32}
+TOY_NOT = {"steps": 30, "inner_steps": 2, "mlp_hidden": 16, "mlp_depth": 2, "batch_size": 32}
 
 
 def test_a_row_records_every_resolved_option_and_reruns_to_the_same_row(tmp_path, one_thread):
@@ -27,7 +27,7 @@ def test_a_row_records_every_resolved_option_and_reruns_to_the_same_row(tmp_path
     for k, opt in spec_opts.items():
         if opt.per_budget and not opt.nullable:
             assert row["options"][k] is not None, k  # no null that the budget decides
-    assert row["options"]["steps"] == 24 and row["options"]["toy_steps"] == 30
+    assert row["options"]["steps"] == 30 and row["options"]["map_lr"] == 1e-3  # the vector values
     again = RunSpec(row["method"], row["task"], seed=row["seed"], budget=row["budget"], options=row["options"],
                     task_options=row.get("task_options", {}))
     assert again.directory(tmp_path / "b").name == spec.directory(tmp_path / "b").name  # hash of resolved values
@@ -43,6 +43,7 @@ class _Spread(Task):
     """A throwaway task with a metric the engine has never heard of."""
 
     name = "spread-task"
+    kind = "vector"
     metrics = (Metric("spread", "Spread (sd)", higher_is_better=True, digits=3, bounds=(0, 100),
                       sample_size="spread_n"),)
     eval_sizes = {"smoke": None, "cpu": None, "fast": None, "paper": None}

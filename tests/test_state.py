@@ -44,7 +44,7 @@ def _data(cls, kind: str):
 
 def _set_up(cls, data, options, seed=0):
     torch.manual_seed(seed)
-    m = cls(**options)
+    m = cls(kind=data.kind, **options)
     run = FitContext(None, device="cpu", seed=0, budget="smoke", progress=False)
     run.method = m
     m.setup(data, run)

@@ -107,6 +107,24 @@ def judge_label(row: dict, pinned: frozenset[str] | tuple[str, ...] = ()) -> str
     return f"judge={judge[:8]}" if pinned and judge not in pinned else ""
 
 
+def judge_notes(rows: list[dict]) -> list[str]:
+    """What a table of ``rows`` says about their judges: several networks (a judge trained on another CPU kind
+    differs bit for bit), or rows judged by the first, noise-fragile one."""
+    notes = []
+    judges = sorted({r["classifier_sha256"] for r in rows if r.get("classifier_sha256")})
+    if len(judges) > 1:
+        notes.append(f"These rows were judged by {len(judges)} different classifiers (sha256 "
+                     f"{', '.join(j[:8] for j in judges)}...): their accuracy-type metrics are not strictly comparable; "
+                     f"re-evaluate the stored samples on one machine (`bench eval RUN_DIR`) to compare them.")
+    fragile = sum(1 for r in rows if r.get("classifier_sha256") and r.get("classifier_test_acc_noisy") is None)
+    if fragile:  # rows judged before the classifier learned to ignore pixel noise (cnn16-v1)
+        notes.append(f"{fragile} of these rows were judged by a classifier with no noise-robustness record "
+                     f"(`classifier_test_acc_noisy`: the first, noise-fragile judge, which reads faint pixel noise "
+                     f"as one class): their accuracy-type metrics understate outputs that carry noise; "
+                     f"re-evaluate their stored samples (`bench eval RUN_DIR`).")
+    return notes
+
+
 def train_classifier(x: torch.Tensor, y: torch.Tensor, classes: int = 10, epochs: int = 8,
                      batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                      noise: float = NOISE_MAX, noise_p: float = 1.0) -> SmallCNN:
