@@ -161,8 +161,9 @@ class Method:
     # today's defaults while the default is that value); any other missing option labels the row "name=unset"
     options_before: ClassVar[dict[str, Any]] = {}
     # former option names -> today's: rows and run directories stored under a former name read as today's
-    # (bench.options.upgrade; scripts/upgrade_runs.py moves run directories to the hash of today's names)
-    renamed_options: ClassVar[dict[str, str]] = {}
+    # (bench.options.upgrade; `bench upgrade` moves run directories to the hash of today's names); a value may be
+    # (name, {old value: new value}) where the values changed form too
+    renamed_options: ClassVar[dict[str, Any]] = {}
     # the attributes that are this method's state: what a checkpoint saves and a resume (or ``bench eval``) restores
     # into a freshly set-up instance.  An nn.Module is saved by its state_dict, a tensor as it is, None as None
     # (a configuration without that part); ``setup`` must create every one.  Besides these a checkpoint holds

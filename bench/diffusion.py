@@ -202,12 +202,12 @@ class Guided(nn.Module):
         n, t = x.shape[0], _per_row(t, x)
         null = self.null.to(cond.dtype).expand(n, *cond.shape[1:])
         # two calls of n rows, not one of 2n: on the CPU a UNet's cost per row grows with the batch
-        # (benchmarks/guided_cpu.py); on a GPU the two layouts have not been compared
+        # (studies/cpu_perf/guided_cpu.py); on a GPU the two layouts have not been compared
         e_c, e_u = self.model(x, t, cond).float(), self.model(x, t, null).float()
         return e_c + self.scale * (e_c - e_u)
 
 
-CPU_ROWS = 128  # rows per network call on the CPU (results/digits/perf_cpu.md, "Transport: rows per network call")
+CPU_ROWS = 128  # rows per network call on the CPU (studies/cpu_perf/perf_cpu.md, "Transport: rows per network call")
 
 
 def _splits(x: torch.Tensor, rows: int, cpu_only: bool = True) -> bool:
@@ -249,7 +249,7 @@ class Chunked(nn.Module):
     any device); the same function.
 
     On the CPU a conv net's time per row grows with the batch once its activations leave the caches
-    (results/digits/perf_cpu.md, "Transport: rows per network call").  A sampler keeps drawing its noise
+    (studies/cpu_perf/perf_cpu.md, "Transport: rows per network call").  A sampler keeps drawing its noise
     for the whole batch, so its random stream does not depend on ``rows``."""
 
     def __init__(self, net: nn.Module, rows: int):

@@ -45,14 +45,13 @@ def network_options(base: Option | None = None, blocks: Option | None = None,
 
 # The `cpu` learning rate of the unconditional VP-SDE score models (base-16 UNet, batch 64, warm-up 200, clip 1,
 # EMA 0.999): the lr with the lowest held-out eps-MSE after 2,000 steps among 2e-4, 1e-3 and 2e-3, measured on
-# Chinese-MNIST training writers of suites 71-80 (scripts/score_lr_study.py, results/digits/score_lr_study_2000/,
-# 2026-11-30: 0.0075 / 0.0060 / 0.0058). fast / paper keep 2e-4 (the authors' DDPM/ADM-style rate).
+# Chinese-MNIST training writers of suites 71-80 (studies/score_lr: 0.0075 / 0.0060 / 0.0058). fast / paper keep 2e-4 (the authors' DDPM/ADM-style rate).
 CPU_SCORE_LR = 2e-3
 
 
 def score_lr() -> Option:
     """The Adam lr of a VP-SDE score model: 2e-4, and on `cpu` the measured CPU_SCORE_LR (held-out eps-MSE:
-    results/digits/score_lr_study_2000 for the unconditional models, otcs_lr_study for OTCS's conditional one)."""
+    studies/score_lr, for the unconditional models and OTCS's conditional one)."""
     return Option(2e-4, cpu=CPU_SCORE_LR, help="Adam lr of the score model (cpu: measured, bench.scoremodel)")
 
 

@@ -73,9 +73,9 @@ FID_REF_SEED = 20231  # fixed subset of the test split for budgets that use fewe
 EVAL_SUBSET_SEED = 20232  # fixed class-balanced subset of MNIST test sources
 # MNIST test sources scored per budget, per class (None: all 10,000)
 EVAL_PER_CLASS = {"smoke": 25, "cpu": 200, "fast": None, "paper": None}
-# 24 (2026-12-01): with pixel-noise augmentation 8 epochs left the judge at 95.25 % on held-out training writers
+# 24: with pixel-noise augmentation 8 epochs left the judge at 95.25 % on held-out training writers
 # (suites 61-80) against 98.15 % without it; 24 epochs: 98.10 %, 97.05 % at noise std 0.05
-# (scripts/judge_select.py, results/digits/judge_select.txt; the rule is in results/digits/PROTOCOL.md)
+# (studies/digits_judge/judge_select.py and .txt; the rule is in results/digits/PROTOCOL.md)
 CLASSIFIER_EPOCHS = 24
 # The judge every machine uses: one trained instance of the recipe above, committed with its record (its weights
 # differ bit for bit between CPU kinds, so a judge trained on each machine would score Acc differently;

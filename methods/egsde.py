@@ -154,9 +154,8 @@ class EGSDE(Method):
     default_options: dict[str, Any] = {
         **network_options(),
         **diffusion_options(),
-        # cpu, measured on this 2-core machine (1 thread, load 7): 0.51 s per step of the base-16 UNet at 28x28,
-        # batch 64 (0.30 s at load 2.8), 0.27 s per classifier step, 40 guided steps over 500 sources 213 s.
-        # 3000 + 1000 steps and 30 guided steps over 2000 sources: ~25 min quiet, ~40 min loaded.
+        # cpu: 3000 score + 1000 classifier steps and 30 guided steps over 2000 sources stay within the 45-minute cap
+        # on a 2-core CPU (studies/cpu_perf has the step costs)
         # paper: the authors use a pretrained model (ILVR's afhq_dog_4m); 300k here is this project's choice
         **training_options("score", steps=Option(smoke=60, cpu=3000, fast=10_000, paper=300_000),
                             lr=score_lr()),

@@ -172,7 +172,7 @@ class OTCS(Method):
         "ot_batch": Option(smoke=256, cpu=256, fast=512, paper=512),
         "ot_lr": Option(3e-3, help="peak Adam lr, cosine decay to 0 (authors: 1e-6 constant)",
                 authors=1e-06, source='XJTU-XGU/OTCS train_OT.py (Adam 1e-6, constant)'),
-        # digits cpu seed 1 (2026-11-30): the potentials' gradient norm, 0.4-0.9 per batch, spiked to 12 and then
+        # digits cpu seed 1: the potentials' gradient norm, 0.4-0.9 per batch, spiked to 12 and then
         # 5e8 at step ~2,050 and the dual never recovered (H empty after 10,000 steps); clipped at 5 the same
         # seed ran on smoothly. The authors' lr (1e-6) needs no clip; ours (3e-3) does
         "ot_grad_clip": Option(5.0, type=float, nullable=True,
@@ -196,14 +196,14 @@ class OTCS(Method):
                                       "condition (classifier-free guidance; ours, not the authors'); 0 = off"),
         "guidance": Option(0.0, sampling=True, help="sampling: eps = (1 + w) eps(.|x) - w eps(.|null), two network calls a step; "
                                      "needs cond_drop > 0; 0 = the conditional model (authors)"),
-        # cpu, measured on the first cpu run (2026-11-25): 3000 steps left the score model unable to generate
+        # cpu: 3000 steps left the score model unable to generate
         # (Acc 10 %, faint strokes; results/digits/PROTOCOL.md); a step costs 0.22 s, and stage I + H + bounds +
         # transport + evaluation took 21 min, so 6000 steps (~22 min) keep the whole run near 45 min
         "steps": Option(smoke=150, cpu=6000, fast=12_000, paper=100_000,
                         vector=Option(smoke=2000, cpu=4000, fast=10_000, paper=10_000)),
         "batch_size": Option(smoke=16, cpu=64, fast=128, paper=128, vector=Option(smoke=256, cpu=256, fast=512, paper=512)),
-        # lr: the authors' 2e-4; on `cpu` the lr measured by scripts/otcs_lr_study.py (held-out conditional eps-MSE
-        # on held-out training rows after 2,000 steps: 0.0087 at 2e-4, 0.0069 at 2e-3; results/digits/otcs_lr_study)
+        # lr: the authors' 2e-4; on `cpu` the lr measured by studies/score_lr/otcs_lr_study.py (held-out conditional
+        # eps-MSE on held-out training rows after 2,000 steps: 0.0087 at 2e-4, 0.0069 at 2e-3)
         "lr": score_lr().on_vectors(1e-3),
         "ema": Option(0.999, authors=0.9999, source='XJTU-XGU/OTCS runners/ddpm.py (EMA 0.9999)'),
         "beta_min": 0.1,

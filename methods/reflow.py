@@ -104,11 +104,8 @@ class ReFlow(Method):
              "field with EMA")
     default_options: dict[str, Any] = {
         **network_options(),
-        # cpu, measured on this 2-core machine (1 thread): a step of the base-16 UNet at 28x28, batch 64, takes
-        # 0.30 s at load 2.8 and 0.59 s at load 7; 40 Euler steps over 500 sources 90 s at load 7. 3500 steps
-        # + transporting 2000 sources + the straightness: ~25 min quiet, ~42 min loaded with loss=pixel; the
-        # default loss=classifier makes a step 1.5x as long and adds 1000 classifier steps (CLASSIFIER_OPTIONS):
-        # ~35 min quiet, ~65 min loaded (estimated from the measured step ratio).
+        # cpu: 3500 steps keep fit + transport + straightness near the 45-minute cap on a 2-core CPU with the plain
+        # loss; loss=classifier makes a step 1.5x as long and adds the classifier's steps (studies/cpu_perf)
         # paper: the authors' CIFAR-10 config (1.3M iterations, batch 128, lr 2e-4, warm-up 5000, EMA 0.9999)
         **training_options("flow", steps=Option(smoke=60, cpu=3500, fast=20_000, paper=1_300_000)),
         "reflow": Option(0, help="extra rectification rounds on generated pairs (0: the 1-rectified flow)"),

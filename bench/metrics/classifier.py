@@ -33,7 +33,7 @@ from ..host import cpu_model
 from ..locks import cache_entry_lock
 from .frechet import FeatureStats
 
-# v2 (2026-12-01): pixel-noise augmentation in training. v1 read faint sampler noise as a class: Gaussian noise
+# v2: pixel-noise augmentation in training. v1 read faint sampler noise as a class: Gaussian noise
 # of std 0.02 on the real Chinese-MNIST test images took it from 95.75 % to 36 %, std 0.05 to 10 % (everything
 # 零), and diffusion samples carry ~0.05 RMS of it in their background (results/digits/PROTOCOL.md)
 ARCH_VERSION = "cnn16-v2"

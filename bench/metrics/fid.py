@@ -103,7 +103,7 @@ class _InceptionFeatures(torch.nn.Module):
 
     On the CPU the weights and inputs are channels-last: oneDNN's convolutions and max-pooling run
     faster in that layout (1.1-1.2x for the whole network on the 2-core machine, features equal to 1e-5;
-    benchmarks/fid_cpu.py, results/digits/perf_cpu.md)."""
+    studies/cpu_perf/fid_cpu.py, studies/cpu_perf/perf_cpu.md)."""
 
     def __init__(self, layers, channels_last: bool = False) -> None:
         super().__init__()
@@ -131,7 +131,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 _RESIZER: list[Callable] = []
-CPU_BATCH = 8  # benchmarks/fid_cpu.py: 5.2 images/s at 8, 4.8 at 4, 4.5 at 16, 3.9 at 64 (channels-last, 2 threads)
+CPU_BATCH = 8  # studies/cpu_perf/fid_cpu.py: 5.2 images/s at 8, 4.8 at 4, 4.5 at 16, 3.9 at 64 (channels-last, 2 threads)
 
 
 def clean_resize(batch_uint8: np.ndarray) -> torch.Tensor:
