@@ -16,6 +16,7 @@ because the samples come without them:
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -124,3 +125,16 @@ TINY_OTCS = ["--opt", "otcs.ot_steps=30", "--opt", "otcs.ot_batch=8", "--opt", "
              "--opt", "otcs.unet_base=8", "--opt", "otcs.unet_mults=[1,2]", "--opt", "otcs.unet_blocks=1",
              "--opt", "otcs.unet_attention=[]", "--opt", "otcs.sde_steps=3", "--opt", "otcs.h_threshold=0.0",
              "--opt", "otcs.epsilon_rel=0.1"]
+
+
+def smoke_rows_and_table(task: str, root: Path, tmp_path: Path, methods=("identity", "otcs")) -> tuple[dict, str]:
+    """`bench run` of ``methods`` (OTCS shrunk to TINY_OTCS) on ``task``'s sample root at the smoke budget, then
+    `bench table`: each method's row and the table's text; the test fails on a non-zero exit."""
+    out, cache = tmp_path / "runs", tmp_path / "cache"
+    res = bench_cli("run", "--methods", ",".join(methods), "--task", task, "--budget", "smoke", "--data-root",
+                    str(root), "--out", str(out), "--no-progress", *TINY_OTCS, root=root, cache=cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {m: json.loads(next((out / task / m).glob("smoke-seed0*/row.json")).read_text()) for m in methods}
+    res = bench_cli("table", "--task", task, "--out", str(out), root=root, cache=cache)
+    assert res.returncode == 0, res.stderr
+    return rows, res.stdout

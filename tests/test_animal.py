@@ -8,7 +8,6 @@ translating real lions.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +203,7 @@ def test_missing_pieces_give_one_line_errors(tmp_path, root):
 
 
 # -- end to end --------------------------------------------------------------------------------
-_bench, TINY_OTCS = sr.bench_cli, sr.TINY_OTCS
+_bench = sr.bench_cli
 
 
 @pytest.mark.slow
@@ -220,17 +219,10 @@ def test_bench_data_reports_and_refuses(root, tmp_path):
 
 @pytest.mark.slow
 def test_smoke_run_and_table(root, tmp_path):
-    out, cache = tmp_path / "runs", tmp_path / "cache"
-    res = _bench("run", "--methods", "identity,otcs", "--task", "animal", "--budget", "smoke",
-                 "--data-root", str(root), "--out", str(out), "--no-progress", *TINY_OTCS, root=root, cache=cache)
-    assert res.returncode == 0, res.stderr[-3000:]
-    for m in ("identity", "otcs"):
-        row = json.loads(next((out / "animal" / m).glob("smoke-seed0*/row.json")).read_text())
+    rows, text = sr.smoke_rows_and_table("animal", root, tmp_path)
+    for row in rows.values():
         assert row["fid_n"] == N_VAL_SRC and row["fid"] > 0 and 0.0 <= row["acc"] <= 100.0
         assert row["resolution"] == 32 and len(row["pairs"]) == 3 and len(row["classifier_sha256"]) == 64
         assert row["setting"] == "semi-paired"
-    res = _bench("table", "--task", "animal", "--out", str(out), root=root, cache=cache)
-    assert res.returncode == 0, res.stderr
-    text = res.stdout
     assert "identity" in text and "otcs" in text and "Acc (%)" in text and f"(n={N_VAL_SRC})" in text
     assert "13.68" in text and "96.44" in text  # OTCS's published Animal FID and Acc stand beside

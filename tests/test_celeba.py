@@ -8,7 +8,6 @@ cache, the SSIM columns' meaning, a one-line error for every missing piece, and 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -193,7 +192,7 @@ def test_non_aligned_images_are_refused(tmp_path, cache):
 
 
 # -- end to end ------------------------------------------------------------------------------
-_bench, TINY_OTCS = sr.bench_cli, sr.TINY_OTCS
+_bench = sr.bench_cli
 
 
 @pytest.mark.slow
@@ -209,20 +208,12 @@ def test_bench_data_reports_and_refuses(root, tmp_path):
 
 @pytest.mark.slow
 def test_smoke_run_and_table(root, tmp_path):
-    out, cache = tmp_path / "runs", tmp_path / "cache"
-    res = _bench("run", "--methods", "identity,otcs", "--task", "celeba-sr", "--budget", "smoke",
-                 "--data-root", str(root), "--out", str(out), "--no-progress", *TINY_OTCS, root=root, cache=cache)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = {m: json.loads(next((out / "celeba-sr" / m).glob("smoke-seed0*/row.json")).read_text())
-            for m in ("identity", "otcs")}
+    rows, text = sr.smoke_rows_and_table("celeba-sr", root, tmp_path)
     for row in rows.values():
         assert row["fid_n"] == 8 and row["fid_ref"] == "celeba:test-hr:8" and len(row["fid_net_sha256"]) == 64
         assert row["fid"] > 0 and -1 <= row["ssim"] <= 1 and -1 <= row["ssim_src"] <= 1
         assert (row["resolution"], row["lr_resolution"], row["train_n_source"]) == (16, 8, 11)
     assert rows["identity"]["ssim_src"] == pytest.approx(1.0)
     assert rows["identity"]["ssim"] < 1.0
-    res = _bench("table", "--task", "celeba-sr", "--out", str(out), root=root, cache=cache)
-    assert res.returncode == 0, res.stderr
-    text = res.stdout
     assert "identity" in text and "otcs" in text and "SSIM" in text and "(n=8)" in text
     assert "1.77" in text and "0.9313" in text  # OTCS's published CelebA FID and SSIM stand beside
