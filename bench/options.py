@@ -7,6 +7,13 @@ value per budget) where it differs from the images' one: one name per concept, t
 :func:`resolve` turns the user's ``--opt`` values, the budget and the task's kind into the complete, typed
 set of values the run uses; that set (never ``None`` for "the budget decides") is what the run
 directory's hash and the result row record, so a row is enough to re-run it.
+
+The names every method shares: the main network's training is ``steps``, ``batch_size``, ``lr``, ``ema``,
+``warmup``, ``grad_clip``, ``loss_weighting``; a method's other networks prefix their part (``ot_steps``,
+``ot_batch``, ``ot_lr``; ``score_*``, ``flow_*``, ``cls_*`` in the shared blocks); network sizes are ``unet_base``,
+``unet_mults``, ``unet_blocks``, ``unet_attention`` (levels, 0 = full resolution), ``mlp_hidden``, ``mlp_depth``,
+``critic_base``, ``potential_hidden``, ``potential_depth``.  A renamed option keeps its former name in the
+method's ``renamed_options`` (:func:`upgrade`).
 """
 from __future__ import annotations
 
