@@ -92,8 +92,8 @@ class ReFlow(Method):
              "Flow. ICLR 2023")
     probe_loop = "reflow-round0"
     probe_every = {"cpu": 500}
-    readme_label = "ReFlow (3,500 flow steps, 40 Euler steps)"
-    readme_grids = "faint strokes, Chinese-numeral-like on seed 0, keeping part of the source's outline on seed 1"
+    readme_label = "ReFlow (the paper's classifier-feature loss, 3,500 flow steps, 40 Euler steps)"
+    readme_grids = "dimmed, thinned copies of the MNIST sources: the feature loss leaves the velocity free off the classifier's directions"
     readme_order = 8
     notes = ("1-rectified flow on independent (source, target) pairs, on images with the paper's translation loss "
              "(Sec. 5.3: the velocity error weighted through a source-vs-target classifier's features, trained here "
