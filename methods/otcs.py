@@ -277,6 +277,8 @@ class OTCS(Method):
         if o["guidance"] != 0 and o["cond_drop"] <= 0:
             raise BenchError("otcs guidance needs a null condition learned in stage II: pass --opt otcs.cond_drop=0.1 "
                              "(or guidance=0)")
+        if o["stage2"] == "retrieve":  # its outputs are target training images: a reference row, never ranked
+            self.family = "Reference"
         self.extra_state: dict[str, Any] = {}
 
     # -- declared properties -------------------------------------------------------------------

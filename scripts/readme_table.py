@@ -119,6 +119,9 @@ def table(rows_dir: Path) -> str:
     # only runs of today's `cpu` defaults are averaged; older settings are named under the table
     # (including rows scored by another judge than the pinned one: `judge=<sha256 prefix>`)
     stale = df[(df["variant"] != "") & (df["variant"] != FRAGILE_JUDGE)].sort_values(["method", "seed"])
+    # variants that are references by construction (OTCS's plan retrieval): named with their figures, not as stale
+    refs = stale[stale["family"] == "Reference"] if "family" in stale else stale.iloc[:0]
+    stale = stale.drop(refs.index)
     df = df[df["variant"] == ""]
     paper = dict(get_task("digits").paper_values)
     if df.empty:
@@ -132,6 +135,11 @@ def table(rows_dir: Path) -> str:
                   f"**copies** marks a mean of {COPY_FLAG:.0f} % or more; - where the row predates the measure.")
         lines += ["", " ".join(filter(None, [legend, _head_to_head(df, "otcs", "not", paper)]))]
         lines += ["", *_problem_notes(df.assign(budget="cpu"))]
+    if not refs.empty:
+        lines += ["", "Reference variants (each output a target training image, so copy 100 %; not ranked): " + "; ".join(
+            f"{r.method} [{r.variant}] seed {int(r.seed)}: Acc {r.acc:.2f} %, FID {r.fid:.1f}"
+            + (f", plan_acc {r.plan_acc:.1f} %" if getattr(r, "plan_acc", None) == getattr(r, "plan_acc", None) else "")
+            for r in refs.itertuples()) + "."]
     if not stale.empty:
         lines += ["", "Not in the means (run before a `cpu` default changed, or scored by another judge than the pinned one; their rows are kept): " + "; ".join(
             f"{r.method} seed {int(r.seed)} ({r.variant})" for r in stale.itertuples()) + "."]
