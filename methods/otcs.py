@@ -940,7 +940,7 @@ class OTCSGlyph(OTCS):
     settings = (SEMI_PAIRED,)  # its potentials read the relation vectors, which the guiding pairs define
     readme_label = ("OTCS, glyph variant (label-free stage I: spread relations over "
                     "glyph-normalised HOG; CFG w 3, v-loss; ours, not the paper's)")
-    readme_grids = "not yet viewed"
+    readme_grids = "faint, thin Chinese numerals, mostly of the source's class (一, 五, 九, 七, 六, 四)"
     readme_order = 2
     notes = ("OTCS (the `otcs` method's code) with the variant's defaults: relations spread over each domain's kNN "
              "graph of HOG features of glyph-normalised images (label-free, per image), classifier-free guidance "
