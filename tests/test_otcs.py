@@ -329,7 +329,6 @@ def test_contrastive_features_are_fitted_without_labels_and_feed_stage_one():
     fresh = OTCS(**opts)
     fresh.setup(data, FitContext(None, device="cpu", seed=0, budget="smoke", progress=False))
     m = fit_in_memory(OTCS, data, **opts)
-    assert m.family == "Reference" and OTCS().family == "Diffusion"  # tables never rank a copy among generators
     assert m.u_net.net[0].in_features == FEATURE_DIM and m.v_net.net[0].in_features == FEATURE_DIM
     f = m.features(data.source_test[:6])
     assert f.shape == (6, FEATURE_DIM) and torch.allclose(f.norm(dim=1), torch.ones(6), atol=1e-5)
@@ -451,6 +450,7 @@ def test_plan_retrieval_draws_target_training_images_from_the_stage_one_plan():
     data = tiny_images(SEMI_PAIRED, n=64)
     opts = {**OTCS.test_options, "relations": "spread", "spread_k": 5, "stage2": "retrieve"}
     m = fit_in_memory(OTCS, data, **opts)
+    assert m.family == "Reference" and OTCS().family == "Diffusion"  # tables never rank a copy among generators
     assert m.score is None and m.ema is None and m.nfe == 0 and m.diagnostics() is None
     x = data.source_test
     y = m.transport(x, generator=torch.Generator().manual_seed(0))
