@@ -151,11 +151,6 @@ class Option:
             return repr(values[0])
         return ", ".join(f"{b}={v!r}" for b, v in zip(BUDGET_NAMES, values))
 
-    @property
-    def varies(self) -> bool:
-        """Whether the value depends on the budget or on the task's kind."""
-        return len({repr(self.value_for(b, k)) for b in BUDGET_NAMES for k in KINDS}) > 1
-
 
 def _kind(value: Any) -> type | None:
     for t in (bool, int, float, str, list, dict):
@@ -237,9 +232,9 @@ def upgrade(defaults: Mapping[str, Any], options: Mapping[str, Any], kind: str,
     the values changed form too, as DPM-OT's boolean ``attention`` became the list ``unet_attention``).  Options
     once came in ``toy_X`` twins, read on vector tasks in place of ``X`` (a ``toy_Y`` with no ``Y`` stood for
     every ``*_Y`` without its own twin, as NOT's ``toy_lr`` for its ``map_lr`` and ``critic_lr``); today each is
-    one option with a vector value (``Option(vector=...)``).  On a vector task a twin's value becomes its counterpart's, on an image task
-    (which never read it) it is dropped; an ``image_X`` twin (read on images in place of ``X``) the other way
-    round.  Options already in today's names pass unchanged."""
+    one option with a vector value (``Option(vector=...)``).  On a vector task a twin's value becomes its
+    counterpart's, on an image task (which never read it) it is dropped; an ``image_X`` twin (read on images in
+    place of ``X``) the other way round.  Options already in today's names pass unchanged."""
     old: dict[str, Any] = {}
     for k, v in options.items():
         new = (renamed or {}).get(k, k)

@@ -45,7 +45,8 @@ def network_options(base: Option | None = None, blocks: Option | None = None,
 
 # The `cpu` learning rate of the unconditional VP-SDE score models (base-16 UNet, batch 64, warm-up 200, clip 1,
 # EMA 0.999): the lr with the lowest held-out eps-MSE after 2,000 steps among 2e-4, 1e-3 and 2e-3, measured on
-# Chinese-MNIST training writers of suites 71-80 (studies/score_lr: 0.0075 / 0.0060 / 0.0058). fast / paper keep 2e-4 (the authors' DDPM/ADM-style rate).
+# Chinese-MNIST training writers of suites 71-80 (studies/score_lr: 0.0075 / 0.0060 / 0.0058). fast / paper keep
+# 2e-4 (the authors' DDPM/ADM-style rate).
 CPU_SCORE_LR = 2e-3
 
 
